@@ -1,0 +1,140 @@
+"""The ``hilc`` command line: a thin layer over ``hilc.compiler`` and ``hilc.sim``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hilc import __version__
+from hilc.errors import HilcError
+
+
+def _progress_factory(quiet: bool):
+    """A rich progress bar on a terminal, nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+    task = prog.add_task("calibrating", total=None)
+
+    def update(done: int, total: int) -> None:
+        prog.update(task, completed=done, total=total)
+
+    return prog, update
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise HilcError(f"{out}: exists and is not a directory")
+    prog, update = _progress_factory(args.quiet)
+    if prog is not None:
+        with prog:
+            result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
+                                   args.dump_after, progress=update)
+    else:
+        result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
+                               args.dump_after)
+    for name, text in result.dumps.items():
+        print(f"--- after {name} ---\n{text}")
+    write_artifacts(out, result)
+    if not args.quiet:
+        _print_summary(result.report, out)
+    return 0
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{Path(report['model']).name} -> {out} ({report['target']}, {report['precision']})")
+    for col in ("layer", "op", "MACs", "w bits", "a bits", "out shape"):
+        table.add_column(col, justify="right" if col in ("MACs", "w bits", "a bits") else "left")
+    for layer in report["layers"]:
+        table.add_row(layer["name"], layer["op"], f"{layer['macs']:,}", str(layer["weight_bits"] or "-"),
+                      str(layer["act_bits"]), "x".join(map(str, layer["out_shape"])))
+    console = Console(stderr=False, width=max(100, Console().width))
+    console.print(table)
+    console.print(f"total: {report['macs']:,} MACs, {report['bitops']:,} BitOps, "
+                  f"{report['weights_bytes']:,} weight bytes, compiled in {report['compile_seconds']} s")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hilc.compiler.calibrate import load_samples
+    from hilc.compiler.pipeline import load_artifacts
+    from hilc.sim.simulator import simulate
+
+    graph = load_artifacts(args.compiled)
+    x = load_samples(args.input)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
+    try:
+        y = simulate(graph, x, raw=args.raw)
+    except HilcError as e:
+        raise HilcError(f"{args.input}: {e}") from None
+    out = Path(args.output)
+    if out.is_dir():
+        raise HilcError(f"{out}: is a directory, expected an .npy file path")
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    np.save(tmp, y)
+    os.replace(tmp, out)
+    if not args.quiet:
+        print(f"wrote {out}: {y.dtype} {list(y.shape)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hilc", description="Deploy tiny neural networks integer-only to MCUs and FPGAs.")
+    p.add_argument("--version", action="version", version=f"hilc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile an ONNX model to an integer-only graph")
+    c.add_argument("model", help="ONNX model (float, or QDQ-quantized)")
+    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--calib", help="calibration inputs: .npy (first axis = samples) or single-array .npz")
+    c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "mse"])
+    c.add_argument("--percentile", type=float, default=99.99, help="with --calib-method percentile")
+    c.add_argument("--target", default="sim", choices=["sim"], help="code generation target")
+    c.add_argument("--dump-after", action="append", metavar="PASS",
+                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("simulate", help="run a compiled model in the bit-accurate simulator")
+    s.add_argument("compiled", help="directory written by hilc compile")
+    s.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
+    s.add_argument("-o", "--output", required=True, help="output .npy")
+    s.add_argument("--raw", action="store_true", help="write the integer output tensor instead of float")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HilcError as e:
+        print(f"hilc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hilc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in hilc, not the user's fault: say so in one line
+        if os.environ.get("HILC_DEBUG"):
+            raise
+        print(f"hilc: internal error: {type(e).__name__}: {e} (set HILC_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The arithmetic contract, written down once.
+
+Every backend (numpy simulator, C runtime, HLS, TVM) must compute exactly this:
+
+* Weights are signed and symmetric per output channel: int8 in [-127, 127] (the value -128 is
+  never used, so negating a weight can never overflow).
+* Activations are per tensor with a zero point: int8 in [-128, 127] by default.
+* Biases are int32 at scale ``s_in * s_w[o]``.
+* Products accumulate in int32; a static bound per layer proves no accumulator can overflow.
+* A rescale by a real factor ``M`` is a *dyadic* multiply: ``M ≈ b / 2**c`` with integer
+  ``b`` (``0 <= b < 2**31``) and shift ``1 <= c <= 62``, computed as
+
+      y = (acc * b + (1 << (c - 1))) >> c          (int64 product, arithmetic shift)
+
+  Ties round toward +infinity ("round half up"): ``(-5 * 1 + 2**0) >> 1 == -2``,
+  ``(5 * 1 + 1) >> 1 == 3``. This is the only rounding rule on the inference path.
+* The result is offset by the output zero point and clamped to the activation bounds, which
+  also carry fused ReLU / ReLU6 / Clip.
+
+No float and no integer division appear on the inference path. Float is used only here, at
+compile time, to choose the integers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+INT32_MAX = 2**31 - 1
+MULT_BITS = 31  # b < 2**MULT_BITS: an int32 multiplier, as SMULL / int64 products take it
+MAX_SHIFT = 62
+
+
+def dyadic(m: float | np.ndarray, mult_bits: int = MULT_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Choose ``(b, c)`` with ``b / 2**c ≈ m`` for each real ``m >= 0``.
+
+    ``b`` is normalised into ``[2**(mult_bits-1), 2**mult_bits)`` so the relative error is at
+    most ``2**-mult_bits``; factors too small to represent become ``b = 0`` (the output is then
+    the zero point, which is the correct rounding of a vanishing product).
+    """
+    m = np.atleast_1d(np.asarray(m, dtype=np.float64))
+    if np.any(~np.isfinite(m)) or np.any(m < 0):
+        raise ValueError(f"dyadic multiplier must be finite and >= 0, got {m}")
+    b = np.zeros(m.shape, dtype=np.int64)
+    c = np.ones(m.shape, dtype=np.int64)
+    for i, mi in np.ndenumerate(m):
+        if mi == 0.0:
+            continue
+        exp = math.floor(math.log2(mi))
+        ci = (mult_bits - 1) - exp
+        bi = int(round(mi * 2.0**ci))
+        if bi >= 2**mult_bits:  # rounding carried into the next power of two
+            bi //= 2
+            ci -= 1
+        if ci > MAX_SHIFT:
+            bi = int(round(mi * 2.0**MAX_SHIFT))
+            ci = MAX_SHIFT
+        if ci < 1:
+            raise ValueError(f"rescale factor {mi:g} is too large for a dyadic multiplier")
+        b[i], c[i] = bi, ci
+    return b, c
+
+
+def rounding_shift(x: np.ndarray, c: np.ndarray | int) -> np.ndarray:
+    """``(x + 2**(c-1)) >> c`` on int64 with ties toward +infinity; ``c >= 1``."""
+    c = np.asarray(c, dtype=np.int64)
+    return (x + (np.int64(1) << (c - 1))) >> c
+
+
+def requantize(acc: np.ndarray, b: np.ndarray | int, c: np.ndarray | int, zp_out: int,
+               lo: int, hi: int, axis: int = -1) -> np.ndarray:
+    """Dyadic requantization of int32 accumulators (per-channel ``b``, ``c`` along ``axis``)."""
+    b = np.asarray(b, dtype=np.int64)
+    c = np.asarray(c, dtype=np.int64)
+    if b.ndim == 1 and acc.ndim > 1:
+        shape = [1] * acc.ndim
+        shape[axis] = b.shape[0]
+        b = b.reshape(shape)
+        c = c.reshape(shape)
+    y = rounding_shift(acc.astype(np.int64) * b, c) + zp_out
+    return np.clip(y, lo, hi).astype(np.int32)
+
+
+def qrange(bits: int = 8, signed: bool = True) -> tuple[int, int]:
+    """The integer range of an activation of ``bits`` bits."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def choose_qparams(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
+    """Asymmetric per-tensor scale and zero point for a real range ``[lo, hi]``.
+
+    The range is widened to hold 0 so that real zero (padding, ReLU) is exactly representable.
+    """
+    qmin, qmax = qrange(bits)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-12:
+        return 1.0, 0
+    scale = (hi - lo) / (qmax - qmin)
+    zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    return scale, zp
+
+
+def quantize_host(x: np.ndarray, scale: float, zp: int, bits: int = 8) -> np.ndarray:
+    """Host-side quantization of real inputs (outside the integer graph): round half up."""
+    qmin, qmax = qrange(bits)
+    q = np.floor(np.asarray(x, dtype=np.float64) / scale + 0.5) + zp
+    return np.clip(q, qmin, qmax).astype(np.int8 if bits <= 8 else np.int32)
+
+
+def dequantize_host(q: np.ndarray, scale: float, zp: int) -> np.ndarray:
+    return ((q.astype(np.float64) - zp) * scale).astype(np.float32)
+
+
+def quantize_weights_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel (axis 0) weights: int in ``[-(2**(bits-1)-1), 2**(bits-1)-1]``."""
+    qmax = 2 ** (bits - 1) - 1
+    flat = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+    scale = np.where(flat > 0, flat / qmax, 1.0)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.floor(w / scale.reshape(shape) + 0.5), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def accumulator_bound(w_int: np.ndarray, in_absmax: int, bias_int: np.ndarray | None) -> int:
+    """Largest |accumulator| any input can produce: sum_k |w| * max|x - zp| + |bias|, per channel."""
+    per_channel = np.abs(w_int.reshape(w_int.shape[0], -1).astype(np.int64)).sum(axis=1) * in_absmax
+    if bias_int is not None:
+        per_channel = per_channel + np.abs(bias_int.astype(np.int64))
+    return int(per_channel.max()) if per_channel.size else 0

@@ -1,0 +1,116 @@
+"""Calibration: activation ranges from sample inputs (min/max, percentile or MSE-optimal clip).
+
+Ranges are recorded in ``graph.meta['calibration']`` ({tensor: [lo, hi]}), where the
+quantizer reads them and ``graph.json`` shows them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hilc.compiler import arith
+from hilc.compiler.ir import Graph
+from hilc.errors import HilcError
+from hilc.sim.simulator import run_float, to_physical
+
+METHODS = ("minmax", "percentile", "mse")
+SAMPLES_PER_TENSOR = 1 << 18  # values kept per tensor for percentile / MSE searches
+
+
+def load_samples(path: str | Path) -> np.ndarray:
+    """A .npy array, or an .npz holding exactly one array; first axis = samples."""
+    path = Path(path)
+    if not path.exists():
+        raise HilcError(f"{path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise HilcError(f"{path}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if len(data.files) != 1:
+                raise HilcError(f"{path}: an .npz calibration file must hold exactly one array, "
+                                f"found {len(data.files)} ({', '.join(data.files)})")
+            data = data[data.files[0]]
+    return data
+
+
+def check_samples(graph: Graph, x: np.ndarray, source: str) -> np.ndarray:
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"{source}: dtype {x.dtype}, expected float32 values in the model's input range")
+    if x.shape[:1] == (0,):
+        raise HilcError(f"{source}: holds no samples")
+    if not np.all(np.isfinite(x)):
+        raise HilcError(f"{source}: holds NaN or Inf values")
+    to_physical(graph, graph.inputs[0], x[:1])  # raises a shape message naming the input
+    return x.astype(np.float32)
+
+
+class _Stats:
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.lo, self.hi = np.inf, -np.inf
+        self.samples: list[np.ndarray] = []
+        self.kept = 0
+        self.rng = rng
+
+    def add(self, v: np.ndarray, keep_fraction: float) -> None:
+        flat = v.reshape(-1)
+        self.lo, self.hi = min(self.lo, float(flat.min())), max(self.hi, float(flat.max()))
+        k = max(1, int(round(flat.size * keep_fraction)))
+        if k < flat.size:
+            flat = flat[self.rng.integers(0, flat.size, k)]
+        self.samples.append(flat.astype(np.float32))
+
+    def range(self, method: str, percentile: float) -> tuple[float, float]:
+        if method == "minmax":
+            return self.lo, self.hi
+        vals = np.concatenate(self.samples)
+        if method == "percentile":
+            return float(np.percentile(vals, 100 - percentile)), float(np.percentile(vals, percentile))
+        return _mse_range(vals, self.lo, self.hi)
+
+
+def _mse_range(vals: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The clipped range among shrinkings of [lo, hi] with the least quantization MSE."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo < 1e-12:
+        return lo, hi
+    v = vals.astype(np.float64)
+    best, best_err = (lo, hi), np.inf
+    for alpha in np.linspace(0.2, 1.0, 81):
+        a, b = lo * alpha, hi * alpha
+        scale, zp = arith.choose_qparams(a, b)
+        q = np.clip(np.floor(v / scale + 0.5) + zp, -128, 127)
+        err = float(np.mean(((q - zp) * scale - v) ** 2))
+        if err < best_err:
+            best, best_err = (a, b), err
+    return best
+
+
+def calibrate(graph: Graph, samples: np.ndarray, method: str = "minmax", percentile: float = 99.99,
+              batch_size: int = 64, progress=None) -> Graph:
+    """Run the float graph on ``samples`` (model layout) and record every tensor's range."""
+    if method not in METHODS:
+        raise HilcError(f"unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
+    x = check_samples(graph, samples, "calibration data")
+    g = graph.copy()
+    rng = np.random.default_rng(0)
+    stats: dict[str, _Stats] = {}
+    n = len(x)
+    name = g.inputs[0]
+
+    def observe(tname: str, v: np.ndarray) -> None:
+        per_sample = max(1, v.size // max(1, v.shape[0]))
+        frac = min(1.0, SAMPLES_PER_TENSOR / (per_sample * n))
+        stats.setdefault(tname, _Stats(rng)).add(v, frac if method != "minmax" else 0.0)
+
+    for start in range(0, n, batch_size):
+        run_float(g, {name: to_physical(g, name, x[start:start + batch_size])}, observe=observe)
+        if progress is not None:
+            progress(min(n, start + batch_size), n)
+    g.meta["calibration"] = {t: [float(v) for v in s.range(method, percentile)] for t, s in stats.items()}
+    g.meta["calibration_method"] = {"method": method, "samples": int(n),
+                                    **({"percentile": percentile} if method == "percentile" else {})}
+    return g

@@ -1,0 +1,117 @@
+"""The operator registry.
+
+Each operator family lives in one module of this package and registers:
+
+* an ``Op`` subclass (under its IR name) holding everything about the operator: its shape
+  rule, float kernel (for calibration and importer checks), quantization rule, integer
+  simulator kernel and cost (MACs); backends add their lowerings beside it;
+* ONNX importer functions (under ONNX op types) that turn an ONNX node into IR nodes.
+
+Adding an operator means adding one module and its test, never a chain of ``if op == ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from hilc.compiler.ir import Graph, Node, QParams
+
+if TYPE_CHECKING:
+    from hilc.compiler.onnx_import import ImportContext
+
+OPS: dict[str, Op] = {}
+ONNX_IMPORTERS: dict[str, Callable[[ImportContext, object], None]] = {}
+
+
+class Op:
+    """Base class: an IR operator. Subclasses override what differs."""
+
+    name: ClassVar[str] = ""
+    # How the output's quantization is chosen: "calibrated" (from calibration ranges),
+    # "input" (same as the first input: the op only moves or selects values) or "fixed"
+    # (``fixed_output_quant`` gives it, e.g. sigmoid's [0, 1]).
+    output_quant_rule: ClassVar[str] = "calibrated"
+    # Whether a QDQ model's scale for the output may replace the rule (softmax's kernel
+    # produces only its own fixed scale, so it says no).
+    output_hint_ok: ClassVar[bool] = True
+
+    def output_rule(self, node: Node) -> str:
+        return self.output_quant_rule
+
+    def infer_shapes(self, node: Node, in_shapes: list[tuple[int, ...]], graph: Graph) -> list[tuple[int, ...]]:
+        return [in_shapes[0]]
+
+    def eval_float(self, node: Node, graph: Graph, xs: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError(self.name)
+
+    def fixed_output_quant(self, node: Node, graph: Graph) -> QParams:
+        raise NotImplementedError(self.name)
+
+    def quantize(self, node: Node, graph: Graph) -> None:
+        """Replace float params by integer ones. Input and output ``QParams`` are already set."""
+
+    def eval_int(self, node: Node, graph: Graph, xs: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError(self.name)
+
+    def macs(self, node: Node, graph: Graph) -> int:
+        return 0
+
+    def weight_count(self, node: Node, graph: Graph) -> int:
+        return int(graph.param(node, "weight").size) if "weight" in node.params else 0
+
+
+def register(cls: type[Op]) -> type[Op]:
+    OPS[cls.name] = cls()
+    return cls
+
+
+def onnx_importer(*op_types: str) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for t in op_types:
+            ONNX_IMPORTERS[t] = fn
+        return fn
+
+    return deco
+
+
+def in_quant(graph: Graph, node: Node, i: int = 0) -> QParams:
+    q = graph.tensors[node.inputs[i]].quant
+    assert q is not None, f"{node.name}: input {node.inputs[i]} is not quantized"
+    return q
+
+
+def out_quant(graph: Graph, node: Node, i: int = 0) -> QParams:
+    q = graph.tensors[node.outputs[i]].quant
+    assert q is not None, f"{node.name}: output {node.outputs[i]} is not quantized"
+    return q
+
+
+def clamp_bounds(node: Node, q: QParams) -> tuple[int, int]:
+    """Integer clamp bounds of an output: its bit range narrowed by a fused activation."""
+    lo, hi = q.qmin, q.qmax
+    act_lo, act_hi = node.attrs.get("act_lo"), node.attrs.get("act_hi")
+    if act_lo is not None:
+        lo = max(lo, min(hi, int(np.floor(act_lo / q.scale + 0.5)) + q.zero_point))
+    if act_hi is not None:
+        hi = min(hi, max(lo, int(np.floor(act_hi / q.scale + 0.5)) + q.zero_point))
+    return lo, hi
+
+
+def apply_float_activation(node: Node, y: np.ndarray) -> np.ndarray:
+    lo, hi = node.attrs.get("act_lo"), node.attrs.get("act_hi")
+    if lo is not None or hi is not None:
+        y = np.clip(y, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+    return y
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
+    """Integer matrix product through float BLAS, exact because every partial sum is below the
+    float's integer range (2**24 for float32, 2**53 for float64); ``bound`` is the static bound
+    on any partial sum's magnitude."""
+    dtype = np.float32 if bound < 2**24 else np.float64
+    if bound >= 2**53:
+        return a.astype(np.int64) @ b.astype(np.int64)
+    return np.rint(a.astype(dtype) @ b.astype(dtype)).astype(np.int64)

@@ -1,0 +1,92 @@
+"""Fully connected layer over the last axis: y[..., o] = sum_k x[..., k] w[o, k] + b[o].
+
+Params and quantization as conv2d (``quantize_linear_layer``): per-channel int8 weights [O, K],
+int32 bias, dyadic requantization per output channel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hilc.compiler import arith
+from hilc.compiler.ops.base import Op, apply_float_activation, exact_matmul, onnx_importer, register
+from hilc.compiler.ops.conv import quantize_linear_layer
+
+
+@register
+class Dense(Op):
+    name = "dense"
+
+    def infer_shapes(self, node, in_shapes, graph):
+        w = graph.constants[node.params["weight"]]
+        return [(*in_shapes[0][:-1], w.shape[0])]
+
+    def eval_float(self, node, graph, xs):
+        w = graph.param(node, "weight").astype(np.float32)
+        y = xs[0].astype(np.float32) @ w.T + graph.param(node, "bias").astype(np.float32)
+        return [apply_float_activation(node, y)]
+
+    def quantize(self, node, graph):
+        quantize_linear_layer(node, graph)
+
+    def eval_int(self, node, graph, xs):
+        a = node.attrs
+        w = graph.param(node, "weight")
+        x = xs[0]
+        acc = exact_matmul(x.reshape(-1, x.shape[-1]), w.T, a["raw_bound"]).reshape(*x.shape[:-1], w.shape[0])
+        wsum = w.astype(np.int64).sum(axis=1)
+        acc = acc - a["zp_in"] * wsum + graph.param(node, "bias").astype(np.int64)
+        y = arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
+                             a["lo"], a["hi"], axis=-1)
+        return [y.astype(np.int8)]
+
+    def macs(self, node, graph):
+        w = graph.param(node, "weight")
+        rows = int(np.prod(graph.tensors[node.inputs[0]].shape[1:-1], dtype=np.int64))
+        return rows * int(w.size)
+
+
+def _emit_dense(ctx, node, x: str, w: np.ndarray, bias: np.ndarray, w_src: str) -> None:
+    attrs = {}
+    ws = ctx.weight_scales.get(w_src)
+    if ws is not None and ws.size in (1, w.shape[0]):
+        attrs["w_scale"] = np.broadcast_to(ws, (w.shape[0],)).tolist()
+    k = ctx.graph.tensors[x].shape[-1]
+    if w.shape[1] != k:
+        raise ctx.fail(f"weight shape {list(w.shape)} does not match the input's last axis {k}")
+    ctx.emit("dense", [x], attrs, {"weight": w.astype(np.float32), "bias": bias.astype(np.float32)},
+             onnx_out=node.output[0])
+
+
+@onnx_importer("Gemm")
+def import_gemm(ctx, node) -> None:
+    if ctx.attr("transA", 0):
+        raise ctx.fail("transA=1 (a transposed activation) is not supported")
+    x = ctx.to_logical(ctx.value(node.input[0]))
+    b = ctx.require_const(node.input[1], "B (weight)").astype(np.float64)
+    w = b if ctx.attr("transB", 0) else b.T  # -> [O, K]
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    w = w * alpha
+    o = w.shape[0]
+    bias = np.zeros(o)
+    if len(node.input) > 2 and node.input[2]:
+        c = ctx.require_const(node.input[2], "C (bias)").astype(np.float64)
+        if c.size not in (1, o) or (c.ndim == 2 and c.shape[0] != 1):
+            raise ctx.fail(f"bias C of shape {list(c.shape)} does not broadcast per output column")
+        bias = np.broadcast_to(c.reshape(-1), (o,)) * beta
+    ws = ctx.weight_scales.get(node.input[1])
+    if ws is not None and alpha != 1.0:
+        ctx.weight_scales[node.input[1]] = ws * abs(alpha)
+    _emit_dense(ctx, node, x, w, bias, node.input[1])
+
+
+@onnx_importer("MatMul")
+def import_matmul(ctx, node) -> None:
+    b = ctx.const(node.input[1])
+    if b is None:
+        raise ctx.fail("MatMul of two activations is not supported yet (the second input must be a constant)")
+    if b.ndim != 2:
+        raise ctx.fail(f"MatMul with a {b.ndim}-D constant is not supported (2-D weights only)")
+    x = ctx.to_logical(ctx.value(node.input[0]))
+    w = b.astype(np.float64).T
+    _emit_dense(ctx, node, x, w, np.zeros(w.shape[0]), node.input[1])

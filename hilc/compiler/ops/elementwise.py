@@ -1,0 +1,252 @@
+"""Elementwise binary ops (add/sub, mul) and the standalone clamp (ReLU, ReLU6, Clip).
+
+add: each input is rescaled with its own dyadic multiplier to the output scale, sharing one
+shift so there is a single rounding:
+    acc = sign0 * b0 * (x0 - zp0) + sign1 * b1 * (x1 - zp1);  y = clamp((acc + 2^(c-1)) >> c + zp)
+mul: acc = (x0 - zp0) * (x1 - zp1);  y = clamp(((acc * b) + 2^(c-1)) >> c + zp)
+A constant operand (``params['const']``) is quantized per tensor and plays the second input.
+clamp keeps its input's quantization and clamps the integers; after ``fuse_activation`` it
+only remains where no producer can absorb it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hilc.compiler import arith
+from hilc.compiler.ir import QParams
+from hilc.compiler.ops.base import (
+    Op,
+    apply_float_activation,
+    clamp_bounds,
+    in_quant,
+    onnx_importer,
+    out_quant,
+    register,
+)
+
+
+class _Binary(Op):
+    def infer_shapes(self, node, in_shapes, graph):
+        shapes = list(in_shapes)
+        if "const" in node.params:
+            shapes.append(graph.constants[node.params["const"]].shape)
+        return [tuple(np.broadcast_shapes(*shapes))]
+
+    def _operands_float(self, node, graph, xs):
+        xs = [x.astype(np.float32) for x in xs]
+        if "const" in node.params:
+            xs.append(graph.param(node, "const").astype(np.float32))
+        return xs
+
+    def _quantize_const(self, node, graph) -> None:
+        if "const" not in node.params:
+            return
+        c = graph.param(node, "const").astype(np.float64)
+        scale, zp = arith.choose_qparams(c.min(), c.max())
+        q = arith.quantize_host(c, scale, zp)
+        node.params["const"] = graph.add_constant(f"{node.name}.const", q)
+        node.attrs.update(const_scale=scale, const_zp=zp)
+
+    def _operand_quants(self, node, graph) -> list[QParams]:
+        qs = [in_quant(graph, node, i) for i in range(len(node.inputs))]
+        if "const" in node.params:
+            qs.append(QParams(node.attrs["const_scale"], node.attrs["const_zp"]))
+        return qs
+
+    def _operands_int(self, node, graph, xs):
+        xs = list(xs)
+        if "const" in node.params:
+            xs.append(graph.param(node, "const"))
+        return [x.astype(np.int64) - zp for x, zp in zip(xs, node.attrs["zp_in"], strict=True)]
+
+
+@register
+class Add(_Binary):
+    name = "add"
+
+    def eval_float(self, node, graph, xs):
+        a, b = self._operands_float(node, graph, xs)
+        s0, s1 = node.attrs.get("signs", [1, 1])
+        return [apply_float_activation(node, s0 * a + s1 * b)]
+
+    def quantize(self, node, graph):
+        self._quantize_const(node, graph)
+        qs = self._operand_quants(node, graph)
+        qo = out_quant(graph, node)
+        ratios = np.array([q.scale / qo.scale for q in qs])
+        _, c = arith.dyadic(ratios.max())
+        c = int(c[0])
+        mults = [int(round(r * 2.0**c)) for r in ratios]
+        lo, hi = clamp_bounds(node, qo)
+        node.attrs.pop("act_lo", None)
+        node.attrs.pop("act_hi", None)
+        node.attrs.update(zp_in=[q.zero_point for q in qs], zp_out=qo.zero_point, mults=mults, shift=c,
+                          lo=lo, hi=hi)
+
+    def eval_int(self, node, graph, xs):
+        a = node.attrs
+        d0, d1 = self._operands_int(node, graph, xs)
+        s0, s1 = a.get("signs", [1, 1])
+        acc = s0 * a["mults"][0] * d0 + s1 * a["mults"][1] * d1
+        y = arith.rounding_shift(acc, a["shift"]) + a["zp_out"]
+        return [np.clip(y, a["lo"], a["hi"]).astype(np.int8)]
+
+
+@register
+class Mul(_Binary):
+    name = "mul"
+
+    def eval_float(self, node, graph, xs):
+        a, b = self._operands_float(node, graph, xs)
+        return [apply_float_activation(node, a * b)]
+
+    def quantize(self, node, graph):
+        self._quantize_const(node, graph)
+        q0, q1 = self._operand_quants(node, graph)
+        qo = out_quant(graph, node)
+        mult, shift = arith.dyadic(q0.scale * q1.scale / qo.scale)
+        lo, hi = clamp_bounds(node, qo)
+        node.attrs.pop("act_lo", None)
+        node.attrs.pop("act_hi", None)
+        node.attrs.update(zp_in=[q0.zero_point, q1.zero_point], zp_out=qo.zero_point, mult=int(mult[0]),
+                          shift=int(shift[0]), lo=lo, hi=hi)
+
+    def eval_int(self, node, graph, xs):
+        a = node.attrs
+        d0, d1 = self._operands_int(node, graph, xs)
+        y = arith.rounding_shift(d0 * d1 * a["mult"], a["shift"]) + a["zp_out"]
+        return [np.clip(y, a["lo"], a["hi"]).astype(np.int8)]
+
+    def macs(self, node, graph):
+        return int(np.prod(graph.tensors[node.outputs[0]].shape[1:]))
+
+
+@register
+class Clamp(Op):
+    name = "clamp"
+    output_quant_rule = "input"
+
+    def eval_float(self, node, graph, xs):
+        return [apply_float_activation(node, xs[0].astype(np.float32))]
+
+    def quantize(self, node, graph):
+        lo, hi = clamp_bounds(node, out_quant(graph, node))
+        node.attrs.update(lo=lo, hi=hi)
+
+    def eval_int(self, node, graph, xs):
+        return [np.clip(xs[0], node.attrs["lo"], node.attrs["hi"]).astype(np.int8)]
+
+
+# --- ONNX importers ------------------------------------------------------------------------
+
+def _const_in_layout(ctx, c: np.ndarray, like: str) -> np.ndarray:
+    """A constant operand broadcast against tensor ``like``, moved into its physical layout."""
+    rank = len(ctx.layouts[like])
+    if c.ndim > rank:
+        raise ctx.fail(f"constant of shape {list(c.shape)} has more axes than the activation")
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    return np.ascontiguousarray(c.transpose(ctx.layouts[like]))
+
+
+def _channel_vector(ctx, c: np.ndarray, x: str) -> np.ndarray | None:
+    """The constant as a per-output-channel vector if it only varies along the channel axis."""
+    lay = ctx.layouts[x]
+    phys = _const_in_layout(ctx, c, x)
+    nch = ctx.graph.tensors[x].shape[-1]
+    if any(d != 1 for d in phys.shape[:-1]) or phys.shape[-1] not in (1, nch):
+        return None
+    del lay
+    return np.broadcast_to(phys.reshape(-1), (nch,)).astype(np.float64)
+
+
+def _foldable_producer(ctx, onnx_in: str, x: str):
+    prod = ctx.graph.producer(x)
+    if (prod is not None and prod.op in ("conv2d", "dense") and "act_lo" not in prod.attrs
+            and "act_hi" not in prod.attrs and ctx.onnx_uses.get(onnx_in, 0) == 1 and prod.outputs[0] == x):
+        return prod
+    return None
+
+
+def _binary(ctx, node, op: str, signs: list[int] | None = None) -> None:
+    a_c, b_c = ctx.const(node.input[0]), ctx.const(node.input[1])
+    attrs = {"signs": signs} if signs else {}
+    if a_c is None and b_c is None:
+        a = ctx.value(node.input[0])
+        b = ctx.to_layout(ctx.value(node.input[1]), ctx.layouts[a])
+        ctx.emit(op, [a, b], attrs, onnx_out=node.output[0])
+        return
+    if a_c is not None and b_c is not None:
+        raise ctx.fail("both operands are constants")
+    x_onnx = node.input[1] if a_c is not None else node.input[0]
+    c = (a_c if a_c is not None else b_c).astype(np.float64)
+    if op == "add" and signs and a_c is not None:  # c - x
+        attrs["signs"] = [-1, 1]
+    elif op == "add" and signs:  # x - c
+        c = -c
+        attrs.pop("signs")
+    x = ctx.value(x_onnx)
+    if np.all(c == (0.0 if op == "add" else 1.0)) and not attrs.get("signs"):
+        ctx.bind(node.output[0], x)  # x + 0, x * 1
+        return
+    prod = _foldable_producer(ctx, x_onnx, x)
+    vec = _channel_vector(ctx, c, x) if prod is not None else None
+    if prod is not None and vec is not None and not attrs.get("signs"):
+        wname, bname = prod.params["weight"], prod.params["bias"]
+        b = ctx.graph.constants[bname].astype(np.float64)
+        if op == "add":
+            ctx.graph.constants[bname] = (b + vec).astype(np.float32)
+        else:
+            w = ctx.graph.constants[wname].astype(np.float64)
+            ctx.graph.constants[wname] = (w * vec.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+            ctx.graph.constants[bname] = (b * vec).astype(np.float32)
+            prod.attrs.pop("w_scale", None)
+        prod.attrs.setdefault("folded", []).append(node.name)
+        ctx.bind(node.output[0], x)
+        return
+    ctx.emit(op, [x], attrs, {"const": _const_in_layout(ctx, c, x).astype(np.float32)}, onnx_out=node.output[0])
+
+
+@onnx_importer("Add")
+def import_add(ctx, node) -> None:
+    _binary(ctx, node, "add")
+
+
+@onnx_importer("Sub")
+def import_sub(ctx, node) -> None:
+    _binary(ctx, node, "add", signs=[1, -1])
+
+
+@onnx_importer("Mul")
+def import_mul(ctx, node) -> None:
+    _binary(ctx, node, "mul")
+
+
+@onnx_importer("Div")
+def import_div(ctx, node) -> None:
+    d = ctx.const(node.input[1])
+    if d is None or np.any(d == 0):
+        raise ctx.fail("Div is supported only by a non-zero constant")
+    ctx.consts[f"{node.name}/reciprocal"] = (1.0 / d.astype(np.float64)).astype(np.float32)
+    node.input[1] = f"{node.name}/reciprocal"
+    _binary(ctx, node, "mul")
+
+
+@onnx_importer("Relu")
+def import_relu(ctx, node) -> None:
+    ctx.emit("clamp", [ctx.value(node.input[0])], {"act_lo": 0.0}, onnx_out=node.output[0])
+
+
+@onnx_importer("Clip")
+def import_clip(ctx, node) -> None:
+    if ctx.opset < 11:
+        lo, hi = ctx.attr("min"), ctx.attr("max")
+    else:
+        lo = ctx.require_const(node.input[1], "min") if len(node.input) > 1 and node.input[1] else None
+        hi = ctx.require_const(node.input[2], "max") if len(node.input) > 2 and node.input[2] else None
+    attrs = {}
+    if lo is not None:
+        attrs["act_lo"] = float(lo)
+    if hi is not None:
+        attrs["act_hi"] = float(hi)
+    ctx.emit("clamp", [ctx.value(node.input[0])], attrs, onnx_out=node.output[0])

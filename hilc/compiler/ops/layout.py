@@ -1,0 +1,270 @@
+"""Ops that move or join data without arithmetic: reshape, transpose, concat, pad.
+
+reshape/transpose/pad keep their input's quantization (pad fills with the quantized pad
+value, the zero point for 0). concat rescales each input to the output scale with its own
+dyadic pair (a copy where the scales already match).
+
+ONNX Flatten/Reshape/Squeeze/Unsqueeze become ``reshape`` on the data in ONNX order; ONNX
+Transpose only relabels axes (the importer tracks each tensor's physical layout), so it costs
+nothing unless a later reshape needs the data in ONNX order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hilc.compiler import arith
+from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, register
+
+
+@register
+class Reshape(Op):
+    name = "reshape"
+    output_quant_rule = "input"
+
+    def infer_shapes(self, node, in_shapes, graph):
+        return [tuple(node.attrs["shape"])]
+
+    def eval_float(self, node, graph, xs):
+        return [xs[0].reshape(xs[0].shape[0], *node.attrs["shape"][1:])]
+
+    eval_int = eval_float
+
+
+@register
+class Transpose(Op):
+    name = "transpose"
+    output_quant_rule = "input"
+
+    def infer_shapes(self, node, in_shapes, graph):
+        return [tuple(in_shapes[0][p] for p in node.attrs["perm"])]
+
+    def eval_float(self, node, graph, xs):
+        return [np.ascontiguousarray(xs[0].transpose(node.attrs["perm"]))]
+
+    eval_int = eval_float
+
+
+@register
+class Concat(Op):
+    name = "concat"
+
+    def infer_shapes(self, node, in_shapes, graph):
+        ax = node.attrs["axis"]
+        out = list(in_shapes[0])
+        out[ax] = sum(s[ax] for s in in_shapes)
+        return [tuple(out)]
+
+    def eval_float(self, node, graph, xs):
+        return [np.concatenate(xs, axis=node.attrs["axis"])]
+
+    def quantize(self, node, graph):
+        qo = out_quant(graph, node)
+        mults, shifts, zps = [], [], []
+        for i in range(len(node.inputs)):
+            qi = in_quant(graph, node, i)
+            b, c = arith.dyadic(qi.scale / qo.scale)
+            mults.append(int(b[0]))
+            shifts.append(int(c[0]))
+            zps.append(qi.zero_point)
+        node.attrs.update(zp_in=zps, zp_out=qo.zero_point, mults=mults, shifts=shifts, lo=qo.qmin, hi=qo.qmax)
+
+    def eval_int(self, node, graph, xs):
+        a = node.attrs
+        parts = []
+        for x, zp, b, c in zip(xs, a["zp_in"], a["mults"], a["shifts"], strict=True):
+            y = arith.rounding_shift((x.astype(np.int64) - zp) * b, c) + a["zp_out"]
+            parts.append(np.clip(y, a["lo"], a["hi"]).astype(np.int8))
+        return [np.concatenate(parts, axis=a["axis"])]
+
+
+@register
+class Pad(Op):
+    name = "pad"
+    output_quant_rule = "input"
+
+    def infer_shapes(self, node, in_shapes, graph):
+        return [tuple(d + b + e for d, (b, e) in zip(in_shapes[0], node.attrs["pads"], strict=True))]
+
+    def _pad(self, x, node, value):
+        mode = node.attrs["mode"]
+        if mode == "constant":
+            return np.pad(x, node.attrs["pads"], constant_values=value)
+        return np.pad(x, node.attrs["pads"], mode={"edge": "edge", "reflect": "reflect"}[mode])
+
+    def eval_float(self, node, graph, xs):
+        return [self._pad(xs[0], node, node.attrs["value"])]
+
+    def quantize(self, node, graph):
+        q = in_quant(graph, node)
+        v = int(np.clip(np.floor(node.attrs["value"] / q.scale + 0.5) + q.zero_point, q.qmin, q.qmax))
+        node.attrs["value_q"] = v
+
+    def eval_int(self, node, graph, xs):
+        return [self._pad(xs[0], node, node.attrs["value_q"])]
+
+
+# --- ONNX importers ------------------------------------------------------------------------
+
+def _reshape_logical(ctx, node, x: str, new_shape: list[int]) -> None:
+    """Emit a reshape of x (in ONNX order) to a logical shape that keeps the batch axis first."""
+    from hilc.compiler.onnx_import import identity_layout
+
+    in_shape = ctx.logical_shape(x)
+    if not new_shape or new_shape[0] != in_shape[0] or int(np.prod(new_shape)) != int(np.prod(in_shape)):
+        raise ctx.fail(f"reshape from {list(in_shape)} to {new_shape} must keep the batch axis first")
+    if list(new_shape) == list(in_shape):
+        ctx.bind(node.output[0], x)
+        return
+    xl = ctx.to_logical(x)
+    ctx.emit("reshape", [xl], {"shape": list(new_shape)}, layout=identity_layout(len(new_shape)),
+             onnx_out=node.output[0])
+
+
+@onnx_importer("Flatten")
+def import_flatten(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    shape = ctx.logical_shape(x)
+    axis = int(ctx.attr("axis", 1)) % max(len(shape), 1)
+    if axis == 0:
+        raise ctx.fail("Flatten with axis 0 merges the batch axis")
+    _reshape_logical(ctx, node, x, [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))])
+
+
+@onnx_importer("Reshape")
+def import_reshape(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    target = [int(v) for v in ctx.require_const(node.input[1], "shape")]
+    in_shape = ctx.logical_shape(x)
+    allowzero = int(ctx.attr("allowzero", 0))
+    out = [in_shape[i] if (d == 0 and not allowzero and i < len(in_shape)) else d for i, d in enumerate(target)]
+    if out.count(-1) > 1:
+        raise ctx.fail(f"shape {target} has more than one -1")
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        if known == 0 or int(np.prod(in_shape)) % known:
+            raise ctx.fail(f"cannot reshape {list(in_shape)} to {target}")
+        out[out.index(-1)] = int(np.prod(in_shape)) // known
+    _reshape_logical(ctx, node, x, out)
+
+
+def _axes(ctx, node, rank: int) -> list[int] | None:
+    if ctx.opset >= 13:
+        a = ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    else:
+        a = ctx.attr("axes")
+    return None if a is None else sorted(int(v) % rank for v in np.asarray(a).reshape(-1))
+
+
+@onnx_importer("Squeeze")
+def import_squeeze(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    shape = ctx.logical_shape(x)
+    axes = _axes(ctx, node, len(shape))
+    if axes is None:
+        axes = [i for i, d in enumerate(shape) if d == 1 and i > 0]
+    if 0 in axes:
+        raise ctx.fail("squeezing the batch axis is not supported")
+    if any(shape[a] != 1 for a in axes):
+        raise ctx.fail(f"cannot squeeze axes {axes} of shape {list(shape)}")
+    _reshape_logical(ctx, node, x, [d for i, d in enumerate(shape) if i not in axes])
+
+
+@onnx_importer("Unsqueeze")
+def import_unsqueeze(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    shape = list(ctx.logical_shape(x))
+    rank = len(shape) + len(_axes(ctx, node, 1 << 30) or [])
+    axes = _axes(ctx, node, rank)
+    if axes is None:
+        raise ctx.fail("Unsqueeze needs constant axes")
+    if 0 in axes:
+        raise ctx.fail("unsqueezing before the batch axis is not supported")
+    for a in axes:
+        shape.insert(a, 1)
+    _reshape_logical(ctx, node, x, shape)
+
+
+@onnx_importer("Transpose")
+def import_transpose(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    rank = len(ctx.layouts[x])
+    perm = list(ctx.attr("perm", list(reversed(range(rank)))))
+    if perm[0] != 0:
+        raise ctx.fail(f"Transpose perm {perm} moves the batch axis")
+    inv = [perm.index(i) for i in range(rank)]
+    new_layout = tuple(inv[a] for a in ctx.layouts[x])
+    # Same bytes, new axis labels: a reshape that does not change the physical shape.
+    ctx.emit("reshape", [x], {"shape": list(ctx.graph.tensors[x].shape)}, layout=new_layout,
+             onnx_out=node.output[0])
+
+
+@onnx_importer("Identity", "Dropout")
+def import_identity(ctx, node) -> None:
+    if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+        if ctx.onnx_uses.get(node.output[1], 0):
+            raise ctx.fail("Dropout's mask output is used")
+    ctx.bind(node.output[0], ctx.value(node.input[0]))
+
+
+@onnx_importer("Cast")
+def import_cast(ctx, node) -> None:
+    import onnx
+
+    if int(ctx.attr("to")) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        raise ctx.fail("Cast of an activation to a non-float type is not supported")
+    ctx.bind(node.output[0], ctx.value(node.input[0]))
+
+
+@onnx_importer("Shape")
+def import_shape(ctx, node) -> None:
+    shape = np.array(ctx.logical_shape(ctx.value(node.input[0])), np.int64)
+    start, end = ctx.attr("start", 0), ctx.attr("end", None)
+    ctx.consts[node.output[0]] = shape[start:end]
+
+
+@onnx_importer("Concat")
+def import_concat(ctx, node) -> None:
+    if any(ctx.const(i) is not None for i in node.input):
+        raise ctx.fail("Concat with a constant input is not supported")
+    first = ctx.value(node.input[0])
+    rank = len(ctx.layouts[first])
+    axis = int(ctx.attr("axis")) % rank
+    if axis == 0:
+        raise ctx.fail("Concat along the batch axis is not supported")
+    xs = [first] + [ctx.to_layout(ctx.value(i), ctx.layouts[first]) for i in node.input[1:]]
+    ctx.emit("concat", xs, {"axis": ctx.phys_axis(first, axis)}, onnx_out=node.output[0])
+
+
+@onnx_importer("Pad")
+def import_pad(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    rank = len(ctx.layouts[x])
+    if ctx.opset >= 11:
+        pads = [int(v) for v in ctx.require_const(node.input[1], "pads")]
+        value = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        value = 0.0 if value is None else float(np.asarray(value).reshape(-1)[0])
+        if len(node.input) > 3 and node.input[3]:
+            raise ctx.fail("Pad with an axes input is not supported")
+    else:
+        pads, value = list(ctx.attr("pads")), float(ctx.attr("value", 0.0))
+    mode = ctx.attr("mode", "constant")
+    if mode not in ("constant", "edge", "reflect"):
+        raise ctx.fail(f"Pad mode '{mode}' is not supported")
+    if any(p < 0 for p in pads):
+        raise ctx.fail("negative pads (cropping) are not supported")
+    logical = [(pads[i], pads[i + rank]) for i in range(rank)]
+    if logical[0] != (0, 0):
+        raise ctx.fail("padding the batch axis is not supported")
+    phys = [list(logical[a]) for a in ctx.layouts[x]]
+    ctx.emit("pad", [x], {"pads": phys, "mode": mode, "value": value}, onnx_out=node.output[0])
+
+
+def _quantized_form_reached(ctx, node) -> None:
+    raise ctx.fail("this quantized form is not supported here (a QuantizeLinear/DequantizeLinear pair "
+                   "is expected around each float op)")
+
+
+for _op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"):
+    onnx_importer(_op)(_quantized_form_reached)
+onnx_importer("Constant")(lambda ctx, node: None)  # handled by the import walk itself

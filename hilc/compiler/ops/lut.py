@@ -1,0 +1,73 @@
+"""Unary nonlinearities as lookup tables: Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu.
+
+With int8 activations any unary function is exactly a 256-entry table built at compile time
+(``params['table']``, indexed by ``x + 128``): the inference path is one load per element.
+Sigmoid and HardSigmoid output [0, 1] at scale 1/256, Tanh [-1, 1] at 1/128 (fixed, as TFLite
+does); the others are calibrated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hilc.compiler import arith
+from hilc.compiler.ir import QParams
+from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, register
+
+
+def _hardsigmoid(x, alpha=0.2, beta=0.5):
+    return np.clip(alpha * x + beta, 0.0, 1.0)
+
+
+FUNCTIONS = {
+    "sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": lambda x, a: np.tanh(x),
+    "hardsigmoid": lambda x, a: _hardsigmoid(x, a.get("alpha", 0.2), a.get("beta", 0.5)),
+    "hardswish": lambda x, a: x * _hardsigmoid(x, 1.0 / 6.0, 0.5),
+    "leakyrelu": lambda x, a: np.where(x >= 0, x, x * a.get("alpha", 0.01)),
+}
+FIXED_RANGES = {"sigmoid": (1.0 / 256, -128), "hardsigmoid": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
+
+
+@register
+class Lut(Op):
+    name = "lut"
+
+    def output_rule(self, node) -> str:
+        return "fixed" if node.attrs["fn"] in FIXED_RANGES else "calibrated"
+
+    def fixed_output_quant(self, node, graph):
+        s, zp = FIXED_RANGES[node.attrs["fn"]]
+        return QParams(s, zp)
+
+    def eval_float(self, node, graph, xs):
+        f = FUNCTIONS[node.attrs["fn"]]
+        return [f(xs[0].astype(np.float64), node.attrs).astype(np.float32)]
+
+    def quantize(self, node, graph):
+        qi, qo = in_quant(graph, node), out_quant(graph, node)
+        codes = np.arange(qi.qmin, qi.qmax + 1)
+        real = FUNCTIONS[node.attrs["fn"]](qi.scale * (codes - qi.zero_point).astype(np.float64), node.attrs)
+        table = arith.quantize_host(real, qo.scale, qo.zero_point, qo.bits)
+        node.params["table"] = graph.add_constant(f"{node.name}.table", table)
+        node.attrs["table_offset"] = -qi.qmin  # index = x + 128 for int8
+
+    def eval_int(self, node, graph, xs):
+        return [graph.param(node, "table")[xs[0].astype(np.int32) + node.attrs["table_offset"]]]
+
+
+def _lut_importer(fn: str):
+    def imp(ctx, node) -> None:
+        attrs = {"fn": fn}
+        for name in ("alpha", "beta"):
+            v = ctx.attr(name)
+            if v is not None:
+                attrs[name] = float(v)
+        ctx.emit("lut", [ctx.value(node.input[0])], attrs, onnx_out=node.output[0])
+
+    return imp
+
+
+for _op, _fn in (("Sigmoid", "sigmoid"), ("Tanh", "tanh"), ("HardSigmoid", "hardsigmoid"),
+                 ("HardSwish", "hardswish"), ("LeakyRelu", "leakyrelu")):
+    onnx_importer(_op)(_lut_importer(_fn))

@@ -1,0 +1,97 @@
+"""Softmax over one axis, integer-only.
+
+    d   = max(x) - x                      (0..255 for int8)
+    e   = exp_table[d]                    (round(2^16 * exp(-s_in * d)), built at compile time)
+    S   = sum(e)                          (>= 2^16: the maximum contributes 2^16)
+    1/S : normalise S to a in [2^30, 2^31) with n = bit length of S, then three Newton-Raphson
+          steps for y ~ 2^61 / a in Q30, starting from y0 = 48/17 - 32/17 * a (all int64, floor
+          shifts):  t = (a * y) >> 31;  y = (y * (2^31 - t)) >> 30
+    q   = clamp(((e * y + 2^(n+21)) >> (n + 22)) - 128)   (output scale 1/256, zero point -128)
+
+No division and no float on the inference path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hilc.compiler.ir import QParams
+from hilc.compiler.ops.base import Op, in_quant, onnx_importer, register
+from hilc.errors import UnsupportedModelError
+
+EXP_BITS = 16
+NR_C1 = round(48 / 17 * 2**30)
+NR_C2 = round(32 / 17 * 2**30)
+NR_STEPS = 3
+
+
+def bit_length(s: np.ndarray) -> np.ndarray:
+    """Bit length of positive int64 values, exactly (a count-leading-zeros in C)."""
+    n = np.zeros(s.shape, np.int64)
+    v = s.copy()
+    for step in (32, 16, 8, 4, 2, 1):
+        big = v >= (np.int64(1) << step)
+        n += np.where(big, step, 0)
+        v = np.where(big, v >> step, v)
+    return n + (v > 0)
+
+
+def reciprocal_q30(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y, n) with y / 2^30 ~ 2^n / s for 1 <= s < 2^31."""
+    n = bit_length(s)
+    a = s << (31 - n)
+    y = NR_C1 - ((NR_C2 * a) >> 31)
+    for _ in range(NR_STEPS):
+        t = (a * y) >> 31
+        y = (y * ((np.int64(1) << 31) - t)) >> 30
+    return y, n
+
+
+@register
+class Softmax(Op):
+    name = "softmax"
+    output_quant_rule = "fixed"
+    output_hint_ok = False
+
+    def fixed_output_quant(self, node, graph):
+        return QParams(1.0 / 256, -128)
+
+    def eval_float(self, node, graph, xs):
+        x = xs[0].astype(np.float64)
+        e = np.exp(x - x.max(axis=node.attrs["axis"], keepdims=True))
+        return [(e / e.sum(axis=node.attrs["axis"], keepdims=True)).astype(np.float32)]
+
+    def quantize(self, node, graph):
+        qi = in_quant(graph, node)
+        length = graph.tensors[node.inputs[0]].shape[node.attrs["axis"]]
+        if length >= 2 ** (31 - EXP_BITS):
+            raise UnsupportedModelError(f"{node.name}: softmax over {length} elements overflows the int32 sum")
+        d = np.arange(qi.qmax - qi.qmin + 1, dtype=np.float64)
+        table = np.floor(2.0**EXP_BITS * np.exp(-qi.scale * d) + 0.5).astype(np.int32)
+        node.params["exp_table"] = graph.add_constant(f"{node.name}.exp_table", table)
+
+    def eval_int(self, node, graph, xs):
+        axis = node.attrs["axis"]
+        x = xs[0].astype(np.int64)
+        e = graph.param(node, "exp_table").astype(np.int64)[x.max(axis=axis, keepdims=True) - x]
+        y, n = reciprocal_q30(e.sum(axis=axis, keepdims=True))
+        sh = n + 22
+        q = ((e * y + (np.int64(1) << (sh - 1))) >> sh) - 128
+        return [np.clip(q, -128, 127).astype(np.int8)]
+
+
+@onnx_importer("Softmax")
+def import_softmax(ctx, node) -> None:
+    x = ctx.value(node.input[0])
+    rank = len(ctx.layouts[x])
+    axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 else 1)) % rank
+    if ctx.opset < 13 and axis != rank - 1:
+        # Before opset 13 Softmax flattens the axes from `axis` on into one.
+        xl = ctx.to_logical(x)
+        shape = ctx.graph.tensors[xl].shape
+        flat = ctx.emit("reshape", [xl], {"shape": [*shape[:axis], int(np.prod(shape[axis:]))]},
+                        layout=tuple(range(axis + 1)))
+        y = ctx.emit("softmax", [flat], {"axis": axis})
+        ctx.emit("reshape", [y], {"shape": list(shape)}, layout=tuple(range(rank)), onnx_out=node.output[0])
+        return
+    ctx.emit("softmax", [x], {"axis": ctx.phys_axis(x, axis)}, onnx_out=node.output[0])

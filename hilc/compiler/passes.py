@@ -1,0 +1,110 @@
+"""Graph -> Graph rewrites on the float graph. Each returns a new graph and leaves its input as is."""
+
+from __future__ import annotations
+
+from hilc.compiler.ir import Graph, Node
+
+# Ops whose output is requantized, so a following ReLU/Clip folds into their clamp bounds.
+REQUANTIZING_OPS = ("conv2d", "dense", "add", "mul", "avgpool")
+
+
+def _rewire(graph: Graph, old: str, new: str) -> None:
+    for n in graph.nodes:
+        n.inputs = [new if i == old else i for i in n.inputs]
+    graph.outputs = [new if o == old else o for o in graph.outputs]
+
+
+def cleanup(graph: Graph) -> Graph:
+    """Drop reshapes that keep the shape and merge chains of reshapes (the importer's relabels)."""
+    g = graph.copy()
+    changed = True
+    while changed:
+        changed = False
+        for node in list(g.nodes):
+            if node.op != "reshape":
+                continue
+            src, dst = node.inputs[0], node.outputs[0]
+            prod = g.producer(src)
+            if g.tensors[src].shape == g.tensors[dst].shape and src not in g.inputs:
+                # the data are identical: readers of dst read src (an output keeps dst's layout)
+                if dst in g.outputs:
+                    if src in g.outputs:
+                        continue
+                    g.tensors[src].layout = g.tensors[dst].layout
+                    g.tensors[src].onnx_name = g.tensors[dst].onnx_name
+                _move_hint(g, dst, src)
+                _rewire(g, dst, src)
+                g.nodes.remove(node)
+                del g.tensors[dst]
+                changed = True
+            elif prod is not None and prod.op == "reshape" and len(g.consumers(src)) == 1 and src not in g.outputs:
+                node.inputs = list(prod.inputs)
+                g.nodes.remove(prod)
+                del g.tensors[src]
+                changed = True
+    return g
+
+
+def _move_hint(g: Graph, old: str, new: str) -> None:
+    hints = g.meta.get("quant_hints", {})
+    if old in hints and new not in hints:
+        hints[new] = hints.pop(old)
+
+
+def fuse_activation(graph: Graph) -> Graph:
+    """Fold ReLU / ReLU6 / Clip into the clamp of the op that produces their input."""
+    g = graph.copy()
+    for node in list(g.nodes):
+        if node.op != "clamp":
+            continue
+        src = node.inputs[0]
+        prod = g.producer(src)
+        if (prod is None or prod.op not in REQUANTIZING_OPS or len(g.consumers(src)) != 1
+                or src in g.outputs):
+            continue
+        _merge_bounds(prod, node)
+        prod.attrs.setdefault("fused", []).append(node.op if not node.onnx_name else node.onnx_name)
+        # The fused result keeps the producer's tensor name; readers of the clamp read it.
+        dst = node.outputs[0]
+        if dst in g.outputs:
+            g.tensors[src].layout = g.tensors[dst].layout
+            g.tensors[src].onnx_name = g.tensors[dst].onnx_name
+        hints = g.meta.get("quant_hints", {})
+        hints.pop(src, None)
+        _move_hint(g, dst, src)
+        g.nodes.remove(node)
+        del g.tensors[dst]
+        _rewire(g, dst, src)
+    return g
+
+
+def _merge_bounds(into: Node, clamp: Node) -> None:
+    lo, hi = clamp.attrs.get("act_lo"), clamp.attrs.get("act_hi")
+    if lo is not None:
+        into.attrs["act_lo"] = max(lo, into.attrs.get("act_lo", lo))
+    if hi is not None:
+        into.attrs["act_hi"] = min(hi, into.attrs.get("act_hi", hi))
+
+
+def fold_pad(graph: Graph) -> Graph:
+    """Merge a zero constant Pad over H and W into the convolution that reads it."""
+    g = graph.copy()
+    for node in list(g.nodes):
+        if node.op != "pad" or node.attrs["mode"] != "constant" or node.attrs["value"] != 0.0:
+            continue
+        pads = node.attrs["pads"]
+        if len(pads) != 4 or pads[0] != [0, 0] or pads[3] != [0, 0]:
+            continue
+        readers = g.consumers(node.outputs[0])
+        if len(readers) != 1 or readers[0].op != "conv2d" or node.outputs[0] in g.outputs:
+            continue
+        conv = readers[0]
+        t, l, b, r = conv.attrs["pads"]
+        conv.attrs["pads"] = [t + pads[1][0], l + pads[2][0], b + pads[1][1], r + pads[2][1]]
+        conv.inputs = [node.inputs[0]]
+        g.nodes.remove(node)
+        del g.tensors[node.outputs[0]]
+    return g
+
+
+FLOAT_PIPELINE = (cleanup, fold_pad, fuse_activation)

@@ -1,0 +1,105 @@
+"""The compile pipeline: import -> float passes -> calibrate -> quantize, and the artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilc.compiler import calibrate as calib_mod
+from hilc.compiler import passes
+from hilc.compiler.ir import Graph
+from hilc.compiler.onnx_import import import_onnx
+from hilc.compiler.quantize import quantize
+from hilc.compiler.report import build_report
+from hilc.errors import HilcError
+
+TARGETS = ("sim",)
+PASS_NAMES = ["import", *[p.__name__ for p in passes.FLOAT_PIPELINE], "calibrate", "quantize"]
+
+
+@dataclass
+class CompileResult:
+    graph: Graph
+    report: dict[str, Any]
+    dumps: dict[str, str]
+
+
+def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
+                  percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> CompileResult:
+    """Compile an ONNX file into an integer-only graph and its report."""
+    if target not in TARGETS:
+        raise HilcError(f"unknown target '{target}' (available: {', '.join(TARGETS)})")
+    for name in dump_after or []:
+        if name not in PASS_NAMES:
+            raise HilcError(f"--dump-after: unknown pass '{name}' (passes: {', '.join(PASS_NAMES)})")
+    t0 = time.perf_counter()
+    dumps: dict[str, str] = {}
+    # Read the calibration file first: a bad file should fail before any work.
+    samples = None
+    if calib is not None:
+        samples = calib if isinstance(calib, np.ndarray) else calib_mod.load_samples(calib)
+    g = import_onnx(model)
+    if "import" in (dump_after or []):
+        dumps["import"] = g.summary()
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+        if p.__name__ in (dump_after or []):
+            dumps[p.__name__] = g.summary()
+    has_hints = bool(g.meta.get("quant_hints"))
+    if samples is not None:
+        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress)
+    elif not has_hints:
+        raise HilcError(f"{Path(model).name} is a float model: give calibration inputs with --calib FILE "
+                        "(.npy, first axis = samples)")
+    if "calibrate" in (dump_after or []):
+        dumps["calibrate"] = g.summary()
+    q = quantize(g)
+    if "quantize" in (dump_after or []):
+        dumps["quantize"] = q.summary()
+    report = build_report(q, str(model), target, {"compile_seconds": round(time.perf_counter() - t0, 3)})
+    return CompileResult(q, report, dumps)
+
+
+def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
+    """Write graph.json, constants.npz and report.json into out_dir, all or nothing.
+
+    Files go to a temporary folder beside out_dir first and are moved in only once all are
+    written, so a failure never leaves a half-written OUT (earlier artifacts stay intact).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HilcError(f"{out}: exists and is not a directory")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise HilcError(f"{parent}: parent directory does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        result.graph.save(tmp)
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
+        out.mkdir(exist_ok=True)
+        for f in ("graph.json", "constants.npz", "report.json"):
+            os.replace(tmp / f, out / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_artifacts(out_dir: str | Path) -> Graph:
+    out = Path(out_dir)
+    if not out.exists():
+        raise HilcError(f"{out}: no such compiled model directory")
+    if not (out / "graph.json").exists() or not (out / "constants.npz").exists():
+        raise HilcError(f"{out}: not a compiled model (graph.json / constants.npz missing); run hilc compile")
+    try:
+        return Graph.load(out)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise HilcError(f"{out}: compiled model is unreadable ({e})") from None

@@ -1,0 +1,51 @@
+"""Float graph -> integer-only graph (HAWQ-V3 dyadic arithmetic, see ``arith``).
+
+Every activation gets a per-tensor ``QParams`` (from a QDQ hint, the op's fixed range, its
+input's, or calibration), then each operator's own ``quantize`` swaps its float params for
+integers: per-channel int8 weights, int32 biases, dyadic multipliers, lookup tables.
+"""
+
+from __future__ import annotations
+
+from hilc.compiler import arith
+from hilc.compiler.ir import Graph, QParams
+from hilc.compiler.ops import OPS
+from hilc.errors import HilcError
+
+
+def _from_range(g: Graph, name: str) -> QParams:
+    ranges = g.meta.get("calibration", {})
+    if name not in ranges:
+        raise HilcError(f"tensor '{name}' has no calibration range: compile a float model with --calib FILE "
+                        "(or give a QDQ-quantized model)")
+    lo, hi = ranges[name]
+    scale, zp = arith.choose_qparams(lo, hi)
+    return QParams(scale, zp)
+
+
+def quantize(graph: Graph) -> Graph:
+    g = graph.copy()
+    hints = g.meta.get("quant_hints", {})
+    for name in g.inputs:
+        t = g.tensors[name]
+        t.quant = QParams(*hints[name]) if name in hints else _from_range(g, name)
+        t.dtype = "int8"
+    for node in g.nodes:
+        op = OPS[node.op]
+        rule = op.output_rule(node)
+        for out in node.outputs:
+            t = g.tensors[out]
+            if rule == "input":
+                src = g.tensors[node.inputs[0]].quant
+                t.quant = QParams(src.scale, src.zero_point, src.bits)
+            elif out in hints and op.output_hint_ok:
+                t.quant = QParams(*hints[out])
+            elif rule == "fixed":
+                t.quant = op.fixed_output_quant(node, g)
+            else:
+                t.quant = _from_range(g, out)
+            t.dtype = "int8"
+        op.quantize(node, g)
+    g.remove_unused_constants()
+    g.meta["precision"] = "int8"
+    return g

@@ -1,0 +1,73 @@
+"""report.json: what a compile produced, per layer and in total."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hilc import __version__
+from hilc.compiler.ir import Graph
+from hilc.compiler.ops import OPS
+
+
+def _logical_shape(graph: Graph, name: str) -> list[int]:
+    t = graph.tensors[name]
+    if t.layout is None:
+        return list(t.shape)
+    out = [0] * len(t.shape)
+    for i, ax in enumerate(t.layout):
+        out[ax] = t.shape[i]
+    return out
+
+
+def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    layers = []
+    total_macs = total_bitops = weights_bytes = 0
+    for node in graph.nodes:
+        op = OPS[node.op]
+        macs = op.macs(node, graph)
+        out = graph.tensors[node.outputs[0]]
+        act_bits = out.quant.bits if out.quant else 32
+        in_bits = graph.tensors[node.inputs[0]].quant.bits if graph.tensors[node.inputs[0]].quant else 32
+        w_bits = node.attrs.get("weight_bits") if "weight" in node.params else None
+        # BitOps (HAWQ-V3): MACs x weight bits x input activation bits; weightless ops count
+        # their input width twice (an activation x activation product or a compare).
+        bitops = macs * (w_bits or in_bits) * in_bits
+        n_w = op.weight_count(node, graph)
+        wbytes = (n_w * (w_bits or 8) + 7) // 8
+        total_macs += macs
+        total_bitops += bitops
+        weights_bytes += wbytes
+        layer = {"name": node.name, "op": node.op, "onnx_name": node.onnx_name, "macs": macs,
+                 "bitops": bitops, "weight_bits": w_bits, "act_bits": act_bits, "out_shape": list(out.shape),
+                 "weights_bytes": wbytes}
+        if "acc_bound" in node.attrs:
+            bound = node.attrs["acc_bound"]
+            layer["acc_bound"] = bound
+            layer["acc_bits_needed"] = int(np.ceil(np.log2(bound + 1))) + 1 if bound else 1
+        layers.append(layer)
+    const_bytes = int(sum(v.nbytes for v in graph.constants.values()))
+    io = {}
+    for name in graph.inputs + graph.outputs:
+        t = graph.tensors[name]
+        io[name] = {"onnx_name": t.onnx_name, "shape": _logical_shape(graph, name),
+                    "scale": t.quant.scale if t.quant else None,
+                    "zero_point": t.quant.zero_point if t.quant else None}
+    report: dict[str, Any] = {
+        "hilc_version": __version__,
+        "model": model,
+        "target": target,
+        "precision": graph.meta.get("precision", "float32"),
+        "macs": total_macs,
+        "bitops": total_bitops,
+        "weights_bytes": weights_bytes,
+        "constants_bytes": const_bytes,
+        "inputs": {k: io[k] for k in graph.inputs},
+        "outputs": {k: io[k] for k in graph.outputs},
+        "calibration": graph.meta.get("calibration_method", {"method": "qdq" if graph.meta.get("quant_hints") else None}),
+        "layers": layers,
+    }
+    if extra:
+        report.update(extra)
+    return report

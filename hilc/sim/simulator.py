@@ -1,0 +1,115 @@
+"""Graph execution: the bit-accurate integer simulator (the golden reference every backend is
+compared with) and the float interpreter (importer checks and calibration).
+
+Both run a batch at once: axis 0 of every activation is the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from hilc.compiler.arith import dequantize_host, quantize_host
+from hilc.compiler.ir import Graph
+from hilc.compiler.ops import OPS
+from hilc.errors import HilcError
+
+
+def _last_uses(graph: Graph) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        for t in n.inputs:
+            last[t] = i
+    return last
+
+
+def _execute(graph: Graph, feeds: dict[str, np.ndarray], integer: bool,
+             observe: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+    env = dict(feeds)
+    last = _last_uses(graph)
+    keep = set(graph.outputs)
+    if observe is not None:
+        for name, v in feeds.items():
+            observe(name, v)
+    for i, node in enumerate(graph.nodes):
+        op = OPS[node.op]
+        xs = [env[t] for t in node.inputs]
+        ys = op.eval_int(node, graph, xs) if integer else op.eval_float(node, graph, xs)
+        for name, y in zip(node.outputs, ys, strict=True):
+            env[name] = y
+            if observe is not None:
+                observe(name, y)
+        for t in node.inputs:
+            if last.get(t) == i and t not in keep:
+                env.pop(t, None)
+    return {name: env[name] for name in graph.outputs}
+
+
+def run_float(graph: Graph, feeds: dict[str, np.ndarray],
+              observe: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+    """Float interpretation of a float graph (physical layouts in and out)."""
+    return _execute(graph, {k: v.astype(np.float32) for k, v in feeds.items()}, False, observe)
+
+
+def run_int(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Bit-accurate integer execution of a quantized graph (physical layouts in and out)."""
+    for k, v in feeds.items():
+        if v.dtype != np.int8:
+            raise HilcError(f"input '{k}': the integer simulator takes int8 data, got {v.dtype}")
+    return _execute(graph, feeds, True)
+
+
+# --- the user's view: ONNX layout and real values ----------------------------------------
+
+def to_physical(graph: Graph, name: str, x: np.ndarray) -> np.ndarray:
+    """Check a user array against input ``name`` (ONNX layout, any batch) and move it to physical."""
+    t = graph.tensors[name]
+    lay = t.layout or tuple(range(len(t.shape)))
+    logical = [0] * len(t.shape)
+    for i, ax in enumerate(lay):
+        logical[ax] = t.shape[i]
+    want = ["N", *logical[1:]]
+    if x.ndim != len(logical) or list(x.shape[1:]) != logical[1:]:
+        raise HilcError(f"input '{t.onnx_name or name}' must have shape {want} (first axis = batch), "
+                        f"got {list(x.shape)}")
+    return np.ascontiguousarray(x.transpose(lay))
+
+
+def to_logical(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:
+    t = graph.tensors[name]
+    lay = t.layout or tuple(range(y.ndim))
+    inv = [lay.index(i) for i in range(len(lay))]
+    return np.ascontiguousarray(y.transpose(inv))
+
+
+def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 256) -> np.ndarray:
+    """Run the integer graph on real inputs in the model's own layout; returns the first output,
+    dequantized to float32 (or the raw integer tensor with ``raw``)."""
+    if len(graph.inputs) != 1:
+        raise HilcError(f"simulate takes one input array; the model has {len(graph.inputs)} inputs")
+    name = graph.inputs[0]
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise HilcError(f"input array has dtype {x.dtype}; expected float32")
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise HilcError("input array holds NaN or Inf values")
+    q = graph.tensors[name].quant
+    xp = to_physical(graph, name, x)
+    qx = quantize_host(xp, q.scale, q.zero_point, q.bits)
+    outs = []
+    for start in range(0, len(qx), batch_size):
+        outs.append(run_int(graph, {name: qx[start:start + batch_size]})[graph.outputs[0]])
+    out_name = graph.outputs[0]
+    y = np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.int8)
+    y = to_logical(graph, out_name, y)
+    if raw:
+        return y
+    qo = graph.tensors[out_name].quant
+    return dequantize_host(y, qo.scale, qo.zero_point)
+
+
+def interpret(graph: Graph, x: np.ndarray) -> np.ndarray:
+    """Float interpretation on an input in the model's own layout; returns the first output."""
+    name = graph.inputs[0]
+    y = run_float(graph, {name: to_physical(graph, name, x.astype(np.float32))})[graph.outputs[0]]
+    return to_logical(graph, graph.outputs[0], y)

@@ -1,0 +1,74 @@
+"""Shared fixtures: the bundled models and data (tests/data, copied from ../shared; see its README)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+DATA = Path(__file__).parent / "data"
+RESNET8 = DATA / "resnet8_cifar10_fp32.onnx"
+AD01 = DATA / "ad01_toycar_autoencoder_fp32.onnx"
+DIGITS_CNN = DATA / "digits_cnn.onnx"
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
+ort.set_default_logger_severity(3)
+
+
+@pytest.fixture(scope="session")
+def crops32() -> np.ndarray:
+    return np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict[str, np.ndarray]:
+    d = np.load(DATA / "digits.npz")
+    split = np.load(DATA / "digits_split.npz")
+    x = d["images"].astype(np.float32)[:, None, :, :]
+    y = d["labels"].astype(np.int64)
+    return {"x_train": x[split["train_idx"]], "y_train": y[split["train_idx"]],
+            "x_test": x[split["test_idx"]], "y_test": y[split["test_idx"]]}
+
+
+def ort_run(model: str | Path | onnx.ModelProto, x: np.ndarray, batched: bool = True) -> np.ndarray:
+    """onnxruntime output for a batch (one sample at a time when the model's batch is fixed)."""
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    dim0 = sess.get_inputs()[0].shape[0]
+    if batched and not isinstance(dim0, int):
+        return sess.run(None, {name: x})[0]
+    return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def ort_quantize_qdq(model_path: str | Path, out_path: str | Path, calib: np.ndarray, opset13: bool = True) -> Path:
+    """onnxruntime's quantize_static: QDQ, per-channel QInt8 weights, QInt8 activations, MinMax."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)
+    model = onnx.load(str(model_path))
+    name = model.graph.input[0].name
+    if opset13 and model.opset_import[0].version < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    src = Path(out_path).with_suffix(".float.onnx")
+    onnx.save(model, str(src))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{name: calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return Path(out_path)

@@ -10,10 +10,14 @@ Every backend (numpy simulator, C runtime, HLS, TVM) must compute exactly this:
 * A rescale by a real factor ``M`` is a *dyadic* multiply: ``M ≈ b / 2**c`` with integer
   ``b`` (``0 <= b < 2**31``) and shift ``1 <= c <= 62``, computed as
 
-      y = (acc * b + (1 << (c - 1))) >> c          (int64 product, arithmetic shift)
+      p = acc * b                                   (int64 product)
+      y = round_half_even(p / 2**c)                 (integer ops only, see ``rounding_shift``)
 
-  Ties round toward +infinity ("round half up"): ``(-5 * 1 + 2**0) >> 1 == -2``,
-  ``(5 * 1 + 1) >> 1 == 3``. This is the only rounding rule on the inference path.
+  Ties round to even (as onnxruntime's and numpy's rounding do, so averages carry no bias):
+  5/2 -> 2, 7/2 -> 4, -5/2 -> -2. In integers: q = p >> c (arithmetic, i.e. floor),
+  r = p - (q << c), then q += 1 when r > 2**(c-1), or when r == 2**(c-1) and q is odd.
+  This is the only rounding rule on the inference path, and host-side quantization of inputs
+  and every compile-time rounding (weights, biases, tables) use the same rule (``np.rint``).
 * The result is offset by the output zero point and clamped to the activation bounds, which
   also carry fused ReLU / ReLU6 / Clip.
 
@@ -63,14 +67,24 @@ def dyadic(m: float | np.ndarray, mult_bits: int = MULT_BITS) -> tuple[np.ndarra
 
 
 def rounding_shift(x: np.ndarray, c: np.ndarray | int) -> np.ndarray:
-    """``(x + 2**(c-1)) >> c`` on int64 with ties toward +infinity; ``c >= 1``."""
+    """``x / 2**c`` rounded to nearest, ties to even, on int64; ``c >= 1``.
+
+    ``(x + 2**(c-1) - 1 + ((x >> c) & 1)) >> c``: the odd bit of the floor quotient tips an
+    exact half upward only when that quotient is odd.
+    """
+    x = np.asarray(x, dtype=np.int64)
     c = np.asarray(c, dtype=np.int64)
-    return (x + (np.int64(1) << (c - 1))) >> c
+    return (x + ((np.int64(1) << (c - 1)) - 1) + ((x >> c) & 1)) >> c
 
 
 def requantize(acc: np.ndarray, b: np.ndarray | int, c: np.ndarray | int, zp_out: int,
-               lo: int, hi: int, axis: int = -1) -> np.ndarray:
-    """Dyadic requantization of int32 accumulators (per-channel ``b``, ``c`` along ``axis``)."""
+               lo: int, hi: int, acc_bound: int | None = None, axis: int = -1) -> np.ndarray:
+    """Dyadic requantization of accumulators (per-channel ``b``, ``c`` along ``axis``) to int8.
+
+    With ``acc_bound`` (a proven bound on |acc|) and ``acc_bound * b < 2**53``, the product
+    ``acc * b`` is an exact float64 integer and scaling it by ``2**-c`` is exact too, so
+    ``np.rint`` (ties to even) gives bit for bit the integer result, several times faster.
+    """
     b = np.asarray(b, dtype=np.int64)
     c = np.asarray(c, dtype=np.int64)
     if b.ndim == 1 and acc.ndim > 1:
@@ -78,8 +92,13 @@ def requantize(acc: np.ndarray, b: np.ndarray | int, c: np.ndarray | int, zp_out
         shape[axis] = b.shape[0]
         b = b.reshape(shape)
         c = c.reshape(shape)
-    y = rounding_shift(acc.astype(np.int64) * b, c) + zp_out
-    return np.clip(y, lo, hi).astype(np.int32)
+    if acc_bound is not None and acc_bound * int(b.max(initial=0)) < 2**53:
+        y = acc.astype(np.float64, copy=False) * (b.astype(np.float64) * np.exp2(-c.astype(np.float64)))
+        np.rint(y, out=y)
+    else:
+        y = rounding_shift(acc.astype(np.int64) * b, c)
+    y += zp_out
+    return np.clip(y, lo, hi).astype(np.int8)
 
 
 def qrange(bits: int = 8, signed: bool = True) -> tuple[int, int]:
@@ -104,9 +123,9 @@ def choose_qparams(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
 
 
 def quantize_host(x: np.ndarray, scale: float, zp: int, bits: int = 8) -> np.ndarray:
-    """Host-side quantization of real inputs (outside the integer graph): round half up."""
+    """Host-side quantization of real inputs (outside the integer graph): ties to even."""
     qmin, qmax = qrange(bits)
-    q = np.floor(np.asarray(x, dtype=np.float64) / scale + 0.5) + zp
+    q = np.rint(np.asarray(x, dtype=np.float64) / scale) + zp
     return np.clip(q, qmin, qmax).astype(np.int8 if bits <= 8 else np.int32)
 
 
@@ -120,7 +139,7 @@ def quantize_weights_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarr
     flat = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
     scale = np.where(flat > 0, flat / qmax, 1.0)
     shape = (-1,) + (1,) * (w.ndim - 1)
-    q = np.clip(np.floor(w / scale.reshape(shape) + 0.5), -qmax, qmax).astype(np.int8)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 

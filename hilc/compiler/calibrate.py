@@ -13,7 +13,7 @@ import numpy as np
 from hilc.compiler import arith
 from hilc.compiler.ir import Graph
 from hilc.errors import HilcError
-from hilc.sim.simulator import run_float, to_physical
+from hilc.sim.simulator import check_shape, run_float, to_physical
 
 METHODS = ("minmax", "percentile", "mse")
 SAMPLES_PER_TENSOR = 1 << 18  # values kept per tensor for percentile / MSE searches
@@ -44,7 +44,10 @@ def check_samples(graph: Graph, x: np.ndarray, source: str) -> np.ndarray:
         raise HilcError(f"{source}: holds no samples")
     if not np.all(np.isfinite(x)):
         raise HilcError(f"{source}: holds NaN or Inf values")
-    to_physical(graph, graph.inputs[0], x[:1])  # raises a shape message naming the input
+    try:
+        check_shape(graph, graph.inputs[0], x.shape)
+    except HilcError as e:
+        raise HilcError(f"{source}: {e}") from None
     return x.astype(np.float32)
 
 
@@ -82,7 +85,7 @@ def _mse_range(vals: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     for alpha in np.linspace(0.2, 1.0, 81):
         a, b = lo * alpha, hi * alpha
         scale, zp = arith.choose_qparams(a, b)
-        q = np.clip(np.floor(v / scale + 0.5) + zp, -128, 127)
+        q = np.clip(np.rint(v / scale) + zp, -128, 127)
         err = float(np.mean(((q - zp) * scale - v) ** 2))
         if err < best_err:
             best, best_err = (a, b), err
@@ -90,11 +93,11 @@ def _mse_range(vals: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
 
 
 def calibrate(graph: Graph, samples: np.ndarray, method: str = "minmax", percentile: float = 99.99,
-              batch_size: int = 64, progress=None) -> Graph:
+              batch_size: int = 64, progress=None, source: str = "calibration data") -> Graph:
     """Run the float graph on ``samples`` (model layout) and record every tensor's range."""
     if method not in METHODS:
         raise HilcError(f"unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
-    x = check_samples(graph, samples, "calibration data")
+    x = check_samples(graph, samples, source)
     g = graph.copy()
     rng = np.random.default_rng(0)
     stats: dict[str, _Stats] = {}

@@ -45,6 +45,12 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise HilcError(f"{path}: not a valid ONNX model (no graph: truncated or not ONNX)")
     try:
+        # Shape inference first: it fills in output shapes that exporters often leave out and
+        # that the checker would otherwise reject, though onnxruntime runs such models.
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # the checker below says what is wrong
+    try:
         onnx.checker.check_model(model)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -57,7 +57,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
             dumps[p.__name__] = g.summary()
     has_hints = bool(g.meta.get("quant_hints"))
     if samples is not None:
-        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress)
+        source = "calibration data" if isinstance(calib, np.ndarray) else str(calib)
+        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source)
     elif not has_hints:
         raise HilcError(f"{Path(model).name} is a float model: give calibration inputs with --calib FILE "
                         "(.npy, first axis = samples)")

@@ -23,14 +23,39 @@ def _from_range(g: Graph, name: str) -> QParams:
     return QParams(scale, zp)
 
 
+def _hints_through_data_movement(g: Graph) -> dict:
+    """QDQ models often quantize after a Reshape/Flatten/Transpose, not before: the tensor that
+    feeds such an op takes the hint of its output (the values are the same)."""
+    hints = dict(g.meta.get("quant_hints", {}))
+    for node in reversed(g.nodes):
+        if OPS[node.op].output_rule(node) == "input" and node.outputs[0] in hints and node.inputs[0] not in hints:
+            hints[node.inputs[0]] = hints[node.outputs[0]]
+    return hints
+
+
+def _requantize_after(g: Graph, node, out: str, target: QParams) -> None:
+    """The op keeps its input's scale, but the model asks for another at its output: the op
+    writes a new tensor and a requant node produces ``out`` at the requested scale."""
+    from hilc.compiler.ir import Node, Tensor
+
+    pre = f"{out}.pre"
+    t = g.tensors[out]
+    g.tensors[pre] = Tensor(pre, t.shape, "int8", t.quant)
+    node.outputs = [pre if o == out else o for o in node.outputs]
+    req = Node(f"{node.name}.requant", "requant", [pre], [out], {}, {}, node.onnx_name)
+    g.nodes.insert(g.nodes.index(node) + 1, req)
+    g.tensors[out].quant = target
+    OPS["requant"].quantize(req, g)
+
+
 def quantize(graph: Graph) -> Graph:
     g = graph.copy()
-    hints = g.meta.get("quant_hints", {})
+    hints = _hints_through_data_movement(g)
     for name in g.inputs:
         t = g.tensors[name]
         t.quant = QParams(*hints[name]) if name in hints else _from_range(g, name)
         t.dtype = "int8"
-    for node in g.nodes:
+    for node in list(g.nodes):
         op = OPS[node.op]
         rule = op.output_rule(node)
         for out in node.outputs:
@@ -38,6 +63,8 @@ def quantize(graph: Graph) -> Graph:
             if rule == "input":
                 src = g.tensors[node.inputs[0]].quant
                 t.quant = QParams(src.scale, src.zero_point, src.bits)
+                if out in hints and (hints[out][0], hints[out][1]) != (src.scale, src.zero_point):
+                    _requantize_after(g, node, out, QParams(*hints[out]))
             elif out in hints and op.output_hint_ok:
                 t.quant = QParams(*hints[out])
             elif rule == "fixed":

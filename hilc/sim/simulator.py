@@ -64,16 +64,21 @@ def run_int(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 def to_physical(graph: Graph, name: str, x: np.ndarray) -> np.ndarray:
     """Check a user array against input ``name`` (ONNX layout, any batch) and move it to physical."""
+    check_shape(graph, name, x.shape)
+    t = graph.tensors[name]
+    return np.ascontiguousarray(x.transpose(t.layout or tuple(range(len(t.shape)))))
+
+
+def check_shape(graph: Graph, name: str, shape: tuple[int, ...]) -> None:
     t = graph.tensors[name]
     lay = t.layout or tuple(range(len(t.shape)))
     logical = [0] * len(t.shape)
     for i, ax in enumerate(lay):
         logical[ax] = t.shape[i]
     want = ["N", *logical[1:]]
-    if x.ndim != len(logical) or list(x.shape[1:]) != logical[1:]:
+    if len(shape) != len(logical) or list(shape[1:]) != logical[1:]:
         raise HilcError(f"input '{t.onnx_name or name}' must have shape {want} (first axis = batch), "
-                        f"got {list(x.shape)}")
-    return np.ascontiguousarray(x.transpose(lay))
+                        f"got {list(shape)}")
 
 
 def to_logical(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:

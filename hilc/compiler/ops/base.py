@@ -94,9 +94,9 @@ def clamp_bounds(node: Node, q: QParams) -> tuple[int, int]:
     lo, hi = q.qmin, q.qmax
     act_lo, act_hi = node.attrs.get("act_lo"), node.attrs.get("act_hi")
     if act_lo is not None:
-        lo = max(lo, min(hi, int(np.floor(act_lo / q.scale + 0.5)) + q.zero_point))
+        lo = max(lo, min(hi, int(np.rint(act_lo / q.scale)) + q.zero_point))
     if act_hi is not None:
-        hi = min(hi, max(lo, int(np.floor(act_hi / q.scale + 0.5)) + q.zero_point))
+        hi = min(hi, max(lo, int(np.rint(act_hi / q.scale)) + q.zero_point))
     return lo, hi
 
 
@@ -107,11 +107,16 @@ def apply_float_activation(node: Node, y: np.ndarray) -> np.ndarray:
     return y
 
 
+def exact_dtype(bound: int) -> type:
+    """The float type whose BLAS sums integers exactly when every partial sum is below ``bound``."""
+    return np.float32 if bound < 2**24 else np.float64
+
+
 def exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     """Integer matrix product through float BLAS, exact because every partial sum is below the
     float's integer range (2**24 for float32, 2**53 for float64); ``bound`` is the static bound
-    on any partial sum's magnitude."""
-    dtype = np.float32 if bound < 2**24 else np.float64
+    on any partial sum's magnitude. Returns float64 holding exact integers."""
     if bound >= 2**53:
-        return a.astype(np.int64) @ b.astype(np.int64)
-    return np.rint(a.astype(dtype) @ b.astype(dtype)).astype(np.int64)
+        return (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float64)
+    dtype = exact_dtype(bound)
+    return (a.astype(dtype, copy=False) @ b.astype(dtype, copy=False)).astype(np.float64)

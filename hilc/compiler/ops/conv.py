@@ -18,6 +18,7 @@ from hilc.compiler.ops.base import (
     Op,
     apply_float_activation,
     clamp_bounds,
+    exact_dtype,
     exact_matmul,
     in_quant,
     onnx_importer,
@@ -94,9 +95,9 @@ class _ExactProduct:
         return exact_matmul(a, b, self.bound)
 
     def depthwise(self, xs, wt):
-        dtype = np.float32 if self.bound < 2**24 else np.float64
-        y = np.einsum("nhwijc,ijc->nhwc", xs.astype(dtype), wt.astype(dtype), optimize=True)
-        return np.rint(y).astype(np.int64)
+        dtype = exact_dtype(self.bound)
+        y = np.einsum("nhwijc,ijc->nhwc", xs.astype(dtype, copy=False), wt.astype(dtype), optimize=True)
+        return y.astype(np.float64)
 
 
 @register
@@ -126,12 +127,13 @@ class Conv2D(Op):
         # Padding holds the input zero point (real 0), so (x - zp) vanishes there: the sum can
         # then be taken over raw x and corrected by zp * sum(w) per channel.
         out_shape = graph.tensors[node.outputs[0]].shape
-        acc = _conv(xs[0], w, node, out_shape, a["zp_in"], _ExactProduct(a["raw_bound"]))
+        # Convert before im2col: the window copy is then made once, already in the BLAS type.
+        x = xs[0].astype(exact_dtype(a["raw_bound"]))
+        acc = _conv(x, w, node, out_shape, a["zp_in"], _ExactProduct(a["raw_bound"]))
         wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
-        acc = acc - a["zp_in"] * wsum + graph.param(node, "bias").astype(np.int64)
-        y = arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
-                             a["lo"], a["hi"], axis=-1)
-        return [y.astype(np.int8)]
+        acc += (graph.param(node, "bias").astype(np.int64) - a["zp_in"] * wsum).astype(np.float64)
+        return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
+                                 a["lo"], a["hi"], acc_bound=a["acc_bound"])]
 
     def macs(self, node, graph):
         w = graph.param(node, "weight")
@@ -149,11 +151,11 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
     if preset is not None:
         s_w = np.asarray(preset, np.float64)
         qmax = 2 ** (bits - 1) - 1
-        w_int = np.clip(np.floor(w / s_w.reshape((-1,) + (1,) * (w.ndim - 1)) + 0.5), -qmax, qmax).astype(np.int8)
+        w_int = np.clip(np.rint(w / s_w.reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax).astype(np.int8)
     else:
         w_int, s_w = arith.quantize_weights_per_channel(w, bits)
     s_acc = qi.scale * s_w
-    b_int = np.floor(b / s_acc + 0.5)
+    b_int = np.rint(b / s_acc)
     if np.any(np.abs(b_int) > arith.INT32_MAX):
         raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): bias does not fit int32 at scale s_in*s_w")
     b_int = b_int.astype(np.int32)

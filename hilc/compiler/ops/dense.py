@@ -35,10 +35,9 @@ class Dense(Op):
         x = xs[0]
         acc = exact_matmul(x.reshape(-1, x.shape[-1]), w.T, a["raw_bound"]).reshape(*x.shape[:-1], w.shape[0])
         wsum = w.astype(np.int64).sum(axis=1)
-        acc = acc - a["zp_in"] * wsum + graph.param(node, "bias").astype(np.int64)
-        y = arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
-                             a["lo"], a["hi"], axis=-1)
-        return [y.astype(np.int8)]
+        acc += (graph.param(node, "bias").astype(np.int64) - a["zp_in"] * wsum).astype(np.float64)
+        return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
+                                 a["lo"], a["hi"], acc_bound=a["acc_bound"])]
 
     def macs(self, node, graph):
         w = graph.param(node, "weight")

@@ -89,8 +89,8 @@ class Add(_Binary):
         d0, d1 = self._operands_int(node, graph, xs)
         s0, s1 = a.get("signs", [1, 1])
         acc = s0 * a["mults"][0] * d0 + s1 * a["mults"][1] * d1
-        y = arith.rounding_shift(acc, a["shift"]) + a["zp_out"]
-        return [np.clip(y, a["lo"], a["hi"]).astype(np.int8)]
+        # |acc| <= 2 * 255 * 2**31 < 2**53: float64 requantization is exact.
+        return [arith.requantize(acc, 1, a["shift"], a["zp_out"], a["lo"], a["hi"], acc_bound=2**41)]
 
 
 @register
@@ -115,8 +115,7 @@ class Mul(_Binary):
     def eval_int(self, node, graph, xs):
         a = node.attrs
         d0, d1 = self._operands_int(node, graph, xs)
-        y = arith.rounding_shift(d0 * d1 * a["mult"], a["shift"]) + a["zp_out"]
-        return [np.clip(y, a["lo"], a["hi"]).astype(np.int8)]
+        return [arith.requantize(d0 * d1, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"])]
 
     def macs(self, node, graph):
         return int(np.prod(graph.tensors[node.outputs[0]].shape[1:]))
@@ -136,6 +135,28 @@ class Clamp(Op):
 
     def eval_int(self, node, graph, xs):
         return [np.clip(xs[0], node.attrs["lo"], node.attrs["hi"]).astype(np.int8)]
+
+
+@register
+class Requant(Op):
+    """Rescale to another quantization (a QDQ model's own scale after a data-movement op):
+    y = clamp(round((x - zp_in) * b / 2^c) + zp_out). Inserted by the quantizer, never imported."""
+
+    name = "requant"
+
+    def eval_float(self, node, graph, xs):
+        return [xs[0]]
+
+    def quantize(self, node, graph):
+        qi, qo = in_quant(graph, node), out_quant(graph, node)
+        b, c = arith.dyadic(qi.scale / qo.scale)
+        node.attrs.update(zp_in=qi.zero_point, zp_out=qo.zero_point, mult=int(b[0]), shift=int(c[0]),
+                          lo=qo.qmin, hi=qo.qmax)
+
+    def eval_int(self, node, graph, xs):
+        a = node.attrs
+        return [arith.requantize(xs[0].astype(np.int64) - a["zp_in"], a["mult"], a["shift"], a["zp_out"],
+                                 a["lo"], a["hi"], acc_bound=256)]
 
 
 # --- ONNX importers ------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class Pad(Op):
 
     def quantize(self, node, graph):
         q = in_quant(graph, node)
-        v = int(np.clip(np.floor(node.attrs["value"] / q.scale + 0.5) + q.zero_point, q.qmin, q.qmax))
+        v = int(np.clip(np.rint(node.attrs["value"] / q.scale) + q.zero_point, q.qmin, q.qmax))
         node.attrs["value_q"] = v
 
     def eval_int(self, node, graph, xs):

@@ -6,7 +6,8 @@
     1/S : normalise S to a in [2^30, 2^31) with n = bit length of S, then three Newton-Raphson
           steps for y ~ 2^61 / a in Q30, starting from y0 = 48/17 - 32/17 * a (all int64, floor
           shifts):  t = (a * y) >> 31;  y = (y * (2^31 - t)) >> 30
-    q   = clamp(((e * y + 2^(n+21)) >> (n + 22)) - 128)   (output scale 1/256, zero point -128)
+    q   = clamp(rounding_shift(e * y * K, n + 30) + zp)      (ties to even, as everywhere)
+          (output scale 1/K: K = 256 and zp = -128 by default; a QDQ model's 1/255 is kept)
 
 No division and no float on the inference path.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hilc.compiler.arith import rounding_shift
 from hilc.compiler.ir import QParams
 from hilc.compiler.ops.base import Op, in_quant, onnx_importer, register
 from hilc.errors import UnsupportedModelError
@@ -51,9 +53,14 @@ def reciprocal_q30(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Softmax(Op):
     name = "softmax"
     output_quant_rule = "fixed"
-    output_hint_ok = False
+    output_hint_ok = False  # the quantize step below adopts a QDQ scale only when it is 1/K
 
     def fixed_output_quant(self, node, graph):
+        hint = graph.meta.get("quant_hints", {}).get(node.outputs[0])
+        if hint is not None:
+            k = round(1.0 / hint[0])
+            if 1 <= k <= 256 and abs(1.0 / hint[0] - k) < 1e-3 and -128 <= hint[1] <= 127 - k + 1:
+                return QParams(1.0 / k, int(hint[1]))
         return QParams(1.0 / 256, -128)
 
     def eval_float(self, node, graph, xs):
@@ -67,16 +74,18 @@ class Softmax(Op):
         if length >= 2 ** (31 - EXP_BITS):
             raise UnsupportedModelError(f"{node.name}: softmax over {length} elements overflows the int32 sum")
         d = np.arange(qi.qmax - qi.qmin + 1, dtype=np.float64)
-        table = np.floor(2.0**EXP_BITS * np.exp(-qi.scale * d) + 0.5).astype(np.int32)
+        table = np.rint(2.0**EXP_BITS * np.exp(-qi.scale * d)).astype(np.int32)
         node.params["exp_table"] = graph.add_constant(f"{node.name}.exp_table", table)
+        qo = graph.tensors[node.outputs[0]].quant
+        node.attrs.update(k=round(1.0 / qo.scale), zp_out=qo.zero_point)
 
     def eval_int(self, node, graph, xs):
         axis = node.attrs["axis"]
         x = xs[0].astype(np.int64)
         e = graph.param(node, "exp_table").astype(np.int64)[x.max(axis=axis, keepdims=True) - x]
         y, n = reciprocal_q30(e.sum(axis=axis, keepdims=True))
-        sh = n + 22
-        q = ((e * y + (np.int64(1) << (sh - 1))) >> sh) - 128
+        sh = n + 30
+        q = rounding_shift(e * y * node.attrs["k"], sh) + node.attrs["zp_out"]
         return [np.clip(q, -128, 127).astype(np.int8)]
 
 

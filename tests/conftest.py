@@ -51,7 +51,13 @@ def ort_quantize_qdq(model_path: str | Path, out_path: str | Path, calib: np.nda
     """onnxruntime's quantize_static: QDQ, per-channel QInt8 weights, QInt8 activations, MinMax."""
     import logging
 
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     logging.getLogger().setLevel(logging.ERROR)
     model = onnx.load(str(model_path))

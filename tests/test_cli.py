@@ -94,7 +94,8 @@ def test_unsupported_ops_listed(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.save(m, str(tmp_path / "u.onnx"))
-    _assert_one_line_error(hilc("compile", tmp_path / "u.onnx", "-o", tmp_path / "o"), "'my_erf' (Erf)", "'my_sin' (Sin)")
+    _assert_one_line_error(hilc("compile", tmp_path / "u.onnx", "-o", tmp_path / "o"),
+                           "'my_erf' (Erf)", "'my_sin' (Sin)")
 
 
 def test_calibration_data_of_wrong_shape_or_dtype(tmp_path):
@@ -135,7 +136,8 @@ def test_failed_compile_leaves_earlier_artifacts_intact(compiled, tmp_path):
 
 
 def test_simulate_on_a_directory_that_is_not_compiled(tmp_path, compiled):
-    _assert_one_line_error(hilc("simulate", tmp_path, compiled / "x.npy", "-o", tmp_path / "y.npy"), "not a compiled model")
+    _assert_one_line_error(hilc("simulate", tmp_path, compiled / "x.npy", "-o", tmp_path / "y.npy"),
+                           "not a compiled model")
 
 
 def test_usage_error_exit_code(tmp_path):

@@ -65,7 +65,8 @@ def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | 
         "constants_bytes": const_bytes,
         "inputs": {k: io[k] for k in graph.inputs},
         "outputs": {k: io[k] for k in graph.outputs},
-        "calibration": graph.meta.get("calibration_method", {"method": "qdq" if graph.meta.get("quant_hints") else None}),
+        "calibration": graph.meta.get("calibration_method",
+                                      {"method": "qdq" if graph.meta.get("quant_hints") else None}),
         "layers": layers,
     }
     if extra:

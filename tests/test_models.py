@@ -65,3 +65,18 @@ def test_float_interpretation_of_real_models_matches_onnxruntime(path, shape):
     ref = ort_run(path, x)
     got = interpret(import_onnx(path), x)
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("path", [RESNET8, DIGITS_CNN])
+def test_fast_exact_paths_equal_plain_int64_arithmetic(path, crops32, digits):
+    from hilc.compiler import arith
+
+    x = crops32[:64] if path == RESNET8 else digits["x_test"]
+    graph = compile_model(path, x[:32]).graph
+    fast = simulate(graph, x, raw=True)
+    arith.FAST_EXACT_PATHS = False
+    try:
+        slow = simulate(graph, x, raw=True)
+    finally:
+        arith.FAST_EXACT_PATHS = True
+    assert np.array_equal(fast, slow)

@@ -32,6 +32,10 @@ import math
 import numpy as np
 
 INT32_MAX = 2**31 - 1
+# The simulator may compute exact integer results through float BLAS and float64 rounding
+# where a static bound proves them exact. False forces plain int64 arithmetic everywhere
+# (slow; used to check the proofs).
+FAST_EXACT_PATHS = True
 MULT_BITS = 31  # b < 2**MULT_BITS: an int32 multiplier, as SMULL / int64 products take it
 MAX_SHIFT = 62
 
@@ -78,12 +82,14 @@ def rounding_shift(x: np.ndarray, c: np.ndarray | int) -> np.ndarray:
 
 
 def requantize(acc: np.ndarray, b: np.ndarray | int, c: np.ndarray | int, zp_out: int,
-               lo: int, hi: int, acc_bound: int | None = None, axis: int = -1) -> np.ndarray:
+               lo: int, hi: int, acc_bound: int | None = None, axis: int = -1,
+               scratch: bool = False) -> np.ndarray:
     """Dyadic requantization of accumulators (per-channel ``b``, ``c`` along ``axis``) to int8.
 
     With ``acc_bound`` (a proven bound on |acc|) and ``acc_bound * b < 2**53``, the product
     ``acc * b`` is an exact float64 integer and scaling it by ``2**-c`` is exact too, so
     ``np.rint`` (ties to even) gives bit for bit the integer result, several times faster.
+    ``scratch``: ``acc`` is a float64 temporary the function may overwrite.
     """
     b = np.asarray(b, dtype=np.int64)
     c = np.asarray(c, dtype=np.int64)
@@ -92,13 +98,15 @@ def requantize(acc: np.ndarray, b: np.ndarray | int, c: np.ndarray | int, zp_out
         shape[axis] = b.shape[0]
         b = b.reshape(shape)
         c = c.reshape(shape)
-    if acc_bound is not None and acc_bound * int(b.max(initial=0)) < 2**53:
-        y = acc.astype(np.float64, copy=False) * (b.astype(np.float64) * np.exp2(-c.astype(np.float64)))
+    if FAST_EXACT_PATHS and acc_bound is not None and acc_bound * int(b.max(initial=0)) < 2**53:
+        y = acc if scratch and acc.dtype == np.float64 else acc.astype(np.float64)
+        y *= b.astype(np.float64) * np.exp2(-c.astype(np.float64))
         np.rint(y, out=y)
     else:
         y = rounding_shift(acc.astype(np.int64) * b, c)
     y += zp_out
-    return np.clip(y, lo, hi).astype(np.int8)
+    np.clip(y, lo, hi, out=y)
+    return y.astype(np.int8)
 
 
 def qrange(bits: int = 8, signed: bool = True) -> tuple[int, int]:

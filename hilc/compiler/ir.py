@@ -73,6 +73,8 @@ class Graph:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # Derived arrays a kernel prepares once per node (never serialised; a copy starts empty).
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # --- queries -----------------------------------------------------------------------
     def param(self, node: Node, role: str) -> np.ndarray:

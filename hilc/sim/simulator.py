@@ -6,6 +6,7 @@ Both run a batch at once: axis 0 of every activation is the batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -88,7 +89,31 @@ def to_logical(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(y.transpose(inv))
 
 
-def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 256) -> np.ndarray:
+def run_int_batched(graph: Graph, qx: np.ndarray, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
+    """The first output of the integer graph for int8 physical inputs, in batches run on all
+    cores: one thread per core with single-threaded BLAS beats one multi-threaded BLAS call on
+    these small matrices (measured in benchmarks/spine.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    name, out = graph.inputs[0], graph.outputs[0]
+    starts = list(range(0, len(qx), batch_size))
+    workers = min(workers or os.cpu_count() or 1, max(1, len(starts)))
+
+    def one(start: int) -> np.ndarray:
+        return run_int(graph, {name: qx[start:start + batch_size]})[out]
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1:
+            parts = [one(s) for s in starts]
+        else:
+            with ThreadPoolExecutor(workers) as ex:
+                parts = list(ex.map(one, starts))
+    return np.concatenate(parts, axis=0)
+
+
+def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 32) -> np.ndarray:
     """Run the integer graph on real inputs in the model's own layout; returns the first output,
     dequantized to float32 (or the raw integer tensor with ``raw``)."""
     if len(graph.inputs) != 1:
@@ -101,12 +126,10 @@ def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 2
     q = graph.tensors[name].quant
     xp = to_physical(graph, name, x)
     qx = quantize_host(xp, q.scale, q.zero_point, q.bits)
-    outs = []
-    for start in range(0, len(qx), batch_size):
-        outs.append(run_int(graph, {name: qx[start:start + batch_size]})[graph.outputs[0]])
+    if len(qx) == 0:
+        raise HilcError("input array holds no samples")
     out_name = graph.outputs[0]
-    y = np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.int8)
-    y = to_logical(graph, out_name, y)
+    y = to_logical(graph, out_name, run_int_batched(graph, qx, batch_size))
     if raw:
         return y
     qo = graph.tensors[out_name].quant

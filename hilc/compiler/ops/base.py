@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from hilc.compiler import arith
 from hilc.compiler.ir import Graph, Node, QParams
 
 if TYPE_CHECKING:
@@ -109,14 +110,17 @@ def apply_float_activation(node: Node, y: np.ndarray) -> np.ndarray:
 
 def exact_dtype(bound: int) -> type:
     """The float type whose BLAS sums integers exactly when every partial sum is below ``bound``."""
+    if not arith.FAST_EXACT_PATHS:
+        return np.int64
     return np.float32 if bound < 2**24 else np.float64
 
 
 def exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     """Integer matrix product through float BLAS, exact because every partial sum is below the
     float's integer range (2**24 for float32, 2**53 for float64); ``bound`` is the static bound
-    on any partial sum's magnitude. Returns float64 holding exact integers."""
-    if bound >= 2**53:
-        return (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float64)
+    on any partial sum's magnitude. Returns floats holding exact integers (int64 when the fast
+    paths are off)."""
+    if bound >= 2**53 or not arith.FAST_EXACT_PATHS:
+        return a.astype(np.int64) @ b.astype(np.int64)
     dtype = exact_dtype(bound)
-    return (a.astype(dtype, copy=False) @ b.astype(dtype, copy=False)).astype(np.float64)
+    return a.astype(dtype, copy=False) @ b.astype(dtype, copy=False)

@@ -55,13 +55,16 @@ def windows(x: np.ndarray, kernel: list[int], strides: list[int], dilations: lis
 
 
 def _conv(x: np.ndarray, w: np.ndarray, node: Node, out_shape: tuple[int, ...], pad_value,
-          matmul) -> np.ndarray:
-    """Shared by the float and the integer kernel: only the padding value and product differ."""
+          matmul, dtype: type = np.float32) -> np.ndarray:
+    """Shared by the float and the integer kernel: only the padding value and product differ.
+    The im2col copy is written straight in ``dtype`` (the BLAS type), converting on the way."""
     a = node.attrs
     g = a["group"]
     n = x.shape[0]
     oh, ow, oc = out_shape[1], out_shape[2], out_shape[3]
-    cols = windows(x, a["kernel"], a["strides"], a["dilations"], a["pads"], pad_value, (oh, ow))
+    view = windows(x, a["kernel"], a["strides"], a["dilations"], a["pads"], pad_value, (oh, ow))
+    cols = np.empty(view.shape, dtype)
+    cols[...] = view
     kh, kw = a["kernel"]
     cin = x.shape[3]
     cg, og = cin // g, oc // g
@@ -96,8 +99,7 @@ class _ExactProduct:
 
     def depthwise(self, xs, wt):
         dtype = exact_dtype(self.bound)
-        y = np.einsum("nhwijc,ijc->nhwc", xs.astype(dtype, copy=False), wt.astype(dtype), optimize=True)
-        return y.astype(np.float64)
+        return np.einsum("nhwijc,ijc->nhwc", xs.astype(dtype, copy=False), wt.astype(dtype), optimize=True)
 
 
 @register
@@ -114,7 +116,7 @@ class Conv2D(Op):
 
     def eval_float(self, node, graph, xs):
         out_shape = graph.tensors[node.outputs[0]].shape
-        y = _conv(xs[0], graph.param(node, "weight"), node, out_shape, 0.0, _FloatProduct())
+        y = _conv(xs[0].astype(np.float32), graph.param(node, "weight"), node, out_shape, 0.0, _FloatProduct())
         y = y + graph.param(node, "bias").astype(np.float32)
         return [apply_float_activation(node, y)]
 
@@ -123,22 +125,37 @@ class Conv2D(Op):
 
     def eval_int(self, node, graph, xs):
         a = node.attrs
-        w = graph.param(node, "weight")
-        # Padding holds the input zero point (real 0), so (x - zp) vanishes there: the sum can
-        # then be taken over raw x and corrected by zp * sum(w) per channel.
+        w, offset = _prepared(node, graph)
         out_shape = graph.tensors[node.outputs[0]].shape
-        # Convert before im2col: the window copy is then made once, already in the BLAS type.
-        x = xs[0].astype(exact_dtype(a["raw_bound"]))
-        acc = _conv(x, w, node, out_shape, a["zp_in"], _ExactProduct(a["raw_bound"]))
-        wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
-        acc += (graph.param(node, "bias").astype(np.int64) - a["zp_in"] * wsum).astype(np.float64)
+        acc = _conv(xs[0], w, node, out_shape, a["zp_in"], _ExactProduct(a["raw_bound"]),
+                    exact_dtype(a["raw_bound"]))
+        acc = acc + offset if acc.dtype == np.int64 else acc.astype(np.float64) + offset
         return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
-                                 a["lo"], a["hi"], acc_bound=a["acc_bound"])]
+                                 a["lo"], a["hi"], acc_bound=a["acc_bound"], scratch=True)]
 
     def macs(self, node, graph):
         w = graph.param(node, "weight")
         o = graph.tensors[node.outputs[0]].shape
         return int(np.prod(o[1:3])) * int(w.size)
+
+
+def _prepared(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """The weights and the per-channel constant ``bias - zp_in * sum(w)``, computed once.
+
+    Padding holds the input zero point (real 0), so (x - zp) vanishes there: the sum can be
+    taken over raw x and corrected by zp * sum(w) per channel.
+    """
+    key = f"{node.name}:linear"
+    if key not in graph.cache:
+        w = graph.param(node, "weight")
+        wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
+        offset = graph.param(node, "bias").astype(np.int64) - node.attrs["zp_in"] * wsum
+        graph.cache[key] = (w, offset if not arith.FAST_EXACT_PATHS else offset.astype(np.float64))
+    w, offset = graph.cache[key]
+    if arith.FAST_EXACT_PATHS != (offset.dtype == np.float64):  # the mode changed since caching
+        graph.cache.pop(key)
+        return _prepared(node, graph)
+    return w, offset
 
 
 def quantize_linear_layer(node: Node, graph: Graph) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from hilc.compiler import arith
 from hilc.compiler.ops.base import Op, apply_float_activation, exact_matmul, onnx_importer, register
-from hilc.compiler.ops.conv import quantize_linear_layer
+from hilc.compiler.ops.conv import _prepared, quantize_linear_layer
 
 
 @register
@@ -31,13 +31,12 @@ class Dense(Op):
 
     def eval_int(self, node, graph, xs):
         a = node.attrs
-        w = graph.param(node, "weight")
+        w, offset = _prepared(node, graph)
         x = xs[0]
         acc = exact_matmul(x.reshape(-1, x.shape[-1]), w.T, a["raw_bound"]).reshape(*x.shape[:-1], w.shape[0])
-        wsum = w.astype(np.int64).sum(axis=1)
-        acc += (graph.param(node, "bias").astype(np.int64) - a["zp_in"] * wsum).astype(np.float64)
+        acc = acc + offset if acc.dtype == np.int64 else acc.astype(np.float64) + offset
         return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
-                                 a["lo"], a["hi"], acc_bound=a["acc_bound"])]
+                                 a["lo"], a["hi"], acc_bound=a["acc_bound"], scratch=True)]
 
     def macs(self, node, graph):
         w = graph.param(node, "weight")

@@ -81,8 +81,10 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
     if out.exists() and not out.is_dir():
         raise HilcError(f"{out}: exists and is not a directory")
     parent = out.resolve().parent
-    if not parent.exists():
-        raise HilcError(f"{parent}: parent directory does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HilcError(f"{parent}: cannot create the output's parent directory ({e.strerror})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         result.graph.save(tmp)

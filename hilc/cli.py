@@ -39,10 +39,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                                   args.dump_after, progress=update)
+                                   args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                               args.dump_after)
+                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     write_artifacts(out, result)
@@ -65,6 +65,12 @@ def _print_summary(report: dict, out: Path) -> None:
     console.print(table)
     console.print(f"total: {report['macs']:,} MACs, {report['bitops']:,} BitOps, "
                   f"{report['weights_bytes']:,} weight bytes, compiled in {report['compile_seconds']} s")
+    if "arena_bytes" in report:
+        console.print(f"SRAM: arena {report['arena_bytes']:,} B (lower bound {report['arena_lower_bound_bytes']:,}), "
+                      f"peak with I/O {report['peak_sram_bytes']:,} B")
+    if "flash_bytes" in report:
+        console.print(f"{report['cpu']}: flash {report['flash_bytes']:,} B, code {report['code_bytes']:,} B, "
+                      f"stack {report['stack_bytes']:,} B")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -102,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration inputs: .npy (first axis = samples) or single-array .npz")
     c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "mse"])
     c.add_argument("--percentile", type=float, default=99.99, help="with --calib-method percentile")
-    c.add_argument("--target", default="sim", choices=["sim"], help="code generation target")
+    c.add_argument("--target", default="sim", choices=["sim", "c"],
+                   help="sim: integer graph only; c: also MCU C sources (OUT/src) and a host Makefile")
+    c.add_argument("--cpu", help="with --target c: cross-compile for cortex-m3|cortex-m4|cortex-m7 and report sizes")
+    c.add_argument("--flash", type=int, metavar="BYTES",
+                   help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
                    help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
     c.add_argument("-q", "--quiet", action="store_true")

@@ -17,12 +17,13 @@ import numpy as np
 from hilc.compiler import calibrate as calib_mod
 from hilc.compiler import passes
 from hilc.compiler.ir import Graph
+from hilc.compiler.memory import tensor_bytes
 from hilc.compiler.onnx_import import import_onnx
 from hilc.compiler.quantize import quantize
 from hilc.compiler.report import build_report
 from hilc.errors import HilcError
 
-TARGETS = ("sim",)
+TARGETS = ("sim", "c")
 PASS_NAMES = ["import", *[p.__name__ for p in passes.FLOAT_PIPELINE], "calibrate", "quantize"]
 
 
@@ -31,14 +32,23 @@ class CompileResult:
     graph: Graph
     report: dict[str, Any]
     dumps: dict[str, str]
+    c_model: Any = None  # targets.c.codegen.CModel for --target c
+    cpu: str | None = None
 
 
 def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
                   percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> CompileResult:
-    """Compile an ONNX file into an integer-only graph and its report."""
+                  progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
+                  flash_bytes: int | None = None) -> CompileResult:
+    """Compile an ONNX file into an integer-only graph and its report (and C sources for target c)."""
     if target not in TARGETS:
         raise HilcError(f"unknown target '{target}' (available: {', '.join(TARGETS)})")
+    if cpu is not None:
+        if target != "c":
+            raise HilcError("--cpu needs --target c")
+        from hilc.targets.c.build import cpu as check_cpu
+
+        check_cpu(cpu)
     for name in dump_after or []:
         if name not in PASS_NAMES:
             raise HilcError(f"--dump-after: unknown pass '{name}' (passes: {', '.join(PASS_NAMES)})")
@@ -67,8 +77,25 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     q = quantize(g)
     if "quantize" in (dump_after or []):
         dumps["quantize"] = q.summary()
-    report = build_report(q, str(model), target, {"compile_seconds": round(time.perf_counter() - t0, 3)})
-    return CompileResult(q, report, dumps)
+    extra: dict[str, Any] = {}
+    c_model = None
+    if target == "c":
+        from hilc.targets.c.codegen import generate_c
+
+        c_model = generate_c(q)
+        plan = c_model.plan
+        if flash_bytes is not None and c_model.const_bytes > flash_bytes:
+            raise HilcError(f"the model's constants need {c_model.const_bytes} bytes of flash; "
+                            f"the target has {flash_bytes}")
+        extra.update(arena_bytes=plan.arena_bytes, arena_lower_bound_bytes=plan.lower_bound,
+                     peak_sram_bytes=plan.peak_sram_bytes + c_model.scratch_bytes,
+                     io_bytes=plan.input_bytes + plan.output_bytes, scratch_bytes=c_model.scratch_bytes,
+                     constants_flash_bytes=c_model.const_bytes,
+                     memory=[{"tensor": t, "offset": off, "bytes": tensor_bytes(q, t)}
+                             for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
+    extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    report = build_report(q, str(model), target, extra)
+    return CompileResult(q, report, dumps, c_model, cpu)
 
 
 def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
@@ -88,9 +115,24 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         result.graph.save(tmp)
+        names = ["graph.json", "constants.npz"]
+        if result.c_model is not None:
+            from hilc.targets.c.codegen import write_c_project
+
+            write_c_project(tmp, result.c_model)
+            names += ["src", "Makefile"]
+            if result.cpu is not None:  # sizes come from a real cross build, made before anything moves
+                from hilc.targets.c import build
+
+                elf = build.build_firmware(tmp, result.cpu)
+                result.report.update(cpu=result.cpu, **build.elf_sizes(elf), stack_bytes=build.stack_bytes(elf.parent))
+                names.append("build")
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
+        names.append("report.json")
         out.mkdir(exist_ok=True)
-        for f in ("graph.json", "constants.npz", "report.json"):
+        for f in names:
+            if (out / f).is_dir():
+                shutil.rmtree(out / f)
             os.replace(tmp / f, out / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,9 @@ class Op:
     # Whether a QDQ model's scale for the output may replace the rule (softmax's kernel
     # produces only its own fixed scale, so it says no).
     output_hint_ok: ClassVar[bool] = True
+    # Whether the output may be written over the first input's buffer (the memory planner's
+    # in-place rule: element i of the output depends only on element i of that input).
+    inplace_ok: ClassVar[bool] = False
 
     def output_rule(self, node: Node) -> str:
         return self.output_quant_rule

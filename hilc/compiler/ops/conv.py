@@ -138,6 +138,20 @@ class Conv2D(Op):
         o = graph.tensors[node.outputs[0]].shape
         return int(np.prod(o[1:3])) * int(w.size)
 
+    def lower_c(self, node, graph, em) -> str:
+        a = node.attrs
+        _, h, w, c = graph.tensors[node.inputs[0]].shape
+        _, oh, ow, oc = graph.tensors[node.outputs[0]].shape
+        p = em.struct("hilc_conv_params", node.name, dict(
+            in_h=h, in_w=w, in_c=c, out_h=oh, out_w=ow, out_c=oc, k_h=a["kernel"][0], k_w=a["kernel"][1],
+            stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=a["dilations"][0], dil_w=a["dilations"][1],
+            pad_t=a["pads"][0], pad_l=a["pads"][1], groups=a["group"], group_in=c // a["group"],
+            group_out=oc // a["group"], zp_in=a["zp_in"], zp_out=a["zp_out"],
+            lo=a["lo"], hi=a["hi"], weight=em.param(node, "weight"), bias=em.param(node, "bias"),
+            mult=em.param(node, "mult"), shift=em.param(node, "shift")))
+        em.need_scratch(a["kernel"][0] * a["kernel"][1] * (c // a["group"]))
+        return f"hilc_conv2d({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
+
 
 def _prepared(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     """The weights and the per-channel constant ``bias - zp_in * sum(w)``, computed once.

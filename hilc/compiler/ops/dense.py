@@ -43,6 +43,17 @@ class Dense(Op):
         rows = int(np.prod(graph.tensors[node.inputs[0]].shape[1:-1], dtype=np.int64))
         return rows * int(w.size)
 
+    def lower_c(self, node, graph, em) -> str:
+        a = node.attrs
+        shape = graph.tensors[node.inputs[0]].shape
+        w = graph.param(node, "weight")
+        p = em.struct("hilc_dense_params", node.name, dict(
+            rows=int(np.prod(shape[1:-1], dtype=np.int64)), in_features=w.shape[1], out_features=w.shape[0],
+            zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], weight=em.param(node, "weight"),
+            bias=em.param(node, "bias"), mult=em.param(node, "mult"), shift=em.param(node, "shift")))
+        em.need_scratch(w.shape[1])
+        return f"hilc_dense({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
+
 
 def _emit_dense(ctx, node, x: str, w: np.ndarray, bias: np.ndarray, w_src: str) -> None:
     attrs = {}

@@ -60,10 +60,27 @@ class _Binary(Op):
             xs.append(graph.param(node, "const"))
         return [x.astype(np.int64) - zp for x, zp in zip(xs, node.attrs["zp_in"], strict=True)]
 
+    def _c_binary(self, node, graph, em, extra: dict) -> tuple[str, str, str]:
+        from hilc.targets.c.codegen import broadcast_strides, dims4
+
+        out_shape = graph.tensors[node.outputs[0]].shape
+        a_shape = graph.tensors[node.inputs[0]].shape
+        if "const" in node.params:
+            b_shape, b = graph.param(node, "const").shape, em.param(node, "const")
+        else:
+            b_shape, b = graph.tensors[node.inputs[1]].shape, em.tensor(node.inputs[1])
+        zps = node.attrs["zp_in"]
+        p = em.struct("hilc_binary_params", node.name, dict(
+            dims=dims4(out_shape), a_strides=broadcast_strides(a_shape, out_shape),
+            b_strides=broadcast_strides(b_shape, out_shape), zp_a=zps[0], zp_b=zps[1],
+            zp_out=node.attrs["zp_out"], lo=node.attrs["lo"], hi=node.attrs["hi"], **extra))
+        return p, em.tensor(node.inputs[0]), b
+
 
 @register
 class Add(_Binary):
     name = "add"
+    inplace_ok = True  # over the first input
 
     def eval_float(self, node, graph, xs):
         a, b = self._operands_float(node, graph, xs)
@@ -92,10 +109,18 @@ class Add(_Binary):
         # |acc| <= 2 * 255 * 2**31 < 2**53: float64 requantization is exact.
         return [arith.requantize(acc, 1, a["shift"], a["zp_out"], a["lo"], a["hi"], acc_bound=2**41)]
 
+    def lower_c(self, node, graph, em) -> str:
+        a = node.attrs
+        s0, s1 = a.get("signs", [1, 1])
+        p, x, y = self._c_binary(node, graph, em, dict(mult_a=a["mults"][0], mult_b=a["mults"][1], sign_a=s0,
+                                                       sign_b=s1, mult=0, shift=a["shift"]))
+        return f"hilc_add_s8({p}, {x}, {y}, {em.tensor(node.outputs[0])});"
+
 
 @register
 class Mul(_Binary):
     name = "mul"
+    inplace_ok = True  # over the first input
 
     def eval_float(self, node, graph, xs):
         a, b = self._operands_float(node, graph, xs)
@@ -117,6 +142,12 @@ class Mul(_Binary):
         d0, d1 = self._operands_int(node, graph, xs)
         return [arith.requantize(d0 * d1, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"])]
 
+    def lower_c(self, node, graph, em) -> str:
+        a = node.attrs
+        p, x, y = self._c_binary(node, graph, em, dict(mult_a=0, mult_b=0, sign_a=1, sign_b=1, mult=a["mult"],
+                                                       shift=a["shift"]))
+        return f"hilc_mul_s8({p}, {x}, {y}, {em.tensor(node.outputs[0])});"
+
     def macs(self, node, graph):
         return int(np.prod(graph.tensors[node.outputs[0]].shape[1:]))
 
@@ -124,6 +155,7 @@ class Mul(_Binary):
 @register
 class Clamp(Op):
     name = "clamp"
+    inplace_ok = True
     output_quant_rule = "input"
 
     def eval_float(self, node, graph, xs):
@@ -136,6 +168,10 @@ class Clamp(Op):
     def eval_int(self, node, graph, xs):
         return [np.clip(xs[0], node.attrs["lo"], node.attrs["hi"]).astype(np.int8)]
 
+    def lower_c(self, node, graph, em) -> str:
+        x, y = node.inputs[0], node.outputs[0]
+        return f"hilc_clamp_s8({em.size(y)}, {node.attrs['lo']}, {node.attrs['hi']}, {em.tensor(x)}, {em.tensor(y)});"
+
 
 @register
 class Requant(Op):
@@ -143,6 +179,7 @@ class Requant(Op):
     y = clamp(round((x - zp_in) * b / 2^c) + zp_out). Inserted by the quantizer, never imported."""
 
     name = "requant"
+    inplace_ok = True
 
     def eval_float(self, node, graph, xs):
         return [xs[0]]
@@ -157,6 +194,12 @@ class Requant(Op):
         a = node.attrs
         return [arith.requantize(xs[0].astype(np.int64) - a["zp_in"], a["mult"], a["shift"], a["zp_out"],
                                  a["lo"], a["hi"], acc_bound=256)]
+
+    def lower_c(self, node, graph, em) -> str:
+        a = node.attrs
+        x, y = node.inputs[0], node.outputs[0]
+        return (f"hilc_requant_s8({em.size(y)}, {a['zp_in']}, {a['mult']}, {a['shift']}, {a['zp_out']}, {a['lo']}, "
+                f"{a['hi']}, {em.tensor(x)}, {em.tensor(y)});")
 
 
 # --- ONNX importers ------------------------------------------------------------------------

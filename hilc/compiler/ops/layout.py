@@ -20,6 +20,7 @@ from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, regis
 @register
 class Reshape(Op):
     name = "reshape"
+    inplace_ok = True
     output_quant_rule = "input"
 
     def infer_shapes(self, node, in_shapes, graph):
@@ -29,6 +30,10 @@ class Reshape(Op):
         return [xs[0].reshape(xs[0].shape[0], *node.attrs["shape"][1:])]
 
     eval_int = eval_float
+
+    def lower_c(self, node, graph, em) -> str:
+        x, y = node.inputs[0], node.outputs[0]
+        return f"hilc_copy_s8({em.size(y)}, {em.tensor(x)}, {em.tensor(y)});"
 
 
 @register
@@ -43,6 +48,15 @@ class Transpose(Op):
         return [np.ascontiguousarray(xs[0].transpose(node.attrs["perm"]))]
 
     eval_int = eval_float
+
+    def lower_c(self, node, graph, em) -> str:
+        from hilc.targets.c.codegen import dims4
+
+        shape = graph.tensors[node.inputs[0]].shape
+        lead = 4 - (len(shape) - 1)
+        perm = list(range(lead)) + [p - 1 + lead for p in node.attrs["perm"][1:]]
+        p = em.struct("hilc_transpose_params", node.name, dict(in_dims=dims4(shape), perm=perm))
+        return f"hilc_transpose_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
 
 @register
@@ -77,6 +91,19 @@ class Concat(Op):
             parts.append(np.clip(y, a["lo"], a["hi"]).astype(np.int8))
         return [np.concatenate(parts, axis=a["axis"])]
 
+    def lower_c(self, node, graph, em) -> str:
+        # Built on the stack: an input may be the caller's buffer, not a link-time constant.
+        a = node.attrs
+        shape = graph.tensors[node.outputs[0]].shape
+        ax = a["axis"]
+        entries = ", ".join(
+            f"{{{graph.tensors[t].shape[ax]}, {zp}, {b}, {c}, {em.tensor(t)}}}"
+            for t, zp, b, c in zip(node.inputs, a["zp_in"], a["mults"], a["shifts"], strict=True))
+        outer, inner = int(np.prod(shape[1:ax])), int(np.prod(shape[ax + 1:]))
+        return (f"{{ const hilc_concat_input in[] = {{{entries}}}; const hilc_concat_params p = {{{outer}, {inner}, "
+                f"{len(node.inputs)}, {a['zp_out']}, {a['lo']}, {a['hi']}, in}}; "
+                f"hilc_concat_s8(&p, {em.tensor(node.outputs[0])}); }}")
+
 
 @register
 class Pad(Op):
@@ -102,6 +129,17 @@ class Pad(Op):
 
     def eval_int(self, node, graph, xs):
         return [self._pad(xs[0], node, node.attrs["value_q"])]
+
+    def lower_c(self, node, graph, em) -> str:
+        from hilc.targets.c.codegen import dims4
+
+        shape = graph.tensors[node.inputs[0]].shape
+        lead = [0] * (4 - (len(shape) - 1))
+        pads = node.attrs["pads"][1:]
+        p = em.struct("hilc_pad_params", node.name, dict(
+            in_dims=dims4(shape), before=lead + [b for b, _ in pads], after=lead + [e for _, e in pads],
+            mode={"constant": 0, "edge": 1, "reflect": 2}[node.attrs["mode"]], value=node.attrs["value_q"]))
+        return f"hilc_pad_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
 
 # --- ONNX importers ------------------------------------------------------------------------

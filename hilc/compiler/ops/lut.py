@@ -32,6 +32,7 @@ FIXED_RANGES = {"sigmoid": (1.0 / 256, -128), "hardsigmoid": (1.0 / 256, -128), 
 @register
 class Lut(Op):
     name = "lut"
+    inplace_ok = True
 
     def output_rule(self, node) -> str:
         return "fixed" if node.attrs["fn"] in FIXED_RANGES else "calibrated"
@@ -54,6 +55,10 @@ class Lut(Op):
 
     def eval_int(self, node, graph, xs):
         return [graph.param(node, "table")[xs[0].astype(np.int32) + node.attrs["table_offset"]]]
+
+    def lower_c(self, node, graph, em) -> str:
+        x, y = node.inputs[0], node.outputs[0]
+        return f"hilc_lut_s8({em.size(y)}, {em.param(node, 'table')}, {em.tensor(x)}, {em.tensor(y)});"
 
 
 def _lut_importer(fn: str):

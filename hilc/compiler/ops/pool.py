@@ -62,6 +62,15 @@ class _Pool(Op):
         o = graph.tensors[node.outputs[0]].shape
         return int(np.prod(o[1:])) * int(np.prod(node.attrs["kernel"]))
 
+    def _c_fields(self, node, graph) -> dict:
+        a = node.attrs
+        _, h, w, c = graph.tensors[node.inputs[0]].shape
+        _, oh, ow, _ = graph.tensors[node.outputs[0]].shape
+        d = a.get("dilations", [1, 1])
+        return dict(in_h=h, in_w=w, c=c, out_h=oh, out_w=ow, k_h=a["kernel"][0], k_w=a["kernel"][1],
+                    stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=d[0], dil_w=d[1],
+                    pad_t=a["pads"][0], pad_l=a["pads"][1], pad_b=a["pads"][2], pad_r=a["pads"][3])
+
 
 @register
 class MaxPool(_Pool):
@@ -79,6 +88,10 @@ class MaxPool(_Pool):
 
     def eval_int(self, node, graph, xs):
         return [self._run(node, xs[0], np.iinfo(xs[0].dtype).min)]
+
+    def lower_c(self, node, graph, em) -> str:
+        p = em.struct("hilc_pool_params", node.name, self._c_fields(node, graph))
+        return f"hilc_maxpool_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
     def macs(self, node, graph):
         return 0
@@ -119,6 +132,16 @@ class AvgPool(_Pool):
         c = graph.param(node, "shift").astype(np.int64)[idx][None, :, :, None]
         y = arith.rounding_shift(acc * b, c) + a["zp_out"]
         return [np.clip(y, a["lo"], a["hi"]).astype(np.int8)]
+
+    def lower_c(self, node, graph, em) -> str:
+        a = node.attrs
+        fields = self._c_fields(node, graph)
+        fields.update(count_include_pad=a.get("count_include_pad", 0), zp_in=a["zp_in"], zp_out=a["zp_out"],
+                      lo=a["lo"], hi=a["hi"], n_counts=len(a["counts"]),
+                      counts=em.array(f"{node.name}_counts", np.asarray(a["counts"], np.int32)),
+                      mult=em.param(node, "mult"), shift=em.param(node, "shift"))
+        p = em.struct("hilc_pool_params", node.name, fields)
+        return f"hilc_avgpool_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
 
 # --- ONNX importers ------------------------------------------------------------------------

@@ -88,6 +88,14 @@ class Softmax(Op):
         q = rounding_shift(e * y * node.attrs["k"], sh) + node.attrs["zp_out"]
         return [np.clip(q, -128, 127).astype(np.int8)]
 
+    def lower_c(self, node, graph, em) -> str:
+        shape = graph.tensors[node.inputs[0]].shape
+        axis = node.attrs["axis"]
+        p = em.struct("hilc_softmax_params", node.name, dict(
+            outer=int(np.prod(shape[1:axis])), len=shape[axis], inner=int(np.prod(shape[axis + 1:])),
+            k=node.attrs["k"], zp_out=node.attrs["zp_out"], exp_table=em.param(node, "exp_table")))
+        return f"hilc_softmax_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
+
 
 @onnx_importer("Softmax")
 def import_softmax(ctx, node) -> None:

@@ -1,0 +1,299 @@
+/* hilc portable int8 kernels: see hilc_kernels.h. Bit-exact with the Python simulator. */
+#include "hilc_kernels.h"
+
+#include "hilc_arith.h"
+#include "hilc_dsp.h"
+
+void hilc_conv2d_s8(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
+    const int32_t cg = p->group_in, og = p->group_out;
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
+            for (int32_t g = 0, oc = 0; g < p->groups; g++) {
+                for (int32_t j = 0; j < og; j++, oc++) {
+                    int32_t acc = p->bias[oc];
+                    for (int32_t ky = 0; ky < p->k_h; ky++) {
+                        const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                        if (iy < 0 || iy >= p->in_h) continue; /* padding is real 0: x - zp = 0 */
+                        for (int32_t kx = 0; kx < p->k_w; kx++) {
+                            const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                            if (ix < 0 || ix >= p->in_w) continue;
+                            const int8_t *x = in + (iy * p->in_w + ix) * p->in_c + g * cg;
+                            const int8_t *w = p->weight + ((oc * p->k_h + ky) * p->k_w + kx) * cg;
+                            for (int32_t ic = 0; ic < cg; ic++) acc += (x[ic] - p->zp_in) * w[ic];
+                        }
+                    }
+                    o[oc] = hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi);
+                }
+            }
+        }
+    }
+}
+
+void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
+    for (int32_t r = 0; r < p->rows; r++) {
+        const int8_t *x = in + r * p->in_features;
+        for (int32_t o = 0; o < p->out_features; o++) {
+            const int8_t *w = p->weight + o * p->in_features;
+            int32_t acc = p->bias[o];
+            for (int32_t k = 0; k < p->in_features; k++) acc += (x[k] - p->zp_in) * w[k];
+            out[r * p->out_features + o] = hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi);
+        }
+    }
+}
+
+/* DSP conv: per output pixel and group, one int16 column of (x - zp) (0 in the padding), then a
+ * SMLAD dot product per output channel. Depthwise (group_in == 1) gathers the taps of one channel;
+ * 1x1 (pointwise) columns are just the pixel's channels. Same integers as the portable kernel. */
+void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+    const int32_t cg = p->group_in, og = p->group_out;
+    const int32_t k = p->k_h * p->k_w * cg, k4 = k & ~3;
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
+            for (int32_t g = 0, oc = 0; g < p->groups; g++) {
+                int32_t pos = 0;
+                for (int32_t ky = 0; ky < p->k_h; ky++) {
+                    const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                    for (int32_t kx = 0; kx < p->k_w; kx++) {
+                        const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                        if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) {
+                            for (int32_t ic = 0; ic < cg; ic++, pos++) col[hilc_col_slot(pos, k4)] = 0;
+                        } else {
+                            const int8_t *x = in + (iy * p->in_w + ix) * p->in_c + g * cg;
+                            for (int32_t ic = 0; ic < cg; ic++, pos++)
+                                col[hilc_col_slot(pos, k4)] = (int16_t)(x[ic] - p->zp_in);
+                        }
+                    }
+                }
+                for (int32_t j = 0; j < og; j++, oc++) {
+                    const int32_t acc = hilc_dot_s16_s8(col, p->weight + oc * k, k, p->bias[oc]);
+                    o[oc] = hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi);
+                }
+            }
+        }
+    }
+}
+
+void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+    const int32_t k = p->in_features, k4 = k & ~3;
+    for (int32_t r = 0; r < p->rows; r++) {
+        const int8_t *x = in + r * k;
+        for (int32_t i = 0; i < k; i++) col[hilc_col_slot(i, k4)] = (int16_t)(x[i] - p->zp_in);
+        for (int32_t o = 0; o < p->out_features; o++) {
+            const int32_t acc = hilc_dot_s16_s8(col, p->weight + o * k, k, p->bias[o]);
+            out[r * p->out_features + o] = hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi);
+        }
+    }
+}
+
+void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+#if HILC_DSP
+    hilc_conv2d_s8_dsp(p, in, out, col);
+#else
+    (void)col;
+    hilc_conv2d_s8(p, in, out);
+#endif
+}
+
+void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+#if HILC_DSP
+    hilc_dense_s8_dsp(p, in, out, col);
+#else
+    (void)col;
+    hilc_dense_s8(p, in, out);
+#endif
+}
+
+void hilc_maxpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out) {
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            for (int32_t c = 0; c < p->c; c++) {
+                int32_t m = -128;
+                for (int32_t ky = 0; ky < p->k_h; ky++) {
+                    const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                    if (iy < 0 || iy >= p->in_h) continue;
+                    for (int32_t kx = 0; kx < p->k_w; kx++) {
+                        const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                        if (ix < 0 || ix >= p->in_w) continue;
+                        const int32_t v = in[(iy * p->in_w + ix) * p->c + c];
+                        if (v > m) m = v;
+                    }
+                }
+                out[(oy * p->out_w + ox) * p->c + c] = (int8_t)m;
+            }
+        }
+    }
+}
+
+static int32_t span(int32_t start, int32_t len, int32_t lo, int32_t hi) {
+    const int32_t a = start > lo ? start : lo, b = start + len < hi ? start + len : hi;
+    return b > a ? b - a : 0;
+}
+
+void hilc_avgpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out) {
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        const int32_t y0 = oy * p->stride_h - p->pad_t;
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            const int32_t x0 = ox * p->stride_w - p->pad_l;
+            int32_t count;
+            if (p->count_include_pad)
+                count = span(y0, p->k_h, -p->pad_t, p->in_h + p->pad_b) * span(x0, p->k_w, -p->pad_l, p->in_w + p->pad_r);
+            else
+                count = span(y0, p->k_h, 0, p->in_h) * span(x0, p->k_w, 0, p->in_w);
+            int32_t i = 0;
+            while (i < p->n_counts - 1 && p->counts[i] != count) i++;
+            for (int32_t c = 0; c < p->c; c++) {
+                int32_t acc = 0;
+                for (int32_t ky = 0; ky < p->k_h; ky++) {
+                    const int32_t iy = y0 + ky;
+                    if (iy < 0 || iy >= p->in_h) continue;
+                    for (int32_t kx = 0; kx < p->k_w; kx++) {
+                        const int32_t ix = x0 + kx;
+                        if (ix < 0 || ix >= p->in_w) continue;
+                        acc += in[(iy * p->in_w + ix) * p->c + c] - p->zp_in;
+                    }
+                }
+                out[(oy * p->out_w + ox) * p->c + c] = hilc_requant(acc, p->mult[i], p->shift[i], p->zp_out, p->lo, p->hi);
+            }
+        }
+    }
+}
+
+/* Walk a broadcast 4-D index space, calling BODY with the flat output index and both input offsets. */
+#define HILC_BROADCAST_LOOP(p, BODY)                                                                      \
+    do {                                                                                                  \
+        int32_t idx = 0;                                                                                  \
+        for (int32_t i0 = 0; i0 < (p)->dims[0]; i0++)                                                     \
+            for (int32_t i1 = 0; i1 < (p)->dims[1]; i1++)                                                 \
+                for (int32_t i2 = 0; i2 < (p)->dims[2]; i2++)                                             \
+                    for (int32_t i3 = 0; i3 < (p)->dims[3]; i3++, idx++) {                                \
+                        const int32_t ia = i0 * (p)->a_strides[0] + i1 * (p)->a_strides[1] +              \
+                                           i2 * (p)->a_strides[2] + i3 * (p)->a_strides[3];               \
+                        const int32_t ib = i0 * (p)->b_strides[0] + i1 * (p)->b_strides[1] +              \
+                                           i2 * (p)->b_strides[2] + i3 * (p)->b_strides[3];               \
+                        BODY;                                                                             \
+                    }                                                                                     \
+    } while (0)
+
+void hilc_add_s8(const hilc_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    HILC_BROADCAST_LOOP(p, {
+        const int64_t acc = (int64_t)p->sign_a * p->mult_a * (a[ia] - p->zp_a) +
+                            (int64_t)p->sign_b * p->mult_b * (b[ib] - p->zp_b);
+        out[idx] = (int8_t)hilc_clamp(hilc_round_shift(acc, p->shift) + p->zp_out, p->lo, p->hi);
+    });
+}
+
+void hilc_mul_s8(const hilc_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    HILC_BROADCAST_LOOP(p, {
+        const int32_t prod = (a[ia] - p->zp_a) * (b[ib] - p->zp_b);
+        out[idx] = hilc_requant(prod, p->mult, p->shift, p->zp_out, p->lo, p->hi);
+    });
+}
+
+void hilc_clamp_s8(int32_t n, int32_t lo, int32_t hi, const int8_t *in, int8_t *out) {
+    for (int32_t i = 0; i < n; i++) out[i] = (int8_t)hilc_clamp(in[i], lo, hi);
+}
+
+void hilc_requant_s8(int32_t n, int32_t zp_in, int32_t mult, int32_t shift, int32_t zp_out, int32_t lo, int32_t hi,
+                     const int8_t *in, int8_t *out) {
+    for (int32_t i = 0; i < n; i++) out[i] = hilc_requant(in[i] - zp_in, mult, shift, zp_out, lo, hi);
+}
+
+void hilc_lut_s8(int32_t n, const int8_t *table, const int8_t *in, int8_t *out) {
+    for (int32_t i = 0; i < n; i++) out[i] = table[in[i] + 128];
+}
+
+/* Softmax: exp table, integer sum, Newton-Raphson reciprocal (hilc/compiler/ops/softmax.py). */
+#define HILC_NR_C1 3031741621LL /* round(48/17 * 2^30) */
+#define HILC_NR_C2 2021161080LL /* round(32/17 * 2^30) */
+
+void hilc_softmax_s8(const hilc_softmax_params *p, const int8_t *in, int8_t *out) {
+    for (int32_t o = 0; o < p->outer; o++) {
+        for (int32_t i = 0; i < p->inner; i++) {
+            const int8_t *x = in + o * p->len * p->inner + i;
+            int8_t *y = out + o * p->len * p->inner + i;
+            int32_t mx = -128;
+            for (int32_t k = 0; k < p->len; k++) if (x[k * p->inner] > mx) mx = x[k * p->inner];
+            int32_t sum = 0;
+            for (int32_t k = 0; k < p->len; k++) sum += p->exp_table[mx - x[k * p->inner]];
+            const int32_t n = hilc_bit_length((uint32_t)sum);
+            const int64_t a = (int64_t)sum << (31 - n);
+            int64_t r = HILC_NR_C1 - ((HILC_NR_C2 * a) >> 31);
+            for (int32_t step = 0; step < 3; step++) {
+                const int64_t t = (a * r) >> 31;
+                r = (r * (((int64_t)1 << 31) - t)) >> 30;
+            }
+            for (int32_t k = 0; k < p->len; k++) {
+                const int64_t e = p->exp_table[mx - x[k * p->inner]];
+                y[k * p->inner] = (int8_t)hilc_clamp(hilc_round_shift(e * r * p->k, n + 30) + p->zp_out, -128, 127);
+            }
+        }
+    }
+}
+
+void hilc_concat_s8(const hilc_concat_params *p, int8_t *out) {
+    int32_t out_len = 0;
+    for (int32_t j = 0; j < p->n_inputs; j++) out_len += p->inputs[j].axis_len;
+    int32_t offset = 0;
+    for (int32_t j = 0; j < p->n_inputs; j++) {
+        const hilc_concat_input *in = &p->inputs[j];
+        const int32_t block = in->axis_len * p->inner;
+        for (int32_t o = 0; o < p->outer; o++) {
+            const int8_t *src = in->data + o * block;
+            int8_t *dst = out + o * out_len * p->inner + offset * p->inner;
+            for (int32_t k = 0; k < block; k++)
+                dst[k] = hilc_requant(src[k] - in->zp_in, in->mult, in->shift, p->zp_out, p->lo, p->hi);
+        }
+        offset += in->axis_len;
+    }
+}
+
+void hilc_transpose_s8(const hilc_transpose_params *p, const int8_t *in, int8_t *out) {
+    int32_t in_strides[HILC_MAX_DIMS], out_dims[HILC_MAX_DIMS];
+    in_strides[HILC_MAX_DIMS - 1] = 1;
+    for (int32_t d = HILC_MAX_DIMS - 2; d >= 0; d--) in_strides[d] = in_strides[d + 1] * p->in_dims[d + 1];
+    for (int32_t d = 0; d < HILC_MAX_DIMS; d++) out_dims[d] = p->in_dims[p->perm[d]];
+    int32_t idx = 0;
+    for (int32_t i0 = 0; i0 < out_dims[0]; i0++)
+        for (int32_t i1 = 0; i1 < out_dims[1]; i1++)
+            for (int32_t i2 = 0; i2 < out_dims[2]; i2++)
+                for (int32_t i3 = 0; i3 < out_dims[3]; i3++, idx++)
+                    out[idx] = in[i0 * in_strides[p->perm[0]] + i1 * in_strides[p->perm[1]] +
+                                  i2 * in_strides[p->perm[2]] + i3 * in_strides[p->perm[3]]];
+}
+
+/* Source coordinate of output coordinate i along an axis of length n padded by `before`; -1 means "pad value". */
+static int32_t pad_source(int32_t i, int32_t before, int32_t n, int32_t mode) {
+    int32_t s = i - before;
+    if (s >= 0 && s < n) return s;
+    if (mode == 0) return -1;
+    if (mode == 1 || n == 1) return s < 0 ? 0 : n - 1;
+    while (s < 0 || s >= n) s = s < 0 ? -s : 2 * (n - 1) - s; /* reflect, edge not repeated */
+    return s;
+}
+
+void hilc_pad_s8(const hilc_pad_params *p, const int8_t *in, int8_t *out) {
+    int32_t od[HILC_MAX_DIMS], st[HILC_MAX_DIMS];
+    for (int32_t d = 0; d < HILC_MAX_DIMS; d++) od[d] = p->before[d] + p->in_dims[d] + p->after[d];
+    st[HILC_MAX_DIMS - 1] = 1;
+    for (int32_t d = HILC_MAX_DIMS - 2; d >= 0; d--) st[d] = st[d + 1] * p->in_dims[d + 1];
+    int32_t idx = 0;
+    for (int32_t i0 = 0; i0 < od[0]; i0++)
+        for (int32_t i1 = 0; i1 < od[1]; i1++)
+            for (int32_t i2 = 0; i2 < od[2]; i2++)
+                for (int32_t i3 = 0; i3 < od[3]; i3++, idx++) {
+                    const int32_t s0 = pad_source(i0, p->before[0], p->in_dims[0], p->mode);
+                    const int32_t s1 = pad_source(i1, p->before[1], p->in_dims[1], p->mode);
+                    const int32_t s2 = pad_source(i2, p->before[2], p->in_dims[2], p->mode);
+                    const int32_t s3 = pad_source(i3, p->before[3], p->in_dims[3], p->mode);
+                    out[idx] = (s0 < 0 || s1 < 0 || s2 < 0 || s3 < 0)
+                                   ? (int8_t)p->value
+                                   : in[s0 * st[0] + s1 * st[1] + s2 * st[2] + s3 * st[3]];
+                }
+}
+
+void hilc_copy_s8(int32_t n, const int8_t *in, int8_t *out) {
+    if (in == out) return;
+    for (int32_t i = 0; i < n; i++) out[i] = in[i];
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,10 +40,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                                   args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash)
+                                   args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
+                                   board=args.board)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash)
+                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     write_artifacts(out, result)
@@ -97,6 +99,90 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _board_and_graph(args):
+    from hilc.compiler.pipeline import load_artifacts
+    from hilc.hil.boards import load_board
+
+    board = load_board(args.board)
+    return board, load_artifacts(args.compiled)
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from hilc.hil.runner import flash
+
+    board, graph = _board_and_graph(args)
+    print(flash(Path(args.compiled), board, graph))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hilc.compiler.calibrate import load_samples
+    from hilc.hil.runner import run_command
+
+    board, graph = _board_and_graph(args)
+    x = load_samples(args.input)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
+    try:
+        from hilc.sim.simulator import check_shape
+
+        check_shape(graph, graph.inputs[0], x.shape)
+    except HilcError as e:
+        raise HilcError(f"{args.input}: {e}") from None
+    prog, update = _progress_factory(args.quiet)
+    if prog is not None:
+        with prog:
+            y, bad = run_command(Path(args.compiled), board, graph, x, args.check, args.port, args.raw, update)
+    else:
+        y, bad = run_command(Path(args.compiled), board, graph, x, args.check, args.port, args.raw)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    np.save(tmp, y)
+    os.replace(tmp, out)
+    if args.check:
+        msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {board.name}"
+        print(msg if bad == 0 else f"MISMATCH: {msg}")
+        return 0 if bad == 0 else 1
+    if not args.quiet:
+        print(f"wrote {out}: {y.dtype} {list(y.shape)} from {board.name}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hilc.compiler.calibrate import load_samples
+    from hilc.hil.runner import profile_command
+
+    board, graph = _board_and_graph(args)
+    x = load_samples(args.input).astype(np.float32) if args.input else None
+    prof = profile_command(Path(args.compiled), board, graph, x, args.port)
+    report = json.loads((Path(args.compiled) / "report.json").read_text())
+    macs = {layer["name"]: layer["macs"] for layer in report.get("layers", [])}
+    table = Table(title=f"{board.name}: {prof['total_ticks']:,} ticks ({prof['timer']}, {prof['tick_hz']:,} Hz)")
+    for col in ("layer", "op", "ticks", "share", "MACs", "MACs/tick"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for layer in prof["layers"]:
+        t, m = layer["ticks"], macs.get(layer["name"], 0)
+        table.add_row(layer["name"], layer["op"], f"{t:,}", f"{t / max(prof['total_ticks'], 1):.1%}", f"{m:,}",
+                      f"{m / t:.2f}" if t and m else "-")
+    Console().print(table)
+    if "total_instructions" in prof:
+        print(f"{prof['total_instructions']:,} instructions per inference (QEMU -icount)")
+    return 0
+
+
+def cmd_boards(args: argparse.Namespace) -> int:
+    from hilc.hil.boards import list_boards
+
+    for b in list_boards():
+        kind = "QEMU" if b.is_qemu else b.run.get("method", "?")
+        print(f"{b.name:20s} {b.cpu:10s} flash {b.flash_bytes // 1024:5d} KiB  SRAM {b.ram_bytes // 1024:5d} KiB  "
+              f"{kind:8s} {b.description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hilc", description="Deploy tiny neural networks integer-only to MCUs and FPGAs.")
     p.add_argument("--version", action="version", version=f"hilc {__version__}")
@@ -111,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="sim", choices=["sim", "c"],
                    help="sim: integer graph only; c: also MCU C sources (OUT/src) and a host Makefile")
     c.add_argument("--cpu", help="with --target c: cross-compile for cortex-m3|cortex-m4|cortex-m7 and report sizes")
+    c.add_argument("--board", help="compile for a board (implies --target c; see hilc boards)")
     c.add_argument("--flash", type=int, metavar="BYTES",
                    help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
@@ -125,6 +212,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true", help="write the integer output tensor instead of float")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_simulate)
+
+    f = sub.add_parser("flash", help="build the board firmware and flash it (QEMU boards: boot check)")
+    f.add_argument("compiled")
+    f.add_argument("--board", required=True)
+    f.set_defaults(func=cmd_flash)
+
+    r = sub.add_parser("run", help="run inputs on a board over the serial link")
+    r.add_argument("compiled")
+    r.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
+    r.add_argument("--board", required=True)
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--check", action="store_true", help="compare with the simulator bit for bit; exit 1 on mismatch")
+    r.add_argument("--port", help="serial port or pyserial URL (default: the board file's)")
+    r.add_argument("--raw", action="store_true")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("profile", help="per-layer tick counts of one inference on a board")
+    pr.add_argument("compiled")
+    pr.add_argument("--board", required=True)
+    pr.add_argument("--input", help=".npy input to profile with (default: zeros)")
+    pr.add_argument("--port")
+    pr.set_defaults(func=cmd_profile)
+
+    b = sub.add_parser("boards", help="list the boards")
+    b.set_defaults(func=cmd_boards)
     return p
 
 

@@ -153,6 +153,16 @@ class Graph:
         return Graph(data["name"], nodes, tensors, constants, data["inputs"], data["outputs"],
                      data.get("meta", {}))
 
+    def content_hash(self) -> int:
+        """64-bit hash of the graph and its constants: firmware reports it, the host checks it."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, default=_json_default).encode())
+        for name in sorted(self.constants):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.constants[name]).tobytes())
+        return int.from_bytes(h.digest()[:8], "little")
+
     def summary(self) -> str:
         """A printable IR, one line per node (``hilc compile --dump-after``)."""
         lines = [f"graph {self.name}: inputs {self.inputs} -> outputs {self.outputs}"]

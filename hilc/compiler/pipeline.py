@@ -34,13 +34,22 @@ class CompileResult:
     dumps: dict[str, str]
     c_model: Any = None  # targets.c.codegen.CModel for --target c
     cpu: str | None = None
+    board: Any = None  # hil.boards.Board
 
 
 def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
                   percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
                   progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
-                  flash_bytes: int | None = None) -> CompileResult:
-    """Compile an ONNX file into an integer-only graph and its report (and C sources for target c)."""
+                  flash_bytes: int | None = None, board: str | None = None) -> CompileResult:
+    """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
+    ``board`` implies target c for that board's CPU and checks its flash and SRAM)."""
+    board_obj = None
+    if board is not None:
+        from hilc.hil.boards import load_board
+
+        board_obj = load_board(board)
+        target, cpu = "c", None
+        flash_bytes = board_obj.flash_bytes if flash_bytes is None else flash_bytes
     if target not in TARGETS:
         raise HilcError(f"unknown target '{target}' (available: {', '.join(TARGETS)})")
     if cpu is not None:
@@ -85,8 +94,15 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         c_model = generate_c(q)
         plan = c_model.plan
         if flash_bytes is not None and c_model.const_bytes > flash_bytes:
+            where = board_obj.name if board_obj is not None else "the target"
             raise HilcError(f"the model's constants need {c_model.const_bytes} bytes of flash; "
-                            f"the target has {flash_bytes}")
+                            f"{where} has {flash_bytes}")
+        if board_obj is not None:
+            need = plan.peak_sram_bytes + c_model.scratch_bytes
+            if need > board_obj.ram_bytes:
+                raise HilcError(f"the model needs {need} bytes of SRAM (arena {plan.arena_bytes} + I/O + scratch); "
+                                f"{board_obj.name} has {board_obj.ram_bytes}")
+            extra["board"] = board_obj.name
         extra.update(arena_bytes=plan.arena_bytes, arena_lower_bound_bytes=plan.lower_bound,
                      peak_sram_bytes=plan.peak_sram_bytes + c_model.scratch_bytes,
                      io_bytes=plan.input_bytes + plan.output_bytes, scratch_bytes=c_model.scratch_bytes,
@@ -94,8 +110,9 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                      memory=[{"tensor": t, "offset": off, "bytes": tensor_bytes(q, t)}
                              for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    extra["model_hash"] = f"{q.content_hash():016x}"
     report = build_report(q, str(model), target, extra)
-    return CompileResult(q, report, dumps, c_model, cpu)
+    return CompileResult(q, report, dumps, c_model, cpu, board_obj)
 
 
 def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
@@ -126,6 +143,13 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
 
                 elf = build.build_firmware(tmp, result.cpu)
                 result.report.update(cpu=result.cpu, **build.elf_sizes(elf), stack_bytes=build.stack_bytes(elf.parent))
+                names.append("build")
+            elif result.board is not None:
+                from hilc.targets.c import build
+
+                elf = build.build_board_firmware(tmp, result.board)
+                result.report.update(cpu=result.board.cpu, **build.elf_sizes(elf),
+                                     stack_bytes=build.stack_bytes(elf.parent))
                 names.append("build")
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
         names.append("report.json")

@@ -98,6 +98,39 @@ def build_firmware(out_dir: Path, cpu_name: str, memory_map: dict | None = None,
     return build / "firmware.elf"
 
 
+def build_board_firmware(out_dir: Path, board, opt: str = "-O2") -> Path:
+    """The protocol firmware (runtime_c/firmware) with the model, for a board: OUT/build/<board>/firmware.elf."""
+    c = cpu(board.cpu)
+    gcc = shutil.which("arm-none-eabi-gcc")
+    if gcc is None:
+        raise HilcError("arm-none-eabi-gcc is not installed "
+                        "(apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi)")
+    out_dir = Path(out_dir)
+    build = out_dir / "build" / board.name
+    build.mkdir(parents=True, exist_ok=True)
+    tpl = (Path(__file__).parent / "templates" / "link.ld.j2").read_text()
+    (build / "link.ld").write_text(jinja2.Template(tpl).render(dict(board.memory_map, name=board.name,
+                                                                    stack_reserve=4096)))
+    rt = runtime_dir()
+    fw = rt / "firmware"
+    srcs = [str((out_dir / "src" / f).resolve()) for f in ("model.c", "hilc_kernels.c")]
+    srcs += [str(fw / "hilc_fw.c"), str(fw / f"uart_{board.uart['driver']}.c"),
+             str(fw / f"timer_{board.timer['kind']}.c"), str(rt / "cortexm" / "startup.c")]
+    defines = {"HILC_LAYER_HOOK": "1", "HILC_CLOCK_HZ": f"{board.clock_hz}u", "HILC_BAUD": f"{board.uart['baud']}u",
+               "HILC_TICK_HZ": f"{board.tick_hz}u", "HILC_TIMER_KIND": "1" if board.timer["kind"] == "dwt" else "0",
+               "HILC_BOARD_NAME": f'"{board.name}"', **board.uart.get("defines", {})}
+    flags = [*c.flags, opt, "-std=c99", "-Wall", "-Wextra", "-Werror", "-ffunction-sections", "-fdata-sections",
+             "-fstack-usage", f"-I{(out_dir / 'src').resolve()}", f"-I{rt}", f"-I{fw}", "-nostartfiles",
+             "--specs=nano.specs", "-Wl,--gc-sections", "-Wl,--no-warn-rwx-segments", "-T", "link.ld"]
+    flags += [f"-D{k}={v}" for k, v in defines.items()]
+    _run([gcc, *flags, *srcs, "-o", "firmware.elf"], build, f"{board.name} firmware build")
+    elf = build / "firmware.elf"
+    sizes = elf_sizes(elf)
+    if sizes["flash_bytes"] > board.flash_bytes:
+        raise HilcError(f"firmware needs {sizes['flash_bytes']} bytes of flash; {board.name} has {board.flash_bytes}")
+    return elf
+
+
 def elf_sizes(elf: Path) -> dict[str, int]:
     """Flash (code + constants + data initialisers) and code bytes from the ELF's sections and symbols."""
     from elftools.elf.elffile import ELFFile

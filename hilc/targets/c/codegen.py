@@ -150,7 +150,7 @@ def generate_c(graph: Graph, model_name: str = "model") -> CModel:
         "input_size": tensor_bytes(graph, graph.inputs[0]), "output_size": tensor_bytes(graph, out),
         "output_expr": em.tensor(out), "arena_size": max(plan.arena_bytes, 4),
         "input_quant": graph.tensors[graph.inputs[0]].quant, "output_quant": graph.tensors[out].quant,
-        "scratch_elems": em.scratch_elems,
+        "scratch_elems": em.scratch_elems, "model_hash": graph.content_hash(),
     }
     files = {"model.c": env.get_template("model.c.j2").render(ctx),
              "model.h": env.get_template("model.h.j2").render(ctx)}

@@ -1,0 +1,174 @@
+"""Host side of the hilc serial protocol (the firmware side is runtime_c/firmware/hilc_fw.c).
+
+A frame is COBS(body) + 0x00 with body = type, seq, payload, CRC-32 (IEEE, little-endian) of
+type..payload. Requests are idempotent: on a CRC error, an error frame, a timeout or a frame for
+another seq the host resends, a bounded number of times, and never returns data it could not
+verify.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+
+from cobs import cobs
+
+from hilc.errors import HilcError
+
+VERSION = 1
+MAX_PAYLOAD = 1024
+INFO, WRITE_INPUT, RUN, READ_OUTPUT, PROFILE, RESET, ERR = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0xEE
+ERRORS = {1: "CRC error", 2: "unknown command", 3: "bad length", 4: "out of range", 5: "frame too long",
+          6: "model mismatch"}
+COMMAND_NAMES = {INFO: "INFO", WRITE_INPUT: "WRITE_INPUT", RUN: "RUN", READ_OUTPUT: "READ_OUTPUT",
+                 PROFILE: "PROFILE", RESET: "RESET"}
+
+
+class LinkError(HilcError):
+    """The board did not give a verified answer in time (after retries)."""
+
+    exit_code = 1
+
+
+def encode_frame(ftype: int, seq: int, payload: bytes = b"") -> bytes:
+    body = bytes([ftype & 0xFF, seq & 0xFF]) + payload
+    return cobs.encode(body + struct.pack("<I", zlib.crc32(body))) + b"\x00"
+
+
+def decode_frame(raw: bytes) -> tuple[int, int, bytes]:
+    """(type, seq, payload) of one frame without its 0x00 delimiter; ValueError if it is not intact."""
+    try:
+        body = cobs.decode(raw)
+    except cobs.DecodeError as e:
+        raise ValueError(f"COBS: {e}") from None
+    if len(body) < 6:
+        raise ValueError(f"frame of {len(body)} bytes is too short")
+    if zlib.crc32(body[:-4]) != struct.unpack("<I", body[-4:])[0]:
+        raise ValueError("CRC mismatch")
+    return body[0], body[1], body[2:-4]
+
+
+@dataclass
+class BoardInfo:
+    version: int
+    model_hash: int
+    input_size: int
+    output_size: int
+    arena_size: int
+    num_layers: int
+    tick_hz: int
+    timer: str
+    board: str
+
+
+class Link:
+    """One request/response conversation over a pyserial port (real UART or QEMU's socket)."""
+
+    def __init__(self, port, timeout: float = 5.0, retries: int = 5) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.retries = retries
+        self.seq = 0
+        self._buf = bytearray()
+        self.stats = {"sent": 0, "retries": 0, "bad_frames": 0}
+
+    def _read_frame(self, deadline: float) -> bytes | None:
+        while True:
+            i = self._buf.find(b"\x00")
+            if i >= 0:
+                raw = bytes(self._buf[:i])
+                del self._buf[: i + 1]
+                if raw:
+                    return raw
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.port.timeout = min(remaining, 0.2)
+            chunk = self.port.read(max(1, self.port.in_waiting or 1))
+            if chunk:
+                self._buf += chunk
+
+    def request(self, ftype: int, payload: bytes = b"", timeout: float | None = None) -> bytes:
+        self.seq = (self.seq + 1) & 0xFF
+        frame = encode_frame(ftype, self.seq, payload)
+        last = "no answer"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+                self._buf.clear()
+                self.port.reset_input_buffer()
+            # a leading delimiter ends any half-received frame on the board side
+            self.port.write(b"\x00" + frame)
+            self.stats["sent"] += 1
+            deadline = time.monotonic() + (timeout or self.timeout)
+            while True:
+                raw = self._read_frame(deadline)
+                if raw is None:
+                    last = f"no answer within {timeout or self.timeout:.1f} s"
+                    break
+                try:
+                    rtype, rseq, data = decode_frame(raw)
+                except ValueError as e:
+                    self.stats["bad_frames"] += 1
+                    last = f"corrupt answer ({e})"
+                    break
+                if rseq != self.seq:
+                    continue  # a late answer to an earlier attempt: keep listening
+                if rtype == ERR:
+                    last = f"board answered error: {ERRORS.get(data[0] if data else 0, 'unknown')}"
+                    break
+                if rtype != (ftype | 0x80):
+                    last = f"unexpected answer type 0x{rtype:02x}"
+                    break
+                return data
+        raise LinkError(f"{COMMAND_NAMES.get(ftype, hex(ftype))}: {last} after {self.retries + 1} attempts")
+
+    # --- commands ------------------------------------------------------------------------
+    def info(self) -> BoardInfo:
+        d = self.request(INFO)
+        if len(d) < 33:
+            raise LinkError("INFO: short answer")
+        version, mhash, insz, outsz, arena, layers, hz = struct.unpack_from("<IQIIIII", d)
+        return BoardInfo(version, mhash, insz, outsz, arena, layers, hz, ("systick", "dwt")[d[32] & 1],
+                         d[33:].decode(errors="replace"))
+
+    def write_input(self, data: bytes) -> None:
+        step = MAX_PAYLOAD - 4
+        for off in range(0, len(data), step):
+            chunk = data[off:off + step]
+            got = struct.unpack("<I", self.request(WRITE_INPUT, struct.pack("<I", off) + chunk))[0]
+            if got != off + len(chunk):
+                raise LinkError(f"WRITE_INPUT: board stored up to byte {got}, expected {off + len(chunk)}")
+
+    def run(self, timeout: float = 60.0) -> int:
+        status, ticks = struct.unpack("<IQ", self.request(RUN, timeout=timeout))
+        if status != 0:
+            raise LinkError(f"RUN: model_run returned {status}")
+        return ticks
+
+    def read_output(self, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            n = min(MAX_PAYLOAD, size - len(out))
+            data = self.request(READ_OUTPUT, struct.pack("<IH", len(out), n))
+            if len(data) != n:
+                raise LinkError(f"READ_OUTPUT: {len(data)} bytes instead of {n}")
+            out += data
+        return bytes(out)
+
+    def profile(self, timeout: float = 60.0) -> tuple[int, list[int]]:
+        ticks: list[int] = []
+        total, n = 0, 1
+        while len(ticks) < n:
+            d = self.request(PROFILE, struct.pack("<H", len(ticks)), timeout=timeout)
+            total, n, count = struct.unpack_from("<QHH", d)
+            ticks += list(struct.unpack_from(f"<{count}Q", d, 12))
+            if count == 0:
+                break
+        return total, ticks
+
+    def reset(self) -> None:
+        self.request(RESET)

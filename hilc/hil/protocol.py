@@ -13,6 +13,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
+import serial
 from cobs import cobs
 
 from hilc.errors import HilcError
@@ -66,10 +67,15 @@ class BoardInfo:
 class Link:
     """One request/response conversation over a pyserial port (real UART or QEMU's socket)."""
 
+    MIN_CHUNK = 32
+
     def __init__(self, port, timeout: float = 5.0, retries: int = 5) -> None:
         self.port = port
         self.timeout = timeout
         self.retries = retries
+        # Bulk transfers start with full frames and halve them after a failed frame: on a noisy
+        # line short frames get through where long ones almost never would.
+        self.chunk = MAX_PAYLOAD - 4
         self.seq = 0
         self._buf = bytearray()
         self.stats = {"sent": 0, "retries": 0, "bad_frames": 0}
@@ -91,11 +97,19 @@ class Link:
             if chunk:
                 self._buf += chunk
 
-    def request(self, ftype: int, payload: bytes = b"", timeout: float | None = None) -> bytes:
+    def request(self, ftype: int, payload: bytes = b"", timeout: float | None = None,
+                retries: int | None = None) -> bytes:
+        try:
+            return self._request(ftype, payload, timeout, retries)
+        except (OSError, serial.SerialException) as e:
+            raise LinkError(f"{COMMAND_NAMES.get(ftype, hex(ftype))}: connection lost ({e})") from None
+
+    def _request(self, ftype: int, payload: bytes, timeout: float | None, retries: int | None) -> bytes:
+        retries = self.retries if retries is None else retries
         self.seq = (self.seq + 1) & 0xFF
         frame = encode_frame(ftype, self.seq, payload)
         last = "no answer"
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 self.stats["retries"] += 1
                 self._buf.clear()
@@ -124,7 +138,19 @@ class Link:
                     last = f"unexpected answer type 0x{rtype:02x}"
                     break
                 return data
-        raise LinkError(f"{COMMAND_NAMES.get(ftype, hex(ftype))}: {last} after {self.retries + 1} attempts")
+        raise LinkError(f"{COMMAND_NAMES.get(ftype, hex(ftype))}: {last} after {retries + 1} attempts")
+
+    def _chunked(self, ftype: int, make_payload, offset: int) -> tuple[bytes, int]:
+        """One bulk frame at ``offset``, shrinking the chunk while frames fail."""
+        while True:
+            small = self.chunk <= self.MIN_CHUNK
+            try:
+                payload, n = make_payload(offset, self.chunk)
+                return self.request(ftype, payload, retries=None if small else 1), n
+            except LinkError:
+                if small:
+                    raise
+                self.chunk = max(self.MIN_CHUNK, self.chunk // 2)
 
     # --- commands ------------------------------------------------------------------------
     def info(self) -> BoardInfo:
@@ -136,12 +162,17 @@ class Link:
                          d[33:].decode(errors="replace"))
 
     def write_input(self, data: bytes) -> None:
-        step = MAX_PAYLOAD - 4
-        for off in range(0, len(data), step):
-            chunk = data[off:off + step]
-            got = struct.unpack("<I", self.request(WRITE_INPUT, struct.pack("<I", off) + chunk))[0]
-            if got != off + len(chunk):
-                raise LinkError(f"WRITE_INPUT: board stored up to byte {got}, expected {off + len(chunk)}")
+        off = 0
+        while off < len(data):
+            def payload(o: int, size: int) -> tuple[bytes, int]:
+                part = data[o:o + size]
+                return struct.pack("<I", o) + part, len(part)
+
+            answer, n = self._chunked(WRITE_INPUT, payload, off)
+            got = struct.unpack("<I", answer)[0]
+            if got != off + n:
+                raise LinkError(f"WRITE_INPUT: board stored up to byte {got}, expected {off + n}")
+            off += n
 
     def run(self, timeout: float = 60.0) -> int:
         status, ticks = struct.unpack("<IQ", self.request(RUN, timeout=timeout))
@@ -152,8 +183,11 @@ class Link:
     def read_output(self, size: int) -> bytes:
         out = bytearray()
         while len(out) < size:
-            n = min(MAX_PAYLOAD, size - len(out))
-            data = self.request(READ_OUTPUT, struct.pack("<IH", len(out), n))
+            def payload(o: int, chunk: int) -> tuple[bytes, int]:
+                n = min(chunk, size - o)
+                return struct.pack("<IH", o, n), n
+
+            data, n = self._chunked(READ_OUTPUT, payload, len(out))
             if len(data) != n:
                 raise LinkError(f"READ_OUTPUT: {len(data)} bytes instead of {n}")
             out += data

@@ -61,7 +61,8 @@ class QemuBoard:
     def start(self) -> serial.SerialBase:
         exe = shutil.which("qemu-system-arm")
         if exe is None:
-            raise HilcError("qemu-system-arm is not installed (apt-get install --no-install-recommends qemu-system-arm)")
+            raise HilcError("qemu-system-arm is not installed "
+                            "(apt-get install --no-install-recommends qemu-system-arm)")
         if not self.elf.exists():
             raise HilcError(f"{self.elf}: no firmware (run hilc flash first)")
         for _attempt in range(3):  # the free port can be taken between choosing and binding it

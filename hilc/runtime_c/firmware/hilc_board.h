@@ -8,6 +8,7 @@ void hilc_board_init(void);         /* clocks, UART pins, timer */
 void hilc_uart_putc(uint8_t c);     /* blocking */
 int32_t hilc_uart_getc(void);       /* blocking: 0..255 */
 uint64_t hilc_ticks(void);          /* monotonic, HILC_TICK_HZ per second */
+void hilc_timer_sync(void);         /* start a measurement on a tick boundary */
 void hilc_reset(void);              /* system reset through SCB->AIRCR */
 
 #define HILC_AIRCR (*(volatile uint32_t *)0xE000ED0CUL)

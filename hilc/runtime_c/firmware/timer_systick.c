@@ -20,3 +20,11 @@ uint64_t hilc_ticks(void) {
     } while (hi != wraps);
     return ((uint64_t)hi << 24) + (0xFFFFFFu - lo);
 }
+
+/* Align the counter to a tick boundary before a measurement: host bytes arrive at a real-time
+ * instant, so without this the sub-tick phase (and a +-1 in per-layer counts) would vary. */
+void hilc_timer_sync(void) {
+    HILC_SYST_CVR = 0; /* clears the count; the next tick reloads RVR */
+    while (HILC_SYST_CVR == 0) {
+    }
+}

@@ -76,6 +76,9 @@ class Link:
         # Bulk transfers start with full frames and halve them after a failed frame: on a noisy
         # line short frames get through where long ones almost never would.
         self.chunk = MAX_PAYLOAD - 4
+        # RUN waits for a whole inference: 60 s until one has been timed, then 3x that (a lost
+        # request byte then costs seconds, not a minute).
+        self.run_seconds: float | None = None
         self.seq = 0
         self._buf = bytearray()
         self.stats = {"sent": 0, "retries": 0, "bad_frames": 0}
@@ -174,8 +177,14 @@ class Link:
                 raise LinkError(f"WRITE_INPUT: board stored up to byte {got}, expected {off + n}")
             off += n
 
-    def run(self, timeout: float = 60.0) -> int:
-        status, ticks = struct.unpack("<IQ", self.request(RUN, timeout=timeout))
+    def _run_timeout(self) -> float:
+        return 60.0 if self.run_seconds is None else max(self.timeout, 3 * self.run_seconds + 0.5)
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        status, ticks = struct.unpack("<IQ", self.request(RUN, timeout=self._run_timeout()))
+        if self.stats["retries"] == 0 or self.run_seconds is None:
+            self.run_seconds = max(self.run_seconds or 0.0, time.monotonic() - t0)
         if status != 0:
             raise LinkError(f"RUN: model_run returned {status}")
         return ticks
@@ -193,11 +202,11 @@ class Link:
             out += data
         return bytes(out)
 
-    def profile(self, timeout: float = 60.0) -> tuple[int, list[int]]:
+    def profile(self) -> tuple[int, list[int]]:
         ticks: list[int] = []
         total, n = 0, 1
         while len(ticks) < n:
-            d = self.request(PROFILE, struct.pack("<H", len(ticks)), timeout=timeout)
+            d = self.request(PROFILE, struct.pack("<H", len(ticks)), timeout=self._run_timeout())
             total, n, count = struct.unpack_from("<QHH", d)
             ticks += list(struct.unpack_from(f"<{count}Q", d, 12))
             if count == 0:

@@ -71,6 +71,11 @@ def test_compile_target_c_writes_sources_makefile_and_memory_report(tmp_path, cr
     report = json.loads((o / "report.json").read_text())
     assert report["arena_bytes"] <= 1.05 * report["arena_lower_bound_bytes"]
     assert report["peak_sram_bytes"] == report["arena_bytes"] + report["io_bytes"] + report["scratch_bytes"]
+    import subprocess
+
+    made = subprocess.run(["make", "-C", str(o)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert (o / "model_host").exists()
     header = (o / "src" / "model.h").read_text()
     assert "int model_run(const int8_t *input, int8_t *output);" in header
     assert f"#define MODEL_ARENA_SIZE {report['arena_bytes']}" in header

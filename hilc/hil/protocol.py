@@ -20,11 +20,11 @@ from hilc.errors import HilcError
 
 VERSION = 1
 MAX_PAYLOAD = 1024
-INFO, WRITE_INPUT, RUN, READ_OUTPUT, PROFILE, RESET, ERR = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0xEE
+INFO, WRITE_INPUT, RUN, READ_OUTPUT, PROFILE, RESET, RAW, ERR = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0xEE
 ERRORS = {1: "CRC error", 2: "unknown command", 3: "bad length", 4: "out of range", 5: "frame too long",
           6: "model mismatch"}
 COMMAND_NAMES = {INFO: "INFO", WRITE_INPUT: "WRITE_INPUT", RUN: "RUN", READ_OUTPUT: "READ_OUTPUT",
-                 PROFILE: "PROFILE", RESET: "RESET"}
+                 PROFILE: "PROFILE", RESET: "RESET", RAW: "RAW"}
 
 
 class LinkError(HilcError):
@@ -215,3 +215,15 @@ class Link:
 
     def reset(self) -> None:
         self.request(RESET)
+
+    def raw_transfer(self, data: bytes, timeout: float = 60.0) -> None:
+        """Send bytes unframed (after a RAW request) and check the board's CRC of them: the bare
+        link's speed, against which the protocol's payload throughput is measured."""
+        self.request(RAW, struct.pack("<I", len(data)))
+        self.port.write(data)
+        raw = self._read_frame(time.monotonic() + timeout)
+        if raw is None:
+            raise LinkError("RAW: no answer")
+        rtype, rseq, d = decode_frame(raw)
+        if rtype != RAW | 0x80 or rseq != self.seq or struct.unpack("<I", d)[0] != zlib.crc32(data):
+            raise LinkError("RAW: the board received other bytes")

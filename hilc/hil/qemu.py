@@ -68,7 +68,7 @@ class QemuBoard:
         for _attempt in range(3):  # the free port can be taken between choosing and binding it
             self.tcp_port = free_port()
             cmd = [exe, "-M", self.machine, "-nographic", "-monitor", "none", "-kernel", str(self.elf),
-                   "-serial", f"tcp:127.0.0.1:{self.tcp_port},server=on,wait=off"]
+                   "-serial", f"tcp:127.0.0.1:{self.tcp_port},server=on,wait=off,nodelay=on"]
             if self.icount:
                 cmd[1:1] = ["-icount", "shift=0"]
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -80,6 +80,8 @@ class QemuBoard:
                     break
                 try:
                     self.port = serial.serial_for_url(f"socket://127.0.0.1:{self.tcp_port}", timeout=1.0)
+                    # small frames must not wait for Nagle's algorithm (a 40 ms stall per answer)
+                    self.port._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     return self.port
                 except (serial.SerialException, OSError):
                     time.sleep(0.02)

@@ -163,6 +163,19 @@ static void handle(int32_t n) {
         reply(type | 0x80, seq, 12 + 8 * count);
         return;
     }
+    case HILC_RAW: {
+        if (len != 4) break;
+        const uint32_t count = get_u32(pl);
+        reply(type | 0x80, seq, 0);
+        uint32_t crc = 0xFFFFFFFFu;
+        for (uint32_t i = 0; i < count; i++) {
+            crc ^= (uint32_t)hilc_uart_getc();
+            for (int32_t k = 0; k < 8; k++) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+        }
+        put_u32(out, ~crc);
+        reply(type | 0x80, seq, 4);
+        return;
+    }
     case HILC_RESET:
         reply(type | 0x80, seq, 0);
         hilc_reset();

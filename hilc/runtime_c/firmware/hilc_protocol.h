@@ -18,6 +18,8 @@ enum {
     HILC_PROFILE = 0x05,     /* first layer u16 (0 runs an inference) -> total ticks u64, layers u16,
                                 count u16, count x ticks u64 */
     HILC_RESET = 0x06,       /* -> empty, then the board resets */
+    HILC_RAW = 0x07,         /* count u32 -> empty; then count raw unframed bytes -> their CRC-32 u32
+                                (measures the bare link for the protocol-overhead benchmark) */
     HILC_ERR = 0xEE,         /* code u8 */
 };
 

@@ -231,3 +231,20 @@ def test_fault_injection_never_yields_a_wrong_result(tmp_path, digits):
     print(f"fault injection: {correct} correct, {errors} clear errors, proxy {proxy.stats}, link {link.stats}")
     assert proxy.stats["corrupted"] > 0 and proxy.stats["dropped"] > 0
     assert correct >= len(x) // 2
+
+
+@pytest.mark.slow
+@needs_qemu
+def test_reset_command_reboots_the_board_and_it_answers_again(tmp_path, digits):
+    from hilc.hil.runner import connect
+
+    board = load_board("qemu-mps2-an386")
+    result = compile_model(DIGITS_CNN, digits["x_train"][:32], board=board.name)
+    write_artifacts(tmp_path / "o", result)
+    with connect(tmp_path / "o", board, result.graph) as link:
+        link.write_input(bytes(range(64)))
+        link.reset()
+        info = link.info()  # the firmware booted again and answers
+        assert info.model_hash == result.graph.content_hash()
+        link.write_input(bytes(64))
+        assert link.run() > 0

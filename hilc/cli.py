@@ -242,10 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        # numpy's RuntimeWarnings on a malformed model would break the one-line error contract;
+        # every failure they hint at is caught and reported by hilc itself.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            return args.func(args)
     except HilcError as e:
         print(f"hilc: error: {e}", file=sys.stderr)
         return e.exit_code

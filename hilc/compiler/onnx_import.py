@@ -218,7 +218,13 @@ def import_model(model: onnx.ModelProto, name: str = "model") -> Graph:
 
     ctx = ImportContext(model, name)
     for init in model.graph.initializer:
-        ctx.consts[init.name] = numpy_helper.to_array(init)
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as e:
+            raise HilcError(f"initializer '{init.name}' is unreadable ({e})") from None
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise HilcError(f"initializer '{init.name}' holds NaN or Inf values")
+        ctx.consts[init.name] = arr
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         ctx.onnx_shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
@@ -240,7 +246,13 @@ def import_model(model: onnx.ModelProto, name: str = "model") -> Graph:
         if all((i == "" or i in ctx.consts) for i in node.input) and node.op_type not in ("Identity",):
             _fold_constant(ctx, node)
             continue
-        ONNX_IMPORTERS[node.op_type](ctx, node)
+        try:
+            ONNX_IMPORTERS[node.op_type](ctx, node)
+        except HilcError:
+            raise
+        except (ValueError, IndexError, KeyError, TypeError) as e:
+            # a malformed model (wrong-sized parameters, bad attributes) caught by numpy or a lookup
+            raise HilcError(f"node '{node.name}' ({node.op_type}): invalid model: {e}") from None
     ctx.node = None
 
     for vo in model.graph.output:

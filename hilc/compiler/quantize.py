@@ -7,6 +7,8 @@ integers: per-channel int8 weights, int32 biases, dyadic multipliers, lookup tab
 
 from __future__ import annotations
 
+import numpy as np
+
 from hilc.compiler import arith
 from hilc.compiler.ir import Graph, QParams
 from hilc.compiler.ops import OPS
@@ -19,6 +21,9 @@ def _from_range(g: Graph, name: str) -> QParams:
         raise HilcError(f"tensor '{name}' has no calibration range: compile a float model with --calib FILE "
                         "(or give a QDQ-quantized model)")
     lo, hi = ranges[name]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise HilcError(f"tensor '{name}' has a non-finite calibration range [{lo}, {hi}]: the float model "
+                        "overflows on the calibration data")
     scale, zp = arith.choose_qparams(lo, hi)
     return QParams(scale, zp)
 
@@ -72,7 +77,10 @@ def quantize(graph: Graph) -> Graph:
             else:
                 t.quant = _from_range(g, out)
             t.dtype = "int8"
-        op.quantize(node, g)
+        try:
+            op.quantize(node, g)
+        except ValueError as e:
+            raise HilcError(f"node '{node.onnx_name or node.name}' ({node.op}): cannot be quantized: {e}") from None
     g.remove_unused_constants()
     g.meta["precision"] = "int8"
     return g

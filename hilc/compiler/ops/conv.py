@@ -253,7 +253,9 @@ def import_conv(ctx, node) -> None:
     if cg * group != cin or o % group:
         raise ctx.fail(f"weight shape {list(w.shape)} and group {group} do not match {cin} input channels")
     b = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    bias = np.zeros(o, np.float32) if b is None else b.astype(np.float32)
+    if b is not None and b.size != o:
+        raise ctx.fail(f"bias has {b.size} entries for {o} output channels")
+    bias = np.zeros(o, np.float32) if b is None else b.astype(np.float32).reshape(o)
     h, wd = ctx.graph.tensors[x].shape[1:3]
     attrs = _conv_attrs(ctx, (h, wd), (kh, kw))
     attrs["group"] = group
@@ -293,6 +295,11 @@ def import_batchnorm(ctx, node) -> None:
     gamma, beta, mean, var = (ctx.require_const(i, "BatchNormalization parameter").astype(np.float64)
                               for i in node.input[1:5])
     eps = float(ctx.attr("epsilon", 1e-5))
+    c_axis = ctx.logical_shape(x)[1]
+    if any(p.size != c_axis for p in (gamma, beta, mean, var)):
+        raise ctx.fail(f"parameters must have {c_axis} entries (one per channel)")
+    if not np.all(var + eps > 0):
+        raise ctx.fail("variance + epsilon must be positive")
     scale = gamma / np.sqrt(var + eps)
     shift = beta - mean * scale
     prod = ctx.graph.producer(x)

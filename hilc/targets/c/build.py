@@ -73,58 +73,46 @@ def run_host(binary: Path, x: np.ndarray, output_size: int) -> np.ndarray:
     return np.frombuffer((work / "host_out.bin").read_bytes(), np.int8).reshape(len(x), output_size)
 
 
-def build_firmware(out_dir: Path, cpu_name: str, memory_map: dict | None = None, opt: str = "-Os",
-                   main_c: Path | None = None, extra_sources: tuple[Path, ...] = ()) -> Path:
-    """Cross-compile the model with a minimal startup into OUT/build/<cpu>/firmware.elf."""
+def _cross_build(out_dir: Path, cpu_name: str, build_name: str, memory_map: dict, stack_reserve: int,
+                 sources: list[Path], defines: dict[str, str], includes: list[Path], opt: str) -> Path:
+    """Compile the generated model plus ``sources`` for a Cortex-M CPU and link them with the
+    startup code and a linker script for ``memory_map``: OUT/build/<build_name>/firmware.elf."""
     c = cpu(cpu_name)
     gcc = shutil.which("arm-none-eabi-gcc")
     if gcc is None:
         raise HilcError("arm-none-eabi-gcc is not installed "
                         "(apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi)")
     out_dir = Path(out_dir)
-    build = out_dir / "build" / c.name
+    build = out_dir / "build" / build_name
     build.mkdir(parents=True, exist_ok=True)
-    mm = dict(DEFAULT_MAP, **(memory_map or {}), name=c.name, stack_reserve=1024)
     tpl = (Path(__file__).parent / "templates" / "link.ld.j2").read_text()
-    (build / "link.ld").write_text(jinja2.Template(tpl).render(mm))
+    (build / "link.ld").write_text(jinja2.Template(tpl).render(dict(memory_map, name=build_name,
+                                                                    stack_reserve=stack_reserve)))
     rt = runtime_dir()
     srcs = [str((out_dir / "src" / f).resolve()) for f in ("model.c", "hilc_kernels.c")]
-    srcs += [str(rt / "cortexm" / "startup.c"), str(main_c or rt / "cortexm" / "size_main.c")]
-    srcs += [str(s) for s in extra_sources]
+    srcs += [str(rt / "cortexm" / "startup.c"), *(str(s) for s in sources)]
     flags = [*c.flags, opt, "-std=c99", "-Wall", "-Wextra", "-Werror", "-ffunction-sections", "-fdata-sections",
-             "-fstack-usage", f"-I{(out_dir / 'src').resolve()}", f"-I{rt}", "-nostartfiles", "--specs=nano.specs",
-             "-Wl,--gc-sections", "-Wl,--no-warn-rwx-segments", "-T", "link.ld"]
-    _run([gcc, *flags, *srcs, "-o", "firmware.elf"], build, f"{c.name} firmware build")
+             "-fstack-usage", f"-I{(out_dir / 'src').resolve()}", f"-I{rt}", *(f"-I{i}" for i in includes),
+             "-nostartfiles", "--specs=nano.specs", "-Wl,--gc-sections", "-Wl,--no-warn-rwx-segments",
+             "-T", "link.ld", *(f"-D{k}={v}" for k, v in defines.items())]
+    _run([gcc, *flags, *srcs, "-o", "firmware.elf"], build, f"{build_name} firmware build")
     return build / "firmware.elf"
+
+
+def build_firmware(out_dir: Path, cpu_name: str, memory_map: dict | None = None, opt: str = "-Os") -> Path:
+    """The model with a stub main (one inference), for sizes and symbol checks: OUT/build/<cpu>/firmware.elf."""
+    return _cross_build(out_dir, cpu_name, cpu(cpu_name).name, dict(DEFAULT_MAP, **(memory_map or {})), 1024,
+                        [runtime_dir() / "cortexm" / "size_main.c"], {}, [], opt)
 
 
 def build_board_firmware(out_dir: Path, board, opt: str = "-O2") -> Path:
     """The protocol firmware (runtime_c/firmware) with the model, for a board: OUT/build/<board>/firmware.elf."""
-    c = cpu(board.cpu)
-    gcc = shutil.which("arm-none-eabi-gcc")
-    if gcc is None:
-        raise HilcError("arm-none-eabi-gcc is not installed "
-                        "(apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi)")
-    out_dir = Path(out_dir)
-    build = out_dir / "build" / board.name
-    build.mkdir(parents=True, exist_ok=True)
-    tpl = (Path(__file__).parent / "templates" / "link.ld.j2").read_text()
-    (build / "link.ld").write_text(jinja2.Template(tpl).render(dict(board.memory_map, name=board.name,
-                                                                    stack_reserve=4096)))
-    rt = runtime_dir()
-    fw = rt / "firmware"
-    srcs = [str((out_dir / "src" / f).resolve()) for f in ("model.c", "hilc_kernels.c")]
-    srcs += [str(fw / "hilc_fw.c"), str(fw / f"uart_{board.uart['driver']}.c"),
-             str(fw / f"timer_{board.timer['kind']}.c"), str(rt / "cortexm" / "startup.c")]
+    fw = runtime_dir() / "firmware"
+    sources = [fw / "hilc_fw.c", fw / f"uart_{board.uart['driver']}.c", fw / f"timer_{board.timer['kind']}.c"]
     defines = {"HILC_LAYER_HOOK": "1", "HILC_CLOCK_HZ": f"{board.clock_hz}u", "HILC_BAUD": f"{board.uart['baud']}u",
                "HILC_TICK_HZ": f"{board.tick_hz}u", "HILC_TIMER_KIND": "1" if board.timer["kind"] == "dwt" else "0",
                "HILC_BOARD_NAME": f'"{board.name}"', **board.uart.get("defines", {})}
-    flags = [*c.flags, opt, "-std=c99", "-Wall", "-Wextra", "-Werror", "-ffunction-sections", "-fdata-sections",
-             "-fstack-usage", f"-I{(out_dir / 'src').resolve()}", f"-I{rt}", f"-I{fw}", "-nostartfiles",
-             "--specs=nano.specs", "-Wl,--gc-sections", "-Wl,--no-warn-rwx-segments", "-T", "link.ld"]
-    flags += [f"-D{k}={v}" for k, v in defines.items()]
-    _run([gcc, *flags, *srcs, "-o", "firmware.elf"], build, f"{board.name} firmware build")
-    elf = build / "firmware.elf"
+    elf = _cross_build(out_dir, board.cpu, board.name, board.memory_map, 4096, sources, defines, [fw], opt)
     sizes = elf_sizes(elf)
     if sizes["flash_bytes"] > board.flash_bytes:
         raise HilcError(f"firmware needs {sizes['flash_bytes']} bytes of flash; {board.name} has {board.flash_bytes}")

@@ -248,3 +248,24 @@ def test_reset_command_reboots_the_board_and_it_answers_again(tmp_path, digits):
         assert info.model_hash == result.graph.content_hash()
         link.write_input(bytes(64))
         assert link.run() > 0
+
+
+@pytest.mark.slow
+@needs_qemu
+def test_hung_emulator_is_restarted_and_the_answer_still_exact(tmp_path, digits):
+    import os
+    import signal
+
+    from hilc.hil.runner import _run_one, connect
+
+    board = load_board("qemu-mps2-an386")
+    result = compile_model(DIGITS_CNN, digits["x_train"][:32], board=board.name)
+    write_artifacts(tmp_path / "o", result)
+    g = result.graph
+    q = g.tensors[g.inputs[0]].quant
+    qx = quantize_host(to_physical(g, g.inputs[0], digits["x_test"][:1]), q.scale, q.zero_point)
+    expected = run_int_batched(g, qx).reshape(-1)
+    with connect(tmp_path / "o", board, g, timeout=0.3) as link:
+        os.kill(link.qemu.proc.pid, signal.SIGSTOP)  # the board hangs
+        got = _run_one(link, qx.reshape(-1), expected.size)
+    assert np.array_equal(got, expected)

@@ -139,6 +139,7 @@ def _remove_qdq_pairs(ctx: ImportContext, nodes: list[onnx.NodeProto]) -> list[o
     graph_outputs = {o.name for o in ctx.model.graph.output}
     rename: dict[str, str] = {}
     drop: set[int] = set()
+    inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (dropped DQ, the Mul that replaces it)
     for n in nodes:
         if n.op_type != "QuantizeLinear":
             continue
@@ -173,11 +174,11 @@ def _remove_qdq_pairs(ctx: ImportContext, nodes: list[onnx.NodeProto]) -> list[o
                 # Dequantizing with another scale is a constant multiply (ConvInteger's unit scale).
                 ratio = f"{c.output[0]}/ratio"
                 ctx.consts[ratio] = np.array(c_scale / scale, np.float32)
-                c_mul = helper.make_node("Mul", [x, ratio], [c.output[0]], name=f"{c.name}/rescale")
-                rename[c.output[0]] = c.output[0]
-                nodes.insert(nodes.index(c), c_mul)
+                inserted.append((c, helper.make_node("Mul", [x, ratio], [c.output[0]], name=f"{c.name}/rescale")))
         if xq in graph_outputs:
             rename[xq] = x
+    for dq, mul in inserted:  # after the walk: never grow the list being iterated
+        nodes.insert(nodes.index(dq), mul)
     for n in nodes:
         if n.op_type == "DequantizeLinear" and id(n) not in drop:
             raise UnsupportedModelError(

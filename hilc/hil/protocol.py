@@ -83,6 +83,11 @@ class Link:
         self._buf = bytearray()
         self.stats = {"sent": 0, "retries": 0, "bad_frames": 0}
 
+    def reconnect(self, port) -> None:
+        """Continue on a new port (a restarted emulator), dropping any half-read frame."""
+        self.port = port
+        self._buf.clear()
+
     def _read_frame(self, deadline: float) -> bytes | None:
         while True:
             i = self._buf.find(b"\x00")

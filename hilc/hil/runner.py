@@ -55,7 +55,6 @@ def connect(out_dir: Path, board: Board, graph: Graph, port: str | None = None,
             except (serial.SerialException, OSError) as e:
                 raise HilcError(f"serial port {name}: {e}") from None
         link = Link(ser, timeout=timeout)
-        link.qemu = qemu  # type: ignore[attr-defined]
         try:
             info = link.info()
         except LinkError as e:
@@ -63,7 +62,7 @@ def connect(out_dir: Path, board: Board, graph: Graph, port: str | None = None,
         if info.model_hash != graph.content_hash():
             raise HilcError(f"board {board.name} runs firmware for another model (hash {info.model_hash:016x}, "
                             f"expected {graph.content_hash():016x}): run hilc flash first", exit_code=1)
-        yield link
+        yield link if qemu is None else _RestartableLink(link, qemu)
     finally:
         if qemu is not None:
             qemu.stop()
@@ -107,19 +106,30 @@ def run_on_board(out_dir: Path, board: Board, graph: Graph, x: np.ndarray, port:
     return np.stack(outs).reshape(len(x), *out_shape[1:])
 
 
-def _run_one(link: Link, sample: np.ndarray, out_size: int) -> np.ndarray:
+class _RestartableLink:
+    """A link to a QEMU board that can restart the emulator when it hangs."""
+
+    def __init__(self, link: Link, qemu: QemuBoard) -> None:
+        self.link, self.qemu = link, qemu
+
+    def __getattr__(self, name: str):
+        return getattr(self.link, name)
+
+    def restart(self) -> None:
+        self.link.reconnect(self.qemu.restart())
+
+
+def _run_one(link, sample: np.ndarray, out_size: int) -> np.ndarray:
+    """One inference; a QEMU board that stops answering is restarted and the sample sent once more."""
     for attempt in range(2):
         try:
             link.write_input(sample.tobytes())
             link.run()
             return np.frombuffer(link.read_output(out_size), np.int8)
         except LinkError:
-            qemu = getattr(link, "qemu", None)
-            if attempt or qemu is None:
+            if attempt or not isinstance(link, _RestartableLink):
                 raise
-            # a hung emulator: restart it and try the sample once more
-            link.port = qemu.restart()
-            link._buf.clear()
+            link.restart()
     raise AssertionError("unreachable")
 
 

@@ -215,12 +215,10 @@ def _const_in_layout(ctx, c: np.ndarray, like: str) -> np.ndarray:
 
 def _channel_vector(ctx, c: np.ndarray, x: str) -> np.ndarray | None:
     """The constant as a per-output-channel vector if it only varies along the channel axis."""
-    lay = ctx.layouts[x]
     phys = _const_in_layout(ctx, c, x)
     nch = ctx.graph.tensors[x].shape[-1]
     if any(d != 1 for d in phys.shape[:-1]) or phys.shape[-1] not in (1, nch):
         return None
-    del lay
     return np.broadcast_to(phys.reshape(-1), (nch,)).astype(np.float64)
 
 

@@ -37,20 +37,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise HilcError(f"{out}: exists and is not a directory")
     prog, update = _progress_factory(args.quiet)
+    mixed_kw = _mixed_options(args, out)
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
-                                   board=args.board)
+                                   board=args.board, **mixed_kw)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board)
+                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board, **mixed_kw)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     write_artifacts(out, result)
     if not args.quiet:
         _print_summary(result.report, out)
     return 0
+
+
+def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
+    """--precision and its budgets; the sensitivity cache is OUT/sensitivity.json."""
+    from hilc.compiler.mixed import Budgets
+
+    budgets = Budgets(bitops_ratio=args.bitops_ratio, weights_bytes=args.weights_bytes,
+                      latency_ratio=args.latency_ratio)
+    if args.precision == "int8" and not budgets.any():
+        return {}
+    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json"}
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -70,6 +82,11 @@ def _print_summary(report: dict, out: Path) -> None:
     if "arena_bytes" in report:
         console.print(f"SRAM: arena {report['arena_bytes']:,} B (lower bound {report['arena_lower_bound_bytes']:,}), "
                       f"peak with I/O {report['peak_sram_bytes']:,} B")
+    if "mixed_precision" in report:
+        m = report["mixed_precision"]
+        console.print(f"mixed precision: {report['bitops_int8'] / max(1, report['bitops']):.2f}x fewer BitOps than "
+                      f"int8, predicted perturbation {m['predicted_perturbation']:.3g} "
+                      f"(measured {m['measured_perturbation']:.3g}), search {m['search_seconds']} s")
     if "flash_bytes" in report:
         console.print(f"{report['cpu']}: flash {report['flash_bytes']:,} B, code {report['code_bytes']:,} B, "
                       f"stack {report['stack_bytes']:,} B")
@@ -202,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
                    help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
+    c.add_argument("--precision", default="int8", choices=["int8", "mixed"],
+                   help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
+    c.add_argument("--bitops-ratio", type=float, metavar="R", help="with --precision mixed: R times fewer BitOps than int8")
+    c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
+    c.add_argument("--latency-ratio", type=float, metavar="R",
+                   help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

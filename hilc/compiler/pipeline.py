@@ -35,12 +35,15 @@ class CompileResult:
     c_model: Any = None  # targets.c.codegen.CModel for --target c
     cpu: str | None = None
     board: Any = None  # hil.boards.Board
+    files: dict[str, str] | None = None  # extra files for OUT (mixed precision: sensitivity.json)
 
 
 def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
                   percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
                   progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
-                  flash_bytes: int | None = None, board: str | None = None) -> CompileResult:
+                  flash_bytes: int | None = None, board: str | None = None, precision: str = "int8",
+                  budgets: Any = None, weight_bits: dict[str, int] | None = None,
+                  act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM)."""
     board_obj = None
@@ -83,7 +86,15 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                         "(.npy, first axis = samples)")
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
+    mixed_info, files = {}, {}
+    if precision != "int8" or budgets is not None or weight_bits or act_bits:
+        from hilc.compiler.mixed import apply_precision
+
+        g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
+                                               sensitivity_cache, board)
     q = quantize(g)
+    if mixed_info:
+        q.meta["precision"] = "mixed"
     if "quantize" in (dump_after or []):
         dumps["quantize"] = q.summary()
     extra: dict[str, Any] = {}
@@ -111,8 +122,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                              for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
     extra["model_hash"] = f"{q.content_hash():016x}"
+    if mixed_info:
+        extra["mixed_precision"] = mixed_info
     report = build_report(q, str(model), target, extra)
-    return CompileResult(q, report, dumps, c_model, cpu, board_obj)
+    return CompileResult(q, report, dumps, c_model, cpu, board_obj, files)
 
 
 def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
@@ -151,6 +164,9 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
                 result.report.update(cpu=result.board.cpu, **build.elf_sizes(elf),
                                      stack_bytes=build.stack_bytes(elf.parent))
                 names.append("build")
+        for fname, text in (result.files or {}).items():
+            (tmp / fname).write_text(text)
+            names.append(fname)
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
         names.append("report.json")
         out.mkdir(exist_ok=True)

@@ -23,6 +23,19 @@ static inline int8_t hilc_requant(int32_t acc, int32_t b, int32_t c, int32_t zp,
     return (int8_t)hilc_clamp(hilc_round_shift((int64_t)acc * b, c) + zp, lo, hi);
 }
 
+/* Sub-byte weights (mirrors arith.pack_weights): rows of 32-bit words, each holding 32/bits weights;
+ * byte i of a word carries weights i, 4+i, 8+i, 12+i from its top bits down. Weight p of a row: */
+static inline int32_t hilc_weight_at(const int8_t *row, int32_t p, int32_t bits) {
+    const int32_t lg = bits == 4 ? 3 : 4; /* log2(weights per word) */
+    const int32_t j = p & ((1 << lg) - 1);
+    const uint8_t byte = (uint8_t)row[((p >> lg) << 2) + (j & 3)];
+    const uint8_t top = (uint8_t)((uint32_t)byte << (bits * (j >> 2))); /* weight in the top bits */
+    return (int32_t)(int8_t)(top & (uint8_t)(0xFFu << (8 - bits))) >> (8 - bits);
+}
+
+/* A params struct's weight_bits: 0 or 8 mean plain int8 weights, 4 and 2 packed rows. */
+static inline int32_t hilc_packed(int32_t weight_bits) { return weight_bits == 4 || weight_bits == 2; }
+
 /* Bit length of v > 0 (a count-leading-zeros). */
 static inline int32_t hilc_bit_length(uint32_t v) {
 #if defined(__GNUC__)

@@ -4,8 +4,54 @@
 #include "hilc_arith.h"
 #include "hilc_dsp.h"
 
+/* Portable kernels for packed 4/2-bit weight rows: the int8 loops with each weight read through
+ * hilc_weight_at (the Cortex-M3 path; the DSP kernels unpack whole words into SIMD lanes). */
+static void conv2d_packed(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
+    const int32_t cg = p->group_in, og = p->group_out, bits = p->weight_bits;
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
+            for (int32_t g = 0, oc = 0; g < p->groups; g++) {
+                for (int32_t j = 0; j < og; j++, oc++) {
+                    const int8_t *row = p->weight + oc * p->weight_stride;
+                    int32_t acc = p->bias[oc];
+                    for (int32_t ky = 0; ky < p->k_h; ky++) {
+                        const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                        if (iy < 0 || iy >= p->in_h) continue;
+                        for (int32_t kx = 0; kx < p->k_w; kx++) {
+                            const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                            if (ix < 0 || ix >= p->in_w) continue;
+                            const int8_t *x = in + (iy * p->in_w + ix) * p->in_c + g * cg;
+                            const int32_t pos = (ky * p->k_w + kx) * cg;
+                            for (int32_t ic = 0; ic < cg; ic++)
+                                acc += (x[ic] - p->zp_in) * hilc_weight_at(row, pos + ic, bits);
+                        }
+                    }
+                    o[oc] = hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi);
+                }
+            }
+        }
+    }
+}
+
+static void dense_packed(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
+    for (int32_t r = 0; r < p->rows; r++) {
+        const int8_t *x = in + r * p->in_features;
+        for (int32_t o = 0; o < p->out_features; o++) {
+            const int8_t *row = p->weight + o * p->weight_stride;
+            int32_t acc = p->bias[o];
+            for (int32_t k = 0; k < p->in_features; k++) acc += (x[k] - p->zp_in) * hilc_weight_at(row, k, p->weight_bits);
+            out[r * p->out_features + o] = hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi);
+        }
+    }
+}
+
 void hilc_conv2d_s8(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
     const int32_t cg = p->group_in, og = p->group_out;
+    if (hilc_packed(p->weight_bits)) {
+        conv2d_packed(p, in, out);
+        return;
+    }
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         for (int32_t ox = 0; ox < p->out_w; ox++) {
             int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
@@ -31,6 +77,10 @@ void hilc_conv2d_s8(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
 }
 
 void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
+    if (hilc_packed(p->weight_bits)) {
+        dense_packed(p, in, out);
+        return;
+    }
     for (int32_t r = 0; r < p->rows; r++) {
         const int8_t *x = in + r * p->in_features;
         for (int32_t o = 0; o < p->out_features; o++) {
@@ -48,6 +98,7 @@ void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
 void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
     const int32_t cg = p->group_in, og = p->group_out;
     const int32_t k = p->k_h * p->k_w * cg, k4 = k & ~3;
+    const int32_t packed = hilc_packed(p->weight_bits);
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         for (int32_t ox = 0; ox < p->out_w; ox++) {
             int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
@@ -67,7 +118,9 @@ void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out
                     }
                 }
                 for (int32_t j = 0; j < og; j++, oc++) {
-                    const int32_t acc = hilc_dot_s16_s8(col, p->weight + oc * k, k, p->bias[oc]);
+                    const int32_t acc = packed ? p->bias[oc] + hilc_dot_s16_packed(col, p->weight + oc * p->weight_stride, k,
+                                                                                   p->weight_bits)
+                                               : hilc_dot_s16_s8(col, p->weight + oc * k, k, p->bias[oc]);
                     o[oc] = hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi);
                 }
             }
@@ -77,11 +130,14 @@ void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out
 
 void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
     const int32_t k = p->in_features, k4 = k & ~3;
+    const int32_t packed = hilc_packed(p->weight_bits);
     for (int32_t r = 0; r < p->rows; r++) {
         const int8_t *x = in + r * k;
         for (int32_t i = 0; i < k; i++) col[hilc_col_slot(i, k4)] = (int16_t)(x[i] - p->zp_in);
         for (int32_t o = 0; o < p->out_features; o++) {
-            const int32_t acc = hilc_dot_s16_s8(col, p->weight + o * k, k, p->bias[o]);
+            const int32_t acc = packed ? p->bias[o] + hilc_dot_s16_packed(col, p->weight + o * p->weight_stride, k,
+                                                                          p->weight_bits)
+                                       : hilc_dot_s16_s8(col, p->weight + o * k, k, p->bias[o]);
             out[r * p->out_features + o] = hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi);
         }
     }

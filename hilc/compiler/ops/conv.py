@@ -147,7 +147,7 @@ class Conv2D(Op):
             stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=a["dilations"][0], dil_w=a["dilations"][1],
             pad_t=a["pads"][0], pad_l=a["pads"][1], groups=a["group"], group_in=c // a["group"],
             group_out=oc // a["group"], zp_in=a["zp_in"], zp_out=a["zp_out"],
-            lo=a["lo"], hi=a["hi"], weight=em.param(node, "weight"), bias=em.param(node, "bias"),
+            lo=a["lo"], hi=a["hi"], **em.weights(node), bias=em.param(node, "bias"),
             mult=em.param(node, "mult"), shift=em.param(node, "shift")))
         em.need_scratch(a["kernel"][0] * a["kernel"][1] * (c // a["group"]))
         return f"hilc_conv2d({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
@@ -178,6 +178,8 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
     w = graph.param(node, "weight").astype(np.float64)
     b = graph.param(node, "bias").astype(np.float64)
     bits = node.attrs.get("weight_bits", 8)
+    if bits not in (8, *arith.PACKED_WEIGHT_BITS):
+        raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): weight_bits={bits} (supported: 8, 4, 2)")
     preset = node.attrs.pop("w_scale", None)
     if preset is not None:
         s_w = np.asarray(preset, np.float64)
@@ -198,6 +200,10 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
         raise UnsupportedModelError(
             f"{node.name} ({node.onnx_name}): int32 accumulator could overflow (static bound {bound} > 2^31-1); "
             "the reduction must be split")
+    if bits < 8 and arith.packed_scaled_bound(w_int, in_absmax, bits) > arith.INT32_MAX:
+        raise UnsupportedModelError(
+            f"{node.name} ({node.onnx_name}): the {bits}-bit SIMD kernel's scaled int32 sum could overflow "
+            f"(bound {arith.packed_scaled_bound(w_int, in_absmax, bits)} > 2^31-1); use 8-bit weights here")
     node.params["weight"] = graph.add_constant(f"{node.name}.weight", w_int)
     node.params["bias"] = graph.add_constant(f"{node.name}.bias", b_int)
     node.params["mult"] = graph.add_constant(f"{node.name}.mult", mult.astype(np.int32))

@@ -79,6 +79,20 @@ class CEmitter:
         arr = self.graph.param(node, role)
         return self.array(f"{node.name}_{role}", arr if dtype is None else arr.astype(dtype))
 
+    def weights(self, node: Node) -> dict[str, Any]:
+        """The struct fields of a conv/dense node's weights: int8 rows, or rows packed two (4-bit)
+        or four (2-bit) to a byte for ``weight_bits`` 4 / 2 (``arith.pack_weights``)."""
+        from hilc.compiler import arith
+
+        w = self.graph.param(node, "weight")
+        bits = int(node.attrs.get("weight_bits", 8))
+        k = int(np.prod(w.shape[1:], dtype=np.int64))
+        if bits == 8:
+            return {"weight": self.param(node, "weight"), "weight_bits": 8, "weight_stride": k}
+        packed = arith.pack_weights(w, bits).view(np.int8)
+        return {"weight": self.array(f"{node.name}_weight_{bits}bit", packed), "weight_bits": bits,
+                "weight_stride": arith.packed_row_bytes(k, bits)}
+
     def struct(self, ctype: str, name: str, fields: dict[str, Any]) -> str:
         """Declare a const parameter struct; returns ``&ident``."""
         ident = self.ident(f"{name}_params")

@@ -1,0 +1,98 @@
+"""Per-board latency model for the bit allocation: instructions per MAC for each op kind and weight
+width, plus a cost per output element, fitted to ``hilc profile`` counts (``fit_cost_model``).
+
+Activation widths do not change the kernels' cost (sub-byte activations live in int8
+containers), weight widths do: packed rows are unpacked into SIMD lanes word by word.
+The fitted models live in ``hilc/boards/costs/<board>.json`` (written by benchmarks/mixed.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilc.errors import HilcError
+
+KINDS = ("conv", "depthwise", "pointwise", "dense")
+DEFAULT_BOARD = "qemu-mps2-an386"
+
+
+def costs_dir() -> Path:
+    return Path(str(resources.files("hilc") / "boards" / "costs"))
+
+
+@dataclass
+class CostModel:
+    board: str
+    per_mac: dict[str, dict[str, float]]  # kind -> weight bits -> instructions per MAC
+    per_output: dict[str, float]  # kind -> instructions per output element (requantization, im2col)
+    fitted_on: list[str]
+
+    def layer(self, layer: Any, weight_bits: int, act_bits: int = 8) -> float:
+        kind = layer.kind if layer.kind in self.per_mac else "conv"
+        return layer.macs * self.per_mac[kind][str(weight_bits)] + layer.outputs * self.per_output[kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"board": self.board, "per_mac": self.per_mac, "per_output": self.per_output,
+                "fitted_on": self.fitted_on}
+
+
+def load_cost_model(board: str | None = None) -> CostModel:
+    """The fitted model of ``board`` (default: qemu-mps2-an386, whose profiles are exact
+    instruction counts); a board without one uses the model of a board with the same CPU."""
+    name = board or DEFAULT_BOARD
+    path = costs_dir() / f"{name}.json"
+    if not path.exists():
+        from hilc.hil.boards import load_board
+
+        cpu = load_board(name).cpu
+        for other in sorted(costs_dir().glob("*.json")):
+            data = json.loads(other.read_text())
+            if data.get("cpu") == cpu:
+                path = other
+                break
+        else:
+            raise HilcError(f"no latency model for board '{name}' ({cpu}): fit one with benchmarks/mixed.py "
+                            "or drop --latency-ratio")
+    data = json.loads(path.read_text())
+    return CostModel(data["board"], data["per_mac"], data["per_output"], data.get("fitted_on", []))
+
+
+def fit_cost_model(board: str, samples: list[tuple[Any, int, int]], fitted_on: list[str]) -> CostModel:
+    """Least squares (non-negative) fit of ``instructions = a[kind, bits] * MACs + b[kind] * outputs``
+    to measured ``(layer, weight_bits, instructions)`` triples."""
+    from scipy.optimize import nnls
+
+    cols: list[tuple[str, str]] = []
+    for la, bits, _ in samples:
+        for c in (("mac", f"{la.kind}:{bits}"), ("out", la.kind)):
+            if c not in cols:
+                cols.append(c)
+    a = np.zeros((len(samples), len(cols)))
+    y = np.zeros(len(samples))
+    for i, (la, bits, instr) in enumerate(samples):
+        # rows weighted by 1/instructions: relative errors count, small layers are not drowned
+        wgt = 1.0 / max(1, instr)
+        a[i, cols.index(("mac", f"{la.kind}:{bits}"))] = la.macs * wgt
+        a[i, cols.index(("out", la.kind))] = la.outputs * wgt
+        y[i] = instr * wgt
+    coef, _ = nnls(a, y)
+    per_mac: dict[str, dict[str, float]] = {}
+    per_out: dict[str, float] = {}
+    for (what, key), v in zip(cols, coef, strict=True):
+        if what == "mac":
+            kind, bits = key.split(":")
+            per_mac.setdefault(kind, {})[bits] = float(v)
+        else:
+            per_out[key] = float(v)
+    # kinds the profiles did not cover borrow the generic conv figures
+    for kind in KINDS:
+        if kind not in per_mac and "conv" in per_mac:
+            per_mac[kind] = dict(per_mac["conv"])
+            per_out[kind] = per_out["conv"]
+    return CostModel(board, per_mac, per_out, fitted_on)

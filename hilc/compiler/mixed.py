@@ -1,0 +1,473 @@
+"""Mixed precision: bit-width choices, measured sensitivity and the HAWQ-V3 integer linear program.
+
+The search space (``analyse``): each conv/dense layer picks a weight width from
+``WEIGHT_BITS``; each activation tensor that feeds a conv/dense layer (its *root*: the tensor
+after walking back through ops that only move values, such as Reshape or MaxPool) picks a width
+from ``ACT_BITS``. Activations stay in int8 containers in the arena; their values are clamped to
+the chosen width, so every kernel and the dyadic requantization between any pair of widths are
+the int8 ones (``QParams.bits`` sets the clamp bounds and the zero point's range). A root is
+eligible for 4 bits only when no consumer indexes a table by its code (lookup tables, softmax)
+and it is not a graph input or output.
+
+Sensitivity (``measure_sensitivity``): per layer and candidate width, the mean squared change
+of the model's output on calibration data when only that layer (or only that activation) is
+lowered, relative to the all-int8 graph. HAWQ-V3 treats these perturbations as additive; the
+ILP (``allocate``) minimises their sum under budgets on BitOps, weight bytes, peak SRAM and
+predicted latency, with ``scipy.optimize.milp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilc.compiler.ir import Graph
+from hilc.compiler.ops import OPS
+from hilc.errors import HilcError
+
+WEIGHT_BITS = (8, 4, 2)
+ACT_BITS = (8, 4)
+LINEAR_OPS = ("conv2d", "dense")
+# Ops that take a sub-byte activation like an int8 one (no table indexed by the code).
+SUBBYTE_SAFE_CONSUMERS = {"conv2d", "dense", "add", "maxpool", "avgpool", "reshape", "transpose", "clamp",
+                          "requant", "concat", "pad"}
+
+
+@dataclass
+class Layer:
+    name: str
+    op: str
+    kind: str  # conv, depthwise, pointwise, dense: the cost model's op kinds
+    macs: int
+    n_weights: int
+    k: int  # reduction length of one output (weights per output channel)
+    out_channels: int
+    outputs: int  # output elements (one requantization each)
+    root: str | None  # activation choice this layer's input follows (None: fixed at its width)
+
+
+@dataclass
+class Space:
+    layers: list[Layer]
+    roots: list[str]  # activations eligible for sub-byte widths
+    # weightless ops with MACs (pooling): (root or None, macs), counted at in_bits^2 BitOps
+    other_bitops: list[tuple[str | None, int]] = field(default_factory=list)
+    fixed_bitops: int = 0  # ops whose input width no choice changes
+
+    def layer(self, name: str) -> Layer:
+        return next(la for la in self.layers if la.name == name)
+
+
+def _kind(node, graph: Graph) -> str:
+    if node.op == "dense":
+        return "dense"
+    a = node.attrs
+    cin = graph.tensors[node.inputs[0]].shape[3]
+    if a["group"] > 1 and a["group"] == cin:
+        return "depthwise"
+    if list(a["kernel"]) == [1, 1]:
+        return "pointwise"
+    return "conv"
+
+
+def act_root(graph: Graph, tensor: str) -> str:
+    """The tensor whose quantization ``tensor`` inherits (through ops that keep their input's)."""
+    while True:
+        prod = graph.producer(tensor)
+        if prod is None or OPS[prod.op].output_rule(prod) != "input":
+            return tensor
+        tensor = prod.inputs[0]
+
+
+def _followers(graph: Graph, root: str) -> list[str]:
+    """``root`` and every tensor that inherits its quantization."""
+    out, todo = [], [root]
+    while todo:
+        t = todo.pop()
+        out.append(t)
+        for c in graph.consumers(t):
+            if OPS[c.op].output_rule(c) == "input" and c.inputs[0] == t:
+                todo.extend(c.outputs)
+    return out
+
+
+def subbyte_eligible(graph: Graph, root: str) -> bool:
+    prod = graph.producer(root)
+    if prod is None or root in graph.inputs or OPS[prod.op].output_rule(prod) != "calibrated":
+        return False
+    for t in _followers(graph, root):
+        if t in graph.outputs:
+            return False
+        if any(c.op not in SUBBYTE_SAFE_CONSUMERS for c in graph.consumers(t)):
+            return False
+    return True
+
+
+def analyse(graph: Graph) -> Space:
+    """The bit-width search space of a (float or quantized) graph."""
+    layers, roots = [], []
+    other: list[tuple[str | None, int]] = []
+    fixed = 0
+    for node in graph.nodes:
+        op = OPS[node.op]
+        macs = op.macs(node, graph)
+        root = act_root(graph, node.inputs[0]) if node.inputs else None
+        eligible = root is not None and (node.op in LINEAR_OPS or macs > 0) and subbyte_eligible(graph, root)
+        if eligible and root not in roots:
+            roots.append(root)
+        if node.op in LINEAR_OPS:
+            w = graph.param(node, "weight")
+            out = graph.tensors[node.outputs[0]]
+            layers.append(Layer(node.name, node.op, _kind(node, graph), macs, int(w.size),
+                                int(np.prod(w.shape[1:])), int(w.shape[0]), out.size,
+                                root if eligible else None))
+        elif macs:
+            if eligible:
+                other.append((root, macs))
+            else:
+                fixed += macs * 64
+    return Space(layers, roots, other, fixed)
+
+
+def assign_bitwidths(graph: Graph, weight_bits: dict[str, int] | None = None,
+                     act_bits: dict[str, int] | None = None) -> Graph:
+    """A float graph with ``node.attrs['weight_bits']`` and ``meta['act_bits']`` set, read by the
+    quantizer (``quantize_linear_layer`` and the activation ranges). Unnamed layers stay 8-bit."""
+    g = graph.copy()
+    space = analyse(g)
+    names = {la.name for la in space.layers}
+    for name, bits in (weight_bits or {}).items():
+        if name not in names:
+            raise HilcError(f"weight_bits: '{name}' is not a conv/dense layer")
+        if bits not in WEIGHT_BITS:
+            raise HilcError(f"weight_bits: {name} at {bits} bits (supported: {', '.join(map(str, WEIGHT_BITS))})")
+    for name, bits in (act_bits or {}).items():
+        if bits not in ACT_BITS:
+            raise HilcError(f"act_bits: {name} at {bits} bits (supported: {', '.join(map(str, ACT_BITS))})")
+        if bits != 8 and name not in space.roots:
+            raise HilcError(f"act_bits: tensor '{name}' cannot take {bits}-bit values (graph input/output, "
+                            "or a consumer indexes a table by its code)")
+    for node in g.nodes:
+        if node.op in LINEAR_OPS:
+            node.attrs["weight_bits"] = int((weight_bits or {}).get(node.name, node.attrs.get("weight_bits", 8)))
+    acts = {}
+    for root, bits in (act_bits or {}).items():
+        if bits != 8:
+            for t in _followers(g, root):
+                acts[t] = int(bits)
+    g.meta["act_bits"] = acts
+    return g
+
+
+# --- sensitivity -------------------------------------------------------------------------------
+
+def _key(graph: Graph, samples: np.ndarray, extra: str = "") -> str:
+    h = hashlib.sha256(f"{graph.content_hash():016x}{extra}".encode())
+    h.update(np.ascontiguousarray(samples, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _outputs(graph: Graph, qx_float: np.ndarray) -> np.ndarray:
+    """Dequantized first output of a quantized graph on real physical inputs."""
+    from hilc.compiler.arith import dequantize_host, quantize_host
+    from hilc.sim.simulator import run_int_batched
+
+    q = graph.tensors[graph.inputs[0]].quant
+    y = run_int_batched(graph, quantize_host(qx_float, q.scale, q.zero_point, q.bits))
+    qo = graph.tensors[graph.outputs[0]].quant
+    return dequantize_host(y, qo.scale, qo.zero_point).astype(np.float64)
+
+
+def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | None = None,
+                        max_samples: int = 128) -> dict[str, Any]:
+    """Perturbation of the output for each (layer, weight width) and (activation, width) lowered
+    alone: ``{"weights": {layer: {bits: mse}}, "acts": {root: {bits: mse}}, "baseline": ...}``.
+
+    ``graph`` is a calibrated float graph; ``samples`` real inputs in the model's layout. With
+    ``cache`` (a JSON file), results are stored keyed by a hash of the graph and the samples
+    and reused on the next search.
+    """
+    from hilc.compiler.quantize import quantize
+    from hilc.sim.simulator import to_physical
+
+    x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:max_samples])
+    key = _key(graph, x)
+    if cache is not None and Path(cache).exists():
+        try:
+            data = json.loads(Path(cache).read_text())
+            if data.get("key") == key:
+                data["cached"] = True
+                return data
+        except (OSError, json.JSONDecodeError):
+            pass  # an unreadable cache is remeasured
+    t0 = time.perf_counter()
+    space = analyse(graph)
+    ref = _outputs(quantize(graph), x)
+    scale = float(np.mean(ref**2)) or 1.0
+
+    def mse(g: Graph) -> float:
+        return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
+
+    weights = {la.name: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, {la.name: b})))
+                         for b in WEIGHT_BITS} for la in space.layers}
+    acts = {r: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, None, {r: b}))) for b in ACT_BITS}
+            for r in space.roots}
+    data = {"key": key, "samples": int(len(x)), "metric": "mean squared output change / mean squared output",
+            "weights": weights, "acts": acts, "seconds": round(time.perf_counter() - t0, 3), "cached": False}
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        Path(cache).write_text(json.dumps(data, indent=1))
+    return data
+
+
+# --- the integer linear program ----------------------------------------------------------------
+
+@dataclass
+class Budgets:
+    bitops_ratio: float | None = None  # BitOps at least this many times below all-int8
+    weights_bytes: int | None = None  # conv/dense weight bytes (packed)
+    latency_ratio: float | None = None  # predicted latency at most this fraction of all-int8's
+    sram_bytes: int | None = None  # peak SRAM (activations stay in int8 containers: fixed)
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.bitops_ratio, self.weights_bytes, self.latency_ratio,
+                                           self.sram_bytes))
+
+
+@dataclass
+class Allocation:
+    weight_bits: dict[str, int]
+    act_bits: dict[str, int]
+    objective: float  # predicted perturbation (sum of sensitivities)
+    bitops: int
+    bitops_int8: int
+    weights_bytes: int
+    weights_bytes_int8: int
+    latency: float  # predicted instructions
+    latency_int8: float
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits,
+                "predicted_perturbation": self.objective, "bitops": self.bitops, "bitops_int8": self.bitops_int8,
+                "bitops_reduction": self.bitops_int8 / max(1, self.bitops),
+                "weights_bytes": self.weights_bytes, "weights_bytes_int8": self.weights_bytes_int8,
+                "predicted_instructions": round(self.latency), "predicted_instructions_int8": round(self.latency_int8),
+                "search_seconds": round(self.seconds, 3)}
+
+
+def weight_bytes(la: Layer, bits: int) -> int:
+    return (la.n_weights * bits + 7) // 8
+
+
+def _choices(space: Space) -> list[tuple[Layer, int, int]]:
+    """Joint variables: (layer, weight bits, input activation bits)."""
+    out = []
+    for la in space.layers:
+        for w in WEIGHT_BITS:
+            for a in (ACT_BITS if la.root is not None else (8,)):
+                out.append((la, w, a))
+    return out
+
+
+class _Problem:
+    """The linear pieces shared by the ILP and brute force: per joint variable, its objective and
+    resource coefficients; root variables carry the activation sensitivities."""
+
+    def __init__(self, space: Space, sens: dict[str, Any], cost) -> None:
+        self.space = space
+        self.z = _choices(space)
+        self.y = [(r, a) for r in space.roots for a in ACT_BITS]
+        nz = len(self.z)
+        n = nz + len(self.y)
+        self.n = n
+        self.obj = np.zeros(n)
+        self.bitops = np.zeros(n)
+        self.wbytes = np.zeros(n)
+        self.lat = np.zeros(n)
+        for i, (la, w, a) in enumerate(self.z):
+            self.obj[i] = sens["weights"][la.name][str(w)]
+            self.bitops[i] = la.macs * w * a
+            self.wbytes[i] = weight_bytes(la, w)
+            self.lat[i] = cost.layer(la, w, a)
+        for j, (r, a) in enumerate(self.y):
+            self.obj[nz + j] = sens["acts"][r][str(a)]
+            self.bitops[nz + j] = sum(m for rr, m in space.other_bitops if rr == r) * a * a
+        self.bitops_const = space.fixed_bitops + sum(m * 64 for rr, m in space.other_bitops if rr is None)
+        int8 = np.array([w == 8 and a == 8 for _, w, a in self.z] + [a == 8 for _, a in self.y])
+        self.int8 = int8.astype(float)
+        self.bitops_int8 = float(self.bitops @ self.int8) + self.bitops_const
+        self.wbytes_int8 = float(self.wbytes @ self.int8)
+        self.lat_int8 = float(self.lat @ self.int8)
+
+    def equalities(self) -> tuple[np.ndarray, np.ndarray]:
+        rows, rhs = [], []
+        nz = len(self.z)
+        for la in self.space.layers:  # one choice per layer
+            rows.append([1.0 if zz[0] is la else 0.0 for zz in self.z] + [0.0] * len(self.y))
+            rhs.append(1.0)
+        for r in self.space.roots:  # one width per activation ...
+            rows.append([0.0] * nz + [1.0 if yy[0] == r else 0.0 for yy in self.y])
+            rhs.append(1.0)
+            for a in ACT_BITS:  # ... which every layer reading it follows
+                for la in self.space.layers:
+                    if la.root != r:
+                        continue
+                    row = [1.0 if (zz[0] is la and zz[2] == a) else 0.0 for zz in self.z]
+                    row += [-1.0 if yy == (r, a) else 0.0 for yy in self.y]
+                    rows.append(row)
+                    rhs.append(0.0)
+        return np.array(rows), np.array(rhs)
+
+    def limits(self, budgets: Budgets) -> list[tuple[str, np.ndarray, float]]:
+        out = []
+        if budgets.bitops_ratio is not None:
+            out.append(("bitops", self.bitops, self.bitops_int8 / budgets.bitops_ratio - self.bitops_const))
+        if budgets.weights_bytes is not None:
+            out.append(("weights_bytes", self.wbytes, float(budgets.weights_bytes)))
+        if budgets.latency_ratio is not None:
+            out.append(("latency", self.lat, self.lat_int8 * budgets.latency_ratio))
+        return out
+
+    def solve(self, objective: np.ndarray, limits: list[tuple[str, np.ndarray, float]]) -> np.ndarray | None:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        a_eq, b_eq = self.equalities()
+        cons = [LinearConstraint(a_eq, b_eq, b_eq)]
+        for _, coef, ub in limits:
+            # a tiny slack so a budget equal to an achievable figure is met despite float rounding
+            cons.append(LinearConstraint(coef.reshape(1, -1), -np.inf, ub + 1e-9 * max(1.0, abs(ub))))
+        res = milp(objective, constraints=cons, integrality=np.ones(self.n), bounds=Bounds(0, 1),
+                   options={"disp": False})
+        if res.status != 0 or res.x is None:
+            return None
+        return np.rint(res.x)
+
+    def allocation(self, x: np.ndarray, seconds: float) -> Allocation:
+        wb, ab = {}, {}
+        for i, (la, w, a) in enumerate(self.z):
+            if x[i] > 0.5:
+                wb[la.name] = w
+        for j, (r, a) in enumerate(self.y):
+            if x[len(self.z) + j] > 0.5:
+                ab[r] = a
+        return Allocation(wb, ab, float(self.obj @ x), int(round(self.bitops @ x + self.bitops_const)),
+                          int(round(self.bitops_int8)), int(round(self.wbytes @ x)), int(round(self.wbytes_int8)),
+                          float(self.lat @ x), self.lat_int8, seconds)
+
+
+def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None, sram_bytes: int | None = None) -> Allocation:
+    """Minimise the summed perturbation under the budgets (HAWQ-V3's ILP). Budgets no allocation
+    meets raise a HilcError naming the best achievable figure."""
+    from hilc.compiler.costmodel import load_cost_model
+
+    t0 = time.perf_counter()
+    cost = cost or load_cost_model()
+    if budgets.sram_bytes is not None and sram_bytes is not None and sram_bytes > budgets.sram_bytes:
+        raise HilcError(f"no bit allocation meets the SRAM budget of {budgets.sram_bytes} bytes: activations stay "
+                        f"in int8 containers, so every allocation needs {sram_bytes} bytes")
+    p = _Problem(space, sens, cost)
+    limits = p.limits(budgets)
+    x = p.solve(p.obj, limits)
+    if x is None:
+        raise HilcError(_infeasible_message(p, limits))
+    return p.allocation(x, time.perf_counter() - t0)
+
+
+def _infeasible_message(p: _Problem, limits: list[tuple[str, np.ndarray, float]]) -> str:
+    """Name the budget that cannot be met and the best figure achievable (under the others)."""
+    for i, (name, coef, _) in enumerate(limits):
+        others = limits[:i] + limits[i + 1:]
+        x = p.solve(coef, others)
+        if x is None:
+            continue
+        best = float(coef @ x)
+        if name == "bitops":
+            return (f"no bit allocation meets --bitops-ratio: the most BitOps can shrink"
+                    f"{' under the other budgets' if others else ''} is "
+                    f"{p.bitops_int8 / (best + p.bitops_const):.3f}x below all-int8")
+        if name == "weights_bytes":
+            return (f"no bit allocation meets --weights-bytes: the fewest weight bytes achievable"
+                    f"{' under the other budgets' if others else ''} are {int(round(best))}")
+        return (f"no bit allocation meets --latency-ratio: the lowest predicted latency achievable"
+                f"{' under the other budgets' if others else ''} is {best / p.lat_int8:.3f} of all-int8's")
+    return "no bit allocation meets these budgets together (each alone is achievable)"
+
+
+def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation | None:
+    """Enumerate every allocation (small models only): the reference the ILP is tested against."""
+    from hilc.compiler.costmodel import load_cost_model
+
+    p = _Problem(space, sens, cost or load_cost_model())
+    limits = p.limits(budgets)
+    best, best_x = np.inf, None
+    index = {(zz[0].name, zz[1], zz[2]): i for i, zz in enumerate(p.z)}
+    for acts in itertools.product(ACT_BITS, repeat=len(space.roots)):
+        amap = dict(zip(space.roots, acts, strict=True))
+        for ws in itertools.product(WEIGHT_BITS, repeat=len(space.layers)):
+            x = np.zeros(p.n)
+            for la, w in zip(space.layers, ws, strict=True):
+                x[index[(la.name, w, amap[la.root] if la.root is not None else 8)]] = 1
+            for j, (r, a) in enumerate(p.y):
+                x[len(p.z) + j] = float(amap[r] == a)
+            if all(coef @ x <= ub + 1e-9 * max(1.0, abs(ub)) for _, coef, ub in limits):
+                v = float(p.obj @ x)
+                if v < best - 1e-15:
+                    best, best_x = v, x
+    return None if best_x is None else p.allocation(best_x, 0.0)
+
+
+# --- the compile step --------------------------------------------------------------------------
+
+def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "int8",
+                    budgets: Budgets | None = None, weight_bits: dict[str, int] | None = None,
+                    act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
+                    board: str | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+    """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
+    ``precision='mixed'``), the report's ``mixed_precision`` section and files to write."""
+    budgets = budgets or Budgets()
+    if precision not in ("int8", "mixed"):
+        raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
+    if precision == "int8":
+        if budgets.any():
+            raise HilcError("--bitops-ratio, --weights-bytes and --latency-ratio need --precision mixed")
+        if not weight_bits and not act_bits:
+            return graph, {}, {}
+        return assign_bitwidths(graph, weight_bits, act_bits), {"search": "fixed"}, {}
+    if not budgets.any():
+        raise HilcError("--precision mixed needs a budget: --bitops-ratio R, --weights-bytes N or --latency-ratio R")
+    for name, v in (("--bitops-ratio", budgets.bitops_ratio), ("--latency-ratio", budgets.latency_ratio),
+                    ("--weights-bytes", budgets.weights_bytes)):
+        if v is not None and not (v > 0 and np.isfinite(v)):
+            raise HilcError(f"{name} must be a positive number, got {v}")
+    if samples is None:
+        raise HilcError("--precision mixed measures each layer's sensitivity on calibration data: give --calib FILE")
+    from hilc.compiler.costmodel import load_cost_model
+
+    t0 = time.perf_counter()
+    sens = measure_sensitivity(graph, samples, cache)
+    cost = load_cost_model(board)
+    space = analyse(graph)
+    alloc = allocate(space, sens, budgets, cost)
+    g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+    info = alloc.summary()
+    info.update(search="hawq-v3 ilp (scipy.optimize.milp)", sensitivity_seconds=sens["seconds"],
+                sensitivity_cached=sens["cached"], search_seconds=round(time.perf_counter() - t0, 3),
+                latency_model=cost.board,
+                budgets={k: v for k, v in vars(budgets).items() if v is not None})
+    # measured effect: the same perturbation metric on the whole mixed graph
+    from hilc.compiler.quantize import quantize
+    from hilc.sim.simulator import to_physical
+
+    x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
+    ref = _outputs(quantize(graph), x)
+    info["measured_perturbation"] = float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / (float(np.mean(ref**2)) or 1.0)
+    files = {"sensitivity.json": json.dumps(sens, indent=1)}
+    return g, info, files

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
     c.add_argument("--precision", default="int8", choices=["int8", "mixed"],
                    help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
-    c.add_argument("--bitops-ratio", type=float, metavar="R", help="with --precision mixed: R times fewer BitOps than int8")
+    c.add_argument("--bitops-ratio", type=float, metavar="R",
+                   help="with --precision mixed: R times fewer BitOps than int8")
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")

@@ -151,6 +151,25 @@ def quantize_weights_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarr
     return q, scale
 
 
+def quantize_weights_subbyte(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel weights of ``bits`` < 8 with an MSE-optimal clip per channel:
+    with 7 or 1 levels a side, clipping the largest weights beats stretching the grid over them."""
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    absmax = np.abs(rows).max(axis=1)
+    best = np.where(absmax > 0, absmax / qmax, 1.0)
+    best_err = np.full(len(rows), np.inf)
+    for alpha in np.linspace(0.3, 1.0, 36):
+        s = np.where(absmax > 0, alpha * absmax / qmax, 1.0)
+        q = np.clip(np.rint(rows / s[:, None]), -qmax, qmax)
+        err = ((q * s[:, None] - rows) ** 2).sum(axis=1)
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.rint(w / best.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, best
+
+
 def accumulator_bound(w_int: np.ndarray, in_absmax: int, bias_int: np.ndarray | None) -> int:
     """Largest |accumulator| any input can produce: sum_k |w| * max|x - zp| + |bias|, per channel."""
     per_channel = np.abs(w_int.reshape(w_int.shape[0], -1).astype(np.int64)).sum(axis=1) * in_absmax

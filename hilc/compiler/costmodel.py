@@ -35,7 +35,10 @@ class CostModel:
 
     def layer(self, layer: Any, weight_bits: int, act_bits: int = 8) -> float:
         kind = layer.kind if layer.kind in self.per_mac else "conv"
-        return layer.macs * self.per_mac[kind][str(weight_bits)] + layer.outputs * self.per_output[kind]
+        per = self.per_mac[kind]
+        # widths kept in int8 containers run the int8 kernel
+        bits = str(weight_bits) if str(weight_bits) in per else "8"
+        return layer.macs * per[bits] + layer.outputs * self.per_output[kind]
 
     def to_json(self) -> dict[str, Any]:
         return {"board": self.board, "per_mac": self.per_mac, "per_output": self.per_output,

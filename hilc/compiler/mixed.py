@@ -34,6 +34,10 @@ from hilc.errors import HilcError
 
 WEIGHT_BITS = (8, 4, 2)
 ACT_BITS = (8, 4)
+# Widths between 4 and 8 are stored in int8 containers (no packing, no speed-up on an MCU); they
+# count in BitOps only. Offered as an option (``analyse(..., extended=True)``), not by default.
+EXTENDED_WEIGHT_BITS = (8, 7, 6, 5, 4, 2)
+EXTENDED_ACT_BITS = (8, 7, 6, 5, 4)
 LINEAR_OPS = ("conv2d", "dense")
 # Ops that take a sub-byte activation like an int8 one (no table indexed by the code).
 SUBBYTE_SAFE_CONSUMERS = {"conv2d", "dense", "add", "maxpool", "avgpool", "reshape", "transpose", "clamp",
@@ -60,6 +64,8 @@ class Space:
     # weightless ops with MACs (pooling): (root or None, macs), counted at in_bits^2 BitOps
     other_bitops: list[tuple[str | None, int]] = field(default_factory=list)
     fixed_bitops: int = 0  # ops whose input width no choice changes
+    wbits: tuple[int, ...] = WEIGHT_BITS  # candidate widths
+    abits: tuple[int, ...] = ACT_BITS
 
     def layer(self, name: str) -> Layer:
         return next(la for la in self.layers if la.name == name)
@@ -110,8 +116,9 @@ def subbyte_eligible(graph: Graph, root: str) -> bool:
     return True
 
 
-def analyse(graph: Graph) -> Space:
-    """The bit-width search space of a (float or quantized) graph."""
+def analyse(graph: Graph, extended: bool = False) -> Space:
+    """The bit-width search space of a (float or quantized) graph (``extended``: also the
+    int8-container widths 7, 6, 5)."""
     layers, roots = [], []
     other: list[tuple[str | None, int]] = []
     fixed = 0
@@ -133,6 +140,8 @@ def analyse(graph: Graph) -> Space:
                 other.append((root, macs))
             else:
                 fixed += macs * 64
+    if extended:
+        return Space(layers, roots, other, fixed, EXTENDED_WEIGHT_BITS, EXTENDED_ACT_BITS)
     return Space(layers, roots, other, fixed)
 
 
@@ -146,11 +155,12 @@ def assign_bitwidths(graph: Graph, weight_bits: dict[str, int] | None = None,
     for name, bits in (weight_bits or {}).items():
         if name not in names:
             raise HilcError(f"weight_bits: '{name}' is not a conv/dense layer")
-        if bits not in WEIGHT_BITS:
-            raise HilcError(f"weight_bits: {name} at {bits} bits (supported: {', '.join(map(str, WEIGHT_BITS))})")
+        if bits not in EXTENDED_WEIGHT_BITS:
+            raise HilcError(f"weight_bits: {name} at {bits} bits (supported: "
+                            f"{', '.join(map(str, EXTENDED_WEIGHT_BITS))})")
     for name, bits in (act_bits or {}).items():
-        if bits not in ACT_BITS:
-            raise HilcError(f"act_bits: {name} at {bits} bits (supported: {', '.join(map(str, ACT_BITS))})")
+        if bits not in EXTENDED_ACT_BITS:
+            raise HilcError(f"act_bits: {name} at {bits} bits (supported: {', '.join(map(str, EXTENDED_ACT_BITS))})")
         if bits != 8 and name not in space.roots:
             raise HilcError(f"act_bits: tensor '{name}' cannot take {bits}-bit values (graph input/output, "
                             "or a consumer indexes a table by its code)")
@@ -175,10 +185,15 @@ def _key(graph: Graph, samples: np.ndarray, extra: str = "") -> str:
 
 
 def _outputs(graph: Graph, qx_float: np.ndarray) -> np.ndarray:
-    """Dequantized first output of a quantized graph on real physical inputs."""
+    """Dequantized first output of a quantized graph on real physical inputs; for a model that
+    ends in a softmax, its logits (probabilities saturate and hide the perturbation)."""
     from hilc.compiler.arith import dequantize_host, quantize_host
     from hilc.sim.simulator import run_int_batched
 
+    last = graph.producer(graph.outputs[0])
+    if last is not None and last.op == "softmax":
+        graph = Graph(graph.name, graph.nodes[:graph.nodes.index(last)], graph.tensors, graph.constants,
+                      graph.inputs, [last.inputs[0]], graph.meta, graph.cache)
     q = graph.tensors[graph.inputs[0]].quant
     y = run_int_batched(graph, quantize_host(qx_float, q.scale, q.zero_point, q.bits))
     qo = graph.tensors[graph.outputs[0]].quant
@@ -186,7 +201,7 @@ def _outputs(graph: Graph, qx_float: np.ndarray) -> np.ndarray:
 
 
 def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | None = None,
-                        max_samples: int = 128) -> dict[str, Any]:
+                        max_samples: int = 128, extended: bool = False) -> dict[str, Any]:
     """Perturbation of the output for each (layer, weight width) and (activation, width) lowered
     alone: ``{"weights": {layer: {bits: mse}}, "acts": {root: {bits: mse}}, "baseline": ...}``.
 
@@ -198,7 +213,7 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     from hilc.sim.simulator import to_physical
 
     x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:max_samples])
-    key = _key(graph, x)
+    key = _key(graph, x, "extended" if extended else "")
     if cache is not None and Path(cache).exists():
         try:
             data = json.loads(Path(cache).read_text())
@@ -208,7 +223,7 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
         except (OSError, json.JSONDecodeError):
             pass  # an unreadable cache is remeasured
     t0 = time.perf_counter()
-    space = analyse(graph)
+    space = analyse(graph, extended)
     ref = _outputs(quantize(graph), x)
     scale = float(np.mean(ref**2)) or 1.0
 
@@ -216,8 +231,8 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
         return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
 
     weights = {la.name: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, {la.name: b})))
-                         for b in WEIGHT_BITS} for la in space.layers}
-    acts = {r: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, None, {r: b}))) for b in ACT_BITS}
+                         for b in space.wbits} for la in space.layers}
+    acts = {r: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, None, {r: b}))) for b in space.abits}
             for r in space.roots}
     data = {"key": key, "samples": int(len(x)), "metric": "mean squared output change / mean squared output",
             "weights": weights, "acts": acts, "seconds": round(time.perf_counter() - t0, 3), "cached": False}
@@ -264,15 +279,20 @@ class Allocation:
 
 
 def weight_bytes(la: Layer, bits: int) -> int:
-    return (la.n_weights * bits + 7) // 8
+    """Flash bytes of a layer's weights: packed rows for 4 and 2 bits, int8 otherwise."""
+    from hilc.compiler.arith import PACKED_WEIGHT_BITS, packed_row_bytes
+
+    if bits in PACKED_WEIGHT_BITS:
+        return la.out_channels * packed_row_bytes(la.k, bits)
+    return la.n_weights
 
 
 def _choices(space: Space) -> list[tuple[Layer, int, int]]:
     """Joint variables: (layer, weight bits, input activation bits)."""
     out = []
     for la in space.layers:
-        for w in WEIGHT_BITS:
-            for a in (ACT_BITS if la.root is not None else (8,)):
+        for w in space.wbits:
+            for a in (space.abits if la.root is not None else (8,)):
                 out.append((la, w, a))
     return out
 
@@ -284,7 +304,7 @@ class _Problem:
     def __init__(self, space: Space, sens: dict[str, Any], cost) -> None:
         self.space = space
         self.z = _choices(space)
-        self.y = [(r, a) for r in space.roots for a in ACT_BITS]
+        self.y = [(r, a) for r in space.roots for a in space.abits]
         nz = len(self.z)
         n = nz + len(self.y)
         self.n = n
@@ -316,7 +336,7 @@ class _Problem:
         for r in self.space.roots:  # one width per activation ...
             rows.append([0.0] * nz + [1.0 if yy[0] == r else 0.0 for yy in self.y])
             rhs.append(1.0)
-            for a in ACT_BITS:  # ... which every layer reading it follows
+            for a in self.space.abits:  # ... which every layer reading it follows
                 for la in self.space.layers:
                     if la.root != r:
                         continue
@@ -352,7 +372,7 @@ class _Problem:
 
     def allocation(self, x: np.ndarray, seconds: float) -> Allocation:
         wb, ab = {}, {}
-        for i, (la, w, a) in enumerate(self.z):
+        for i, (la, w, _) in enumerate(self.z):
             if x[i] > 0.5:
                 wb[la.name] = w
         for j, (r, a) in enumerate(self.y):
@@ -363,7 +383,8 @@ class _Problem:
                           float(self.lat @ x), self.lat_int8, seconds)
 
 
-def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None, sram_bytes: int | None = None) -> Allocation:
+def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None,
+             sram_bytes: int | None = None) -> Allocation:
     """Minimise the summed perturbation under the budgets (HAWQ-V3's ILP). Budgets no allocation
     meets raise a HilcError naming the best achievable figure."""
     from hilc.compiler.costmodel import load_cost_model
@@ -409,9 +430,9 @@ def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None)
     limits = p.limits(budgets)
     best, best_x = np.inf, None
     index = {(zz[0].name, zz[1], zz[2]): i for i, zz in enumerate(p.z)}
-    for acts in itertools.product(ACT_BITS, repeat=len(space.roots)):
+    for acts in itertools.product(space.abits, repeat=len(space.roots)):
         amap = dict(zip(space.roots, acts, strict=True))
-        for ws in itertools.product(WEIGHT_BITS, repeat=len(space.layers)):
+        for ws in itertools.product(space.wbits, repeat=len(space.layers)):
             x = np.zeros(p.n)
             for la, w in zip(space.layers, ws, strict=True):
                 x[index[(la.name, w, amap[la.root] if la.root is not None else 8)]] = 1
@@ -429,7 +450,7 @@ def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None)
 def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "int8",
                     budgets: Budgets | None = None, weight_bits: dict[str, int] | None = None,
                     act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
-                    board: str | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    board: str | None = None, extended: bool = False) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write."""
     budgets = budgets or Budgets()
@@ -452,15 +473,15 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     from hilc.compiler.costmodel import load_cost_model
 
     t0 = time.perf_counter()
-    sens = measure_sensitivity(graph, samples, cache)
+    sens = measure_sensitivity(graph, samples, cache, extended=extended)
     cost = load_cost_model(board)
-    space = analyse(graph)
+    space = analyse(graph, extended)
     alloc = allocate(space, sens, budgets, cost)
     g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
     info = alloc.summary()
     info.update(search="hawq-v3 ilp (scipy.optimize.milp)", sensitivity_seconds=sens["seconds"],
                 sensitivity_cached=sens["cached"], search_seconds=round(time.perf_counter() - t0, 3),
-                latency_model=cost.board,
+                latency_model=cost.board, candidates={"weights": list(space.wbits), "acts": list(space.abits)},
                 budgets={k: v for k, v in vars(budgets).items() if v is not None})
     # measured effect: the same perturbation metric on the whole mixed graph
     from hilc.compiler.quantize import quantize
@@ -468,6 +489,7 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
 
     x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
     ref = _outputs(quantize(graph), x)
-    info["measured_perturbation"] = float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / (float(np.mean(ref**2)) or 1.0)
+    measured = float(np.mean((_outputs(quantize(g), x) - ref) ** 2))
+    info["measured_perturbation"] = measured / (float(np.mean(ref**2)) or 1.0)
     files = {"sensitivity.json": json.dumps(sens, indent=1)}
     return g, info, files

@@ -43,7 +43,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
                   flash_bytes: int | None = None, board: str | None = None, precision: str = "int8",
                   budgets: Any = None, weight_bits: dict[str, int] | None = None,
-                  act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None) -> CompileResult:
+                  act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
+                  extended_bits: bool = False) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM)."""
     board_obj = None
@@ -91,7 +92,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
-                                               sensitivity_cache, board)
+                                               sensitivity_cache, board, extended_bits)
     q = quantize(g)
     if mixed_info:
         q.meta["precision"] = "mixed"

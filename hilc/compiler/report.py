@@ -41,7 +41,8 @@ def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | 
         total_bitops_int8 += macs * 64
         weights_bytes += wbytes
         layer = {"name": node.name, "op": node.op, "onnx_name": node.onnx_name, "macs": macs,
-                 "bitops": bitops, "weight_bits": w_bits, "act_bits": act_bits, "in_act_bits": in_bits, "out_shape": list(out.shape),
+                 "bitops": bitops, "weight_bits": w_bits, "act_bits": act_bits, "in_act_bits": in_bits,
+                 "out_shape": list(out.shape),
                  "weights_bytes": wbytes}
         if "acc_bound" in node.attrs:
             bound = node.attrs["acc_bound"]

@@ -178,13 +178,15 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
     w = graph.param(node, "weight").astype(np.float64)
     b = graph.param(node, "bias").astype(np.float64)
     bits = node.attrs.get("weight_bits", 8)
-    if bits not in (8, *arith.PACKED_WEIGHT_BITS):
-        raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): weight_bits={bits} (supported: 8, 4, 2)")
+    if bits not in range(2, 9):
+        raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): weight_bits={bits} (supported: 2 to 8)")
     preset = node.attrs.pop("w_scale", None)
     if preset is not None:
         s_w = np.asarray(preset, np.float64)
         qmax = 2 ** (bits - 1) - 1
         w_int = np.clip(np.rint(w / s_w.reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax).astype(np.int8)
+    elif bits < 8:
+        w_int, s_w = arith.quantize_weights_subbyte(w, bits)
     else:
         w_int, s_w = arith.quantize_weights_per_channel(w, bits)
     s_acc = qi.scale * s_w
@@ -200,7 +202,7 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
         raise UnsupportedModelError(
             f"{node.name} ({node.onnx_name}): int32 accumulator could overflow (static bound {bound} > 2^31-1); "
             "the reduction must be split")
-    if bits < 8 and arith.packed_scaled_bound(w_int, in_absmax, bits) > arith.INT32_MAX:
+    if bits in arith.PACKED_WEIGHT_BITS and arith.packed_scaled_bound(w_int, in_absmax, bits) > arith.INT32_MAX:
         raise UnsupportedModelError(
             f"{node.name} ({node.onnx_name}): the {bits}-bit SIMD kernel's scaled int32 sum could overflow "
             f"(bound {arith.packed_scaled_bound(w_int, in_absmax, bits)} > 2^31-1); use 8-bit weights here")

@@ -87,7 +87,7 @@ class CEmitter:
         w = self.graph.param(node, "weight")
         bits = int(node.attrs.get("weight_bits", 8))
         k = int(np.prod(w.shape[1:], dtype=np.int64))
-        if bits == 8:
+        if bits not in arith.PACKED_WEIGHT_BITS:  # 8 bits, or 5-7 in int8 containers
             return {"weight": self.param(node, "weight"), "weight_bits": 8, "weight_stride": k}
         packed = arith.pack_weights(w, bits).view(np.int8)
         return {"weight": self.array(f"{node.name}_weight_{bits}bit", packed), "weight_bits": bits,

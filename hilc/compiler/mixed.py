@@ -145,6 +145,90 @@ def analyse(graph: Graph, extended: bool = False) -> Space:
     return Space(layers, roots, other, fixed)
 
 
+def _mse_clip(v: np.ndarray, lo: float, hi: float, bits: int) -> tuple[float, float]:
+    """The shrinking of ``[lo, hi]`` with the least quantization MSE at ``bits`` bits."""
+    from hilc.compiler.arith import choose_qparams, qrange
+
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    best, best_err = (lo, hi), np.inf
+    qmin, qmax = qrange(bits)
+    for alpha in np.linspace(0.1, 1.0, 46):
+        s, zp = choose_qparams(lo * alpha, hi * alpha, bits)
+        q = np.clip(np.rint(v / s) + zp, qmin, qmax)
+        err = float(np.mean(((q - zp) * s - v) ** 2))
+        if err < best_err:
+            best, best_err = (lo * alpha, hi * alpha), err
+    return float(best[0]), float(best[1])
+
+
+def prepare_subbyte(graph: Graph, samples: np.ndarray, max_samples: int = 128, keep: int = 1 << 16) -> Graph:
+    """Statistics sub-byte widths need, from one float run on calibration data, kept in ``meta``:
+
+    * ``subbyte_ranges``: for each eligible activation, the MSE-optimal clipped range at each
+      sub-byte width (with 16 levels, clipping the rare large values beats spreading the grid
+      over them; the quantizer uses it when the tensor is given that width);
+    * ``input_means``: the mean of each conv/dense input per channel, for the bias correction
+      of sub-byte weights (``assign_bitwidths``).
+    """
+    from hilc.sim.simulator import run_float, to_physical
+
+    g = graph.copy()
+    space = analyse(g, extended=True)
+    followers = {t: r for r in space.roots for t in _followers(g, r)}
+    lin_inputs = {n.inputs[0] for n in g.nodes if n.op in LINEAR_OPS}
+    vals: dict[str, np.ndarray] = {}
+    means: dict[str, list[float]] = {}
+    rng = np.random.default_rng(0)
+
+    def observe(name: str, v: np.ndarray) -> None:
+        if name in space.roots:
+            flat = v.reshape(-1)
+            vals[name] = flat[rng.integers(0, flat.size, keep)] if flat.size > keep else flat
+        if name in lin_inputs:
+            means[name] = v.reshape(-1, v.shape[-1]).astype(np.float64).mean(axis=0).tolist()
+
+    x = to_physical(g, g.inputs[0], np.asarray(samples, np.float32)[:max_samples])
+    run_float(g, {g.inputs[0]: x}, observe=observe)
+    ranges = g.meta.get("calibration", {})
+    sub: dict[str, dict[str, list[float]]] = {}
+    for t, r in followers.items():
+        if r in vals and r in ranges:
+            sub[t] = {str(b): list(_mse_clip(vals[r].astype(np.float64), *ranges[r], b)) for b in space.abits if b < 8}
+    g.meta["subbyte_ranges"] = sub
+    g.meta["input_means"] = means
+    return g
+
+
+def with_prepared(graph: Graph, prepared: dict[str, Any]) -> Graph:
+    g = graph.copy()
+    g.meta.update(prepared)
+    return g
+
+
+def _bias_correction(graph: Graph, node, bits: int) -> None:
+    """Shift the float bias by the mean error sub-byte rounding adds to each output,
+    ``-(W_q - W) . E[x]`` (bias correction, Nagel et al. 2019), so the quantizer's integer bias
+    absorbs it. ``W_q`` is what ``quantize_linear_layer`` will pick for these weights."""
+    from hilc.compiler.arith import quantize_weights_subbyte
+
+    mean = graph.meta.get("input_means", {}).get(node.inputs[0])
+    if mean is None or "w_scale" in node.attrs:
+        return
+    w = graph.param(node, "weight").astype(np.float64)
+    q, s = quantize_weights_subbyte(w, bits)
+    dw = (q * s.reshape((-1,) + (1,) * (w.ndim - 1)) - w).reshape(w.shape[0], -1, w.shape[-1])  # [O, taps, cg]
+    m = np.asarray(mean, np.float64)
+    if node.op == "conv2d":
+        groups = node.attrs["group"]
+        og, cg = w.shape[0] // groups, w.shape[-1]
+        m_out = m.reshape(groups, cg)[np.arange(w.shape[0]) // og]  # [O, cg]: each output's input channels
+        corr = (dw.sum(axis=1) * m_out).sum(axis=1)
+    else:
+        corr = dw.reshape(w.shape[0], -1) @ m
+    bias = graph.param(node, "bias").astype(np.float64) - corr
+    node.params["bias"] = graph.add_constant(f"{node.name}.bias_corrected", bias.astype(np.float32))
+
+
 def assign_bitwidths(graph: Graph, weight_bits: dict[str, int] | None = None,
                      act_bits: dict[str, int] | None = None) -> Graph:
     """A float graph with ``node.attrs['weight_bits']`` and ``meta['act_bits']`` set, read by the
@@ -167,6 +251,8 @@ def assign_bitwidths(graph: Graph, weight_bits: dict[str, int] | None = None,
     for node in g.nodes:
         if node.op in LINEAR_OPS:
             node.attrs["weight_bits"] = int((weight_bits or {}).get(node.name, node.attrs.get("weight_bits", 8)))
+            if node.attrs["weight_bits"] < 8:
+                _bias_correction(g, node, node.attrs["weight_bits"])
     acts = {}
     for root, bits in (act_bits or {}).items():
         if bits != 8:
@@ -205,9 +291,10 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     """Perturbation of the output for each (layer, weight width) and (activation, width) lowered
     alone: ``{"weights": {layer: {bits: mse}}, "acts": {root: {bits: mse}}, "baseline": ...}``.
 
-    ``graph`` is a calibrated float graph; ``samples`` real inputs in the model's layout. With
-    ``cache`` (a JSON file), results are stored keyed by a hash of the graph and the samples
-    and reused on the next search.
+    ``graph`` is a calibrated float graph; ``samples`` real inputs in the model's layout. The
+    statistics of ``prepare_subbyte`` are measured first and returned under ``prepared`` (apply
+    them with ``with_prepared``). With ``cache`` (a JSON file), results are stored keyed by a hash
+    of the graph and the samples and reused on the next search.
     """
     from hilc.compiler.quantize import quantize
     from hilc.sim.simulator import to_physical
@@ -223,6 +310,7 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
         except (OSError, json.JSONDecodeError):
             pass  # an unreadable cache is remeasured
     t0 = time.perf_counter()
+    graph = prepare_subbyte(graph, samples, max_samples)
     space = analyse(graph, extended)
     ref = _outputs(quantize(graph), x)
     scale = float(np.mean(ref**2)) or 1.0
@@ -235,7 +323,8 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     acts = {r: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, None, {r: b}))) for b in space.abits}
             for r in space.roots}
     data = {"key": key, "samples": int(len(x)), "metric": "mean squared output change / mean squared output",
-            "weights": weights, "acts": acts, "seconds": round(time.perf_counter() - t0, 3), "cached": False}
+            "weights": weights, "acts": acts, "seconds": round(time.perf_counter() - t0, 3), "cached": False,
+            "prepared": {k: graph.meta[k] for k in ("subbyte_ranges", "input_means")}}
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         Path(cache).write_text(json.dumps(data, indent=1))
@@ -461,6 +550,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
             raise HilcError("--bitops-ratio, --weights-bytes and --latency-ratio need --precision mixed")
         if not weight_bits and not act_bits:
             return graph, {}, {}
+        if samples is not None:
+            graph = prepare_subbyte(graph, samples)
         return assign_bitwidths(graph, weight_bits, act_bits), {"search": "fixed"}, {}
     if not budgets.any():
         raise HilcError("--precision mixed needs a budget: --bitops-ratio R, --weights-bytes N or --latency-ratio R")
@@ -474,6 +565,7 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
 
     t0 = time.perf_counter()
     sens = measure_sensitivity(graph, samples, cache, extended=extended)
+    graph = with_prepared(graph, sens["prepared"])
     cost = load_cost_model(board)
     space = analyse(graph, extended)
     alloc = allocate(space, sens, budgets, cost)

@@ -123,8 +123,13 @@ def test_subbyte_activations_and_mixed_widths_bit_exact(tmp_path):
     result, (portable, dsp), sim = host_vs_sim(tmp_path / "m.onnx", calib, x, tmp_path / "out", weight_bits=wb,
                                                act_bits=ab)
     g = result.graph
-    for r in space.roots:  # 4-bit values in int8 containers: the clamp keeps them in [-8, 7]
+    for r in space.roots:  # 4-bit values: the clamp keeps them in [-8, 7]
         assert g.tensors[r].quant.bits == 4
+    # between two conv layers they are packed two to a byte in the arena; into the pool, int8 containers
+    packed = [t for t in space.roots if g.tensors[t].dtype == "int4"]
+    assert packed == space.roots[:2] and g.tensors[space.roots[2]].dtype == "int8"
+    mem = {m["tensor"]: m["bytes"] for m in result.report["memory"]}
+    assert mem[packed[0]] == 7 * 9 * 6 // 2 and mem[space.roots[2]] == 7 * 9 * 5
     feeds = run_int_batched(g, quantize_host(to_physical(g, g.inputs[0], x), g.tensors[g.inputs[0]].quant.scale,
                                              g.tensors[g.inputs[0]].quant.zero_point))
     assert feeds.shape[0] == len(x)

@@ -262,6 +262,21 @@ def assign_bitwidths(graph: Graph, weight_bits: dict[str, int] | None = None,
     return g
 
 
+def pack_subbyte_activations(graph: Graph) -> Graph:
+    """Store 4-bit activations two to a byte in the arena (tensor dtype ``int4``) where the C
+    kernels on both sides take packed data: produced by a conv/dense layer, read only by
+    conv/dense layers, not a graph input or output. Others stay in int8 containers."""
+    g = graph.copy()
+    for name, t in g.tensors.items():
+        if t.quant is None or t.quant.bits != 4 or name in g.inputs or name in g.outputs:
+            continue
+        prod = g.producer(name)
+        cons = g.consumers(name)
+        if prod is not None and prod.op in LINEAR_OPS and cons and all(c.op in LINEAR_OPS for c in cons):
+            t.dtype = "int4"
+    return g
+
+
 # --- sensitivity -------------------------------------------------------------------------------
 
 def _key(graph: Graph, samples: np.ndarray, extra: str = "") -> str:

@@ -95,6 +95,9 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                                                sensitivity_cache, board, extended_bits)
     q = quantize(g)
     if mixed_info:
+        from hilc.compiler.mixed import pack_subbyte_activations
+
+        q = pack_subbyte_activations(q)
         q.meta["precision"] = "mixed"
     if "quantize" in (dump_after or []):
         dumps["quantize"] = q.summary()

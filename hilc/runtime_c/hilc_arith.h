@@ -33,6 +33,18 @@ static inline int32_t hilc_weight_at(const int8_t *row, int32_t p, int32_t bits)
     return (int32_t)(int8_t)(top & (uint8_t)(0xFFu << (8 - bits))) >> (8 - bits);
 }
 
+/* 4-bit activations packed in the arena (tensor dtype "int4"): element i in byte i/2, the low
+ * nibble for even i, the high one for odd i, two's complement. */
+static inline int32_t hilc_act4_at(const int8_t *base, int32_t i) {
+    const uint8_t b = (uint8_t)base[i >> 1];
+    return (int32_t)(int8_t)(uint8_t)(b << ((~i & 1) << 2)) >> 4;
+}
+
+static inline void hilc_act4_put(int8_t *base, int32_t i, int32_t v) {
+    uint8_t *p = (uint8_t *)base + (i >> 1);
+    *p = (i & 1) ? (uint8_t)((*p & 0x0Fu) | ((uint32_t)v << 4)) : (uint8_t)((*p & 0xF0u) | ((uint32_t)v & 0x0Fu));
+}
+
 /* A params struct's weight_bits: 0 or 8 mean plain int8 weights, 4 and 2 packed rows. */
 static inline int32_t hilc_packed(int32_t weight_bits) { return weight_bits == 4 || weight_bits == 2; }
 

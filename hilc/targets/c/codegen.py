@@ -81,17 +81,20 @@ class CEmitter:
 
     def weights(self, node: Node) -> dict[str, Any]:
         """The struct fields of a conv/dense node's weights: int8 rows, or rows packed two (4-bit)
-        or four (2-bit) to a byte for ``weight_bits`` 4 / 2 (``arith.pack_weights``)."""
+        or four (2-bit) to a byte for ``weight_bits`` 4 / 2 (``arith.pack_weights``); and the
+        widths of its input and output in the arena (4: packed, tensor dtype ``int4``)."""
         from hilc.compiler import arith
 
+        acts = {"in_bits": 4 if self.graph.tensors[node.inputs[0]].dtype == "int4" else 8,
+                "out_bits": 4 if self.graph.tensors[node.outputs[0]].dtype == "int4" else 8}
         w = self.graph.param(node, "weight")
         bits = int(node.attrs.get("weight_bits", 8))
         k = int(np.prod(w.shape[1:], dtype=np.int64))
         if bits not in arith.PACKED_WEIGHT_BITS:  # 8 bits, or 5-7 in int8 containers
-            return {"weight": self.param(node, "weight"), "weight_bits": 8, "weight_stride": k}
+            return {"weight": self.param(node, "weight"), "weight_bits": 8, "weight_stride": k, **acts}
         packed = arith.pack_weights(w, bits).view(np.int8)
         return {"weight": self.array(f"{node.name}_weight_{bits}bit", packed), "weight_bits": bits,
-                "weight_stride": arith.packed_row_bytes(k, bits)}
+                "weight_stride": arith.packed_row_bytes(k, bits), **acts}
 
     def struct(self, ctype: str, name: str, fields: dict[str, Any]) -> str:
         """Declare a const parameter struct; returns ``&ident``."""

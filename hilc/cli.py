@@ -59,7 +59,7 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     from hilc.compiler.mixed import Budgets
 
     budgets = Budgets(bitops_ratio=args.bitops_ratio, weights_bytes=args.weights_bytes,
-                      latency_ratio=args.latency_ratio)
+                      latency_ratio=args.latency_ratio, sram_bytes=args.sram_bytes)
     if args.precision == "int8" and not budgets.any():
         return {}
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json"}
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
+    c.add_argument("--sram-bytes", type=int, metavar="N",
+                   help="with --precision mixed: peak SRAM at most N bytes (4-bit activations pack in the arena)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

@@ -165,6 +165,14 @@ def chain_problem(tmp_path_factory):
     return g, calib, sens, d
 
 
+def chain_space(g):
+    from hilc.compiler.quantize import quantize
+
+    space = mixed.analyse(g)
+    space.sram = mixed.sram_model(quantize(g), space)
+    return space
+
+
 def test_sensitivity_is_measured_positive_and_cached(chain_problem):
     g, calib, sens, d = chain_problem
     assert not sens["cached"]
@@ -182,7 +190,7 @@ def test_sensitivity_is_measured_positive_and_cached(chain_problem):
                                      Budgets(latency_ratio=1.0, bitops_ratio=1.5)])
 def test_ilp_is_optimal_against_brute_force(chain_problem, budgets):
     g, _, sens, _ = chain_problem
-    space = mixed.analyse(g)
+    space = chain_space(g)
     cost = load_cost_model()
     ilp = mixed.allocate(space, sens, budgets, cost)
     ref = mixed.brute_force(space, sens, budgets, cost)  # 3^4 weight x 2^4 activation choices
@@ -192,6 +200,24 @@ def test_ilp_is_optimal_against_brute_force(chain_problem, budgets):
         assert ilp.bitops <= ilp.bitops_int8 / budgets.bitops_ratio * (1 + 1e-9)
     if budgets.weights_bytes:
         assert ilp.weights_bytes <= budgets.weights_bytes
+
+
+def test_sram_budget_packs_activations_and_matches_brute_force(chain_problem, tmp_path):
+    g, calib, sens, d = chain_problem
+    space = chain_space(g)
+    cost = load_cost_model()
+    p = mixed._Problem(space, sens, cost)
+    int8_peak = p.peak_sram(p.int8)
+    budget = int8_peak - 150  # one of the two packable 378-byte maps must drop to 189 bytes
+    ilp = mixed.allocate(space, sens, Budgets(sram_bytes=budget), cost)
+    ref = mixed.brute_force(space, sens, Budgets(sram_bytes=budget), cost)
+    assert ilp.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
+    assert ilp.peak_sram <= budget < int8_peak and 4 in ilp.act_bits.values()
+    # the compiled C model's memory plan agrees with the prediction
+    r = compile_model(d / "m.onnx", calib, target="c", precision="mixed", budgets=Budgets(sram_bytes=budget))
+    assert r.report["peak_sram_bytes"] == r.report["mixed_precision"]["predicted_peak_sram_bytes"] <= budget
+    with pytest.raises(HilcError, match=r"least peak SRAM achievable is \d+ bytes"):
+        mixed.allocate(space, sens, Budgets(sram_bytes=space.sram.fixed + 10), cost)
 
 
 def test_unreachable_budget_names_the_best_achievable(chain_problem):

@@ -58,6 +58,17 @@ class Layer:
 
 
 @dataclass
+class SramModel:
+    """Peak SRAM as linear pieces: at each schedule step, the bytes of the live arena blocks of
+    fixed size plus, for activations that pack two to a byte at 4 bits, their size at each width;
+    plus I/O buffers and the DSP kernels' im2col scratch. The peak is the arena's lower bound
+    (the planner reaches it or comes within 5 %) plus ``fixed``."""
+
+    steps: list[tuple[int, dict[str, int]]]  # (fixed bytes, {root: int8 bytes of its packable block})
+    fixed: int
+
+
+@dataclass
 class Space:
     layers: list[Layer]
     roots: list[str]  # activations eligible for sub-byte widths
@@ -66,6 +77,7 @@ class Space:
     fixed_bitops: int = 0  # ops whose input width no choice changes
     wbits: tuple[int, ...] = WEIGHT_BITS  # candidate widths
     abits: tuple[int, ...] = ACT_BITS
+    sram: SramModel | None = None  # set by sram_model (needs a quantized graph)
 
     def layer(self, name: str) -> Layer:
         return next(la for la in self.layers if la.name == name)
@@ -277,6 +289,45 @@ def pack_subbyte_activations(graph: Graph) -> Graph:
     return g
 
 
+def _aligned(n: int, align: int = 4) -> int:
+    return -(-n // align) * align
+
+
+def block_bytes(int8_bytes: int, bits: int) -> int:
+    """Arena bytes of an activation block at ``bits`` (4: packed two to a byte), aligned as
+    the memory planner places blocks."""
+    return _aligned((int8_bytes + 1) // 2 if bits == 4 else int8_bytes)
+
+
+def sram_model(quantized: Graph, space: Space) -> SramModel:
+    """The SRAM pieces of ``space`` from the memory plan of its all-int8 quantized graph."""
+    from hilc.compiler.memory import plan_memory, tensor_bytes
+
+    plan = plan_memory(quantized)
+    packable = {r for r in space.roots if quantized.producer(r).op in LINEAR_OPS
+                and all(c.op in LINEAR_OPS for c in quantized.consumers(r))}
+    blocks: dict[str, list[int]] = {}  # base tensor -> [start, end]
+    for t, (a, b) in plan.lifetimes.items():
+        base = t
+        while base in plan.inplace:
+            base = plan.inplace[base]
+        life = blocks.setdefault(base, [a, b])
+        life[0], life[1] = min(life[0], a), max(life[1], b)
+    last = max((b for _, b in blocks.values()), default=0)
+    steps = []
+    for s in range(last + 1):
+        fixed, var = 0, {}
+        for base, (a, b) in blocks.items():
+            if a <= s <= b:
+                if base in packable:
+                    var[base] = tensor_bytes(quantized, base)
+                else:
+                    fixed += _aligned(tensor_bytes(quantized, base))
+        steps.append((fixed, var))
+    scratch = 2 * max((la.k for la in space.layers), default=0)
+    return SramModel(steps, plan.input_bytes + plan.output_bytes + scratch)
+
+
 # --- sensitivity -------------------------------------------------------------------------------
 
 def _key(graph: Graph, samples: np.ndarray, extra: str = "") -> str:
@@ -353,7 +404,7 @@ class Budgets:
     bitops_ratio: float | None = None  # BitOps at least this many times below all-int8
     weights_bytes: int | None = None  # conv/dense weight bytes (packed)
     latency_ratio: float | None = None  # predicted latency at most this fraction of all-int8's
-    sram_bytes: int | None = None  # peak SRAM (activations stay in int8 containers: fixed)
+    sram_bytes: int | None = None  # peak SRAM: arena (lower bound) + I/O + scratch
 
     def any(self) -> bool:
         return any(v is not None for v in (self.bitops_ratio, self.weights_bytes, self.latency_ratio,
@@ -372,6 +423,7 @@ class Allocation:
     latency: float  # predicted instructions
     latency_int8: float
     seconds: float = 0.0
+    peak_sram: int | None = None  # predicted peak SRAM (with a memory plan)
 
     def summary(self) -> dict[str, Any]:
         return {"weight_bits": self.weight_bits, "act_bits": self.act_bits,
@@ -379,7 +431,8 @@ class Allocation:
                 "bitops_reduction": self.bitops_int8 / max(1, self.bitops),
                 "weights_bytes": self.weights_bytes, "weights_bytes_int8": self.weights_bytes_int8,
                 "predicted_instructions": round(self.latency), "predicted_instructions_int8": round(self.latency_int8),
-                "search_seconds": round(self.seconds, 3)}
+                "search_seconds": round(self.seconds, 3),
+                **({"predicted_peak_sram_bytes": self.peak_sram} if self.peak_sram is not None else {})}
 
 
 def weight_bytes(la: Layer, bits: int) -> int:
@@ -458,7 +511,34 @@ class _Problem:
             out.append(("weights_bytes", self.wbytes, float(budgets.weights_bytes)))
         if budgets.latency_ratio is not None:
             out.append(("latency", self.lat, self.lat_int8 * budgets.latency_ratio))
+        if budgets.sram_bytes is not None:
+            sram = self.space.sram
+            if sram is None:
+                raise HilcError("an SRAM budget needs the memory plan (mixed.sram_model)")
+            nz = len(self.z)
+            for s, (fixed, var) in enumerate(sram.steps):
+                coef = np.zeros(self.n)
+                for j, (r, a) in enumerate(self.y):  # a packable block's bytes at the root's width
+                    if r in var:
+                        coef[nz + j] = block_bytes(var[r], a)
+                # roots whose only width is 8 (no y variable) stay at their int8 size
+                const = fixed + sum(block_bytes(b, 8) for r, b in var.items() if r not in self.space.roots)
+                out.append((f"sram@{s}", coef, float(budgets.sram_bytes - sram.fixed - const)))
         return out
+
+    def peak_sram(self, x: np.ndarray) -> int | None:
+        sram = self.space.sram
+        if sram is None:
+            return None
+        nz = len(self.z)
+        best = 0
+        for fixed, var in sram.steps:
+            total = fixed + sum(block_bytes(b, 8) for r, b in var.items() if r not in self.space.roots)
+            for j, (r, a) in enumerate(self.y):
+                if r in var and x[nz + j] > 0.5:
+                    total += block_bytes(var[r], a)
+            best = max(best, total)
+        return best + sram.fixed
 
     def solve(self, objective: np.ndarray, limits: list[tuple[str, np.ndarray, float]]) -> np.ndarray | None:
         from scipy.optimize import Bounds, LinearConstraint, milp
@@ -484,20 +564,16 @@ class _Problem:
                 ab[r] = a
         return Allocation(wb, ab, float(self.obj @ x), int(round(self.bitops @ x + self.bitops_const)),
                           int(round(self.bitops_int8)), int(round(self.wbytes @ x)), int(round(self.wbytes_int8)),
-                          float(self.lat @ x), self.lat_int8, seconds)
+                          float(self.lat @ x), self.lat_int8, seconds, self.peak_sram(x))
 
 
-def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None,
-             sram_bytes: int | None = None) -> Allocation:
+def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation:
     """Minimise the summed perturbation under the budgets (HAWQ-V3's ILP). Budgets no allocation
     meets raise a HilcError naming the best achievable figure."""
     from hilc.compiler.costmodel import load_cost_model
 
     t0 = time.perf_counter()
     cost = cost or load_cost_model()
-    if budgets.sram_bytes is not None and sram_bytes is not None and sram_bytes > budgets.sram_bytes:
-        raise HilcError(f"no bit allocation meets the SRAM budget of {budgets.sram_bytes} bytes: activations stay "
-                        f"in int8 containers, so every allocation needs {sram_bytes} bytes")
     p = _Problem(space, sens, cost)
     limits = p.limits(budgets)
     x = p.solve(p.obj, limits)
@@ -508,6 +584,15 @@ def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None,
 
 def _infeasible_message(p: _Problem, limits: list[tuple[str, np.ndarray, float]]) -> str:
     """Name the budget that cannot be met and the best figure achievable (under the others)."""
+    sram_rows = [lim for lim in limits if lim[0].startswith("sram@")]
+    if sram_rows:
+        others = [lim for lim in limits if not lim[0].startswith("sram@")]
+        feasible_without = p.solve(p.obj, others) is not None
+        if feasible_without:  # the SRAM budget is the one in the way: find the least peak
+            least = _least_peak(p, others)
+            return (f"no bit allocation meets the SRAM budget: the least peak SRAM achievable"
+                    f"{' under the other budgets' if others else ''} is {least} bytes")
+        limits = others
     for i, (name, coef, _) in enumerate(limits):
         others = limits[:i] + limits[i + 1:]
         x = p.solve(coef, others)
@@ -524,6 +609,22 @@ def _infeasible_message(p: _Problem, limits: list[tuple[str, np.ndarray, float]]
         return (f"no bit allocation meets --latency-ratio: the lowest predicted latency achievable"
                 f"{' under the other budgets' if others else ''} is {best / p.lat_int8:.3f} of all-int8's")
     return "no bit allocation meets these budgets together (each alone is achievable)"
+
+
+def _least_peak(p: _Problem, others: list) -> int:
+    """The least achievable peak SRAM: every packable activation at 4 bits where the other budgets
+    allow (a smaller width never grows a block), found by bisection on the budget."""
+    sram = p.space.sram
+    lo = sram.fixed
+    hi = sram.fixed + max(f + sum(v.values()) for f, v in sram.steps)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        trial = [lim for lim in p.limits(Budgets(sram_bytes=mid)) if lim[0].startswith("sram@")]
+        if p.solve(np.zeros(p.n), others + trial) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation | None:
@@ -562,16 +663,17 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
     if precision == "int8":
         if budgets.any():
-            raise HilcError("--bitops-ratio, --weights-bytes and --latency-ratio need --precision mixed")
+            raise HilcError("--bitops-ratio, --weights-bytes, --latency-ratio and --sram-bytes need --precision mixed")
         if not weight_bits and not act_bits:
             return graph, {}, {}
         if samples is not None:
             graph = prepare_subbyte(graph, samples)
         return assign_bitwidths(graph, weight_bits, act_bits), {"search": "fixed"}, {}
     if not budgets.any():
-        raise HilcError("--precision mixed needs a budget: --bitops-ratio R, --weights-bytes N or --latency-ratio R")
+        raise HilcError("--precision mixed needs a budget: --bitops-ratio R, --weights-bytes N, --latency-ratio R "
+                        "or --sram-bytes N")
     for name, v in (("--bitops-ratio", budgets.bitops_ratio), ("--latency-ratio", budgets.latency_ratio),
-                    ("--weights-bytes", budgets.weights_bytes)):
+                    ("--weights-bytes", budgets.weights_bytes), ("--sram-bytes", budgets.sram_bytes)):
         if v is not None and not (v > 0 and np.isfinite(v)):
             raise HilcError(f"{name} must be a positive number, got {v}")
     if samples is None:
@@ -583,6 +685,9 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     graph = with_prepared(graph, sens["prepared"])
     cost = load_cost_model(board)
     space = analyse(graph, extended)
+    from hilc.compiler.quantize import quantize
+
+    space.sram = sram_model(quantize(graph), space)
     alloc = allocate(space, sens, budgets, cost)
     g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
     info = alloc.summary()
@@ -591,7 +696,6 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                 latency_model=cost.board, candidates={"weights": list(space.wbits), "acts": list(space.abits)},
                 budgets={k: v for k, v in vars(budgets).items() if v is not None})
     # measured effect: the same perturbation metric on the whole mixed graph
-    from hilc.compiler.quantize import quantize
     from hilc.sim.simulator import to_physical
 
     x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])

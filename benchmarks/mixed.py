@@ -142,15 +142,19 @@ def on_board(d: Path, res: dict, rows: list, crops) -> None:
         prof = profile_command(o, board, r.graph, held[:1])
         entry = {"instructions": prof["total_instructions"], "flash_bytes": r.report["flash_bytes"],
                  "constants_flash_bytes": r.report["constants_flash_bytes"], "bitops": r.report["bitops"],
+                 "arena_bytes": r.report["arena_bytes"], "peak_sram_bytes": r.report["peak_sram_bytes"],
                  "bitops_int8": r.report["bitops_int8"], "run_check_mismatches": bad, "samples_checked": len(held)}
         if "mixed_precision" in r.report:
             m = r.report["mixed_precision"]
             entry.update(predicted_instructions=m["predicted_instructions"], weight_bits=m["weight_bits"],
-                         act_bits=m["act_bits"])
+                         act_bits=m["act_bits"], predicted_peak_sram_bytes=m.get("predicted_peak_sram_bytes"),
+                         bitops_reduction=r.report["bitops_int8"] / r.report["bitops"])
         out[label] = entry
-        rows.append((f"resnet8 {label} on {BOARD}: instructions / flash",
-                     f"{entry['instructions']:,} / {entry['flash_bytes']:,} B",
-                     f"run --check: {len(held) - bad}/{len(held)} bit-exact"))
+        rows.append((f"resnet8 {label} on {BOARD}: instructions / flash / peak SRAM",
+                     f"{entry['instructions']:,} / {entry['flash_bytes']:,} / {entry['peak_sram_bytes']:,} B",
+                     f"run --check: {len(held) - bad}/{len(held)} bit-exact"
+                     + (f", predicted {entry['predicted_instructions']:,} instr" if "predicted_instructions" in entry
+                        else "")))
     res["resnet8_board"] = out
 
 

@@ -287,3 +287,17 @@ def test_resnet8_mixed_run_check_on_qemu(tmp_path, crops32):
     assert set(rep["mixed_precision"]["weight_bits"].values()) & {4, 2}
     assert main(["run", str(o), str(tmp_path / "x.npy"), "--board", "qemu-mps2-an386", "-o",
                  str(tmp_path / "y.npy"), "--check", "-q"]) == 0
+
+
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="arm-none-eabi-gcc not installed")
+@pytest.mark.parametrize("cpu", ["cortex-m4", "cortex-m3"])
+def test_subbyte_cortex_m_build_links_no_float_or_division_helpers(cpu, tmp_path):
+    onnx.save(chain_model(), str(tmp_path / "m.onnx"))
+    calib = np.random.default_rng(3).uniform(-2, 2, (32, 3, 7, 9)).astype(np.float32)
+    space = mixed.analyse(calibrated(tmp_path / "m.onnx", calib))
+    wb = dict(zip([la.name for la in space.layers], (2, 4, 4, 2), strict=True))
+    r = compile_model(tmp_path / "m.onnx", calib, target="c", cpu=cpu, weight_bits=wb,
+                      act_bits={t: 4 for t in space.roots})
+    write_artifacts(tmp_path / "o", r)
+    assert any(t.dtype == "int4" for t in r.graph.tensors.values())
+    assert build.forbidden_symbols(tmp_path / "o" / "build" / cpu / "firmware.elf") == []

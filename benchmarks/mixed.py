@@ -53,27 +53,34 @@ def fit_latency(d: Path, res: dict, rows: list, crops, digits_x) -> None:
     samples, fitted_on = [], []
     for name, model, calib in (("resnet8", RESNET8, crops[:64]), ("digits", DIGITS_CNN, digits_x[:64])):
         space = mixed.analyse(float_graph(model, calib))
-        for bits in (8, 4, 2):
-            r = compile_model(model, calib, board=BOARD, weight_bits={la.name: bits for la in space.layers})
-            out = d / f"{name}_w{bits}"
+        for bits, acts in ((8, 8), (4, 8), (2, 8), (8, 4), (4, 4)):
+            r = compile_model(model, calib, board=BOARD, weight_bits={la.name: bits for la in space.layers},
+                              act_bits={t: acts for t in space.roots})
+            out = d / f"{name}_w{bits}a{acts}"
             write_artifacts(out, r)
             prof = profile_command(out, board, r.graph, calib[:1])
             ticks = {x["name"]: x["ticks"] for x in prof["layers"]}
             per_instr = prof["total_instructions"] / max(1, prof["total_ticks"])
+            packed = {t for t, v in r.graph.tensors.items() if v.dtype == "int4"}
             for la in space.layers:
-                samples.append((la, bits, ticks[la.name] * per_instr))
-            fitted_on.append(f"{name} all-{bits}-bit weights")
-            res.setdefault("profiles", {})[f"{name}_w{bits}"] = {
+                node = next(n for n in r.graph.nodes if n.name == la.name)
+                samples.append((la, bits, node.inputs[0] in packed, node.outputs[0] in packed,
+                                ticks[la.name] * per_instr))
+            fitted_on.append(f"{name} all-{bits}-bit weights, {acts}-bit activations")
+            res.setdefault("profiles", {})[f"{name}_w{bits}a{acts}"] = {
                 "instructions": prof["total_instructions"], "flash_bytes": r.report.get("flash_bytes"),
                 "layers": {la.name: int(ticks[la.name] * per_instr) for la in space.layers}}
     model = fit_cost_model(BOARD, samples, fitted_on)
     data = model.to_json() | {"cpu": board.cpu}
     (costs_dir() / f"{BOARD}.json").write_text(json.dumps(data, indent=1) + "\n")
-    pred = np.array([model.layer(la, b) for la, b, _ in samples])
-    meas = np.array([m for _, _, m in samples])
+    pred = np.array([model.layer(la, b, 4 if i4 else 8) + (model.packed_output(la) if o4 else 0.0)
+                     for la, b, i4, o4, _ in samples])
+    meas = np.array([m for *_, m in samples])
     err = float(np.median(np.abs(pred / meas - 1)))
     res["cost_model"] = data | {"median_abs_rel_error_per_layer": err}
     rows.append(("latency model: per-layer median |error| (fit data)", f"{err:.1%}", ""))
+    rows.append(("  per im2col element read packed / per output written packed",
+                 f"{model.per_packed_input:.2f} / {model.per_packed_output:.2f}", "instructions"))
     for kind, per in model.per_mac.items():
         rows.append((f"  {kind} instructions/MAC at 8/4/2-bit weights",
                      " / ".join(f"{per.get(b, float('nan')):.2f}" for b in ("8", "4", "2")), ""))
@@ -140,21 +147,27 @@ def on_board(d: Path, res: dict, rows: list, crops) -> None:
         write_artifacts(o, r)
         _, bad = run_command(o, board, r.graph, held, check=True)
         prof = profile_command(o, board, r.graph, held[:1])
-        entry = {"instructions": prof["total_instructions"], "flash_bytes": r.report["flash_bytes"],
+        per_instr = prof["total_instructions"] / max(1, prof["total_ticks"])
+        linear = sum(x["ticks"] * per_instr for x in prof["layers"] if x["op"] in ("conv2d", "dense"))
+        entry = {"conv_dense_instructions": int(linear), "instructions": prof["total_instructions"],
+                 "flash_bytes": r.report["flash_bytes"],
                  "constants_flash_bytes": r.report["constants_flash_bytes"], "bitops": r.report["bitops"],
                  "arena_bytes": r.report["arena_bytes"], "peak_sram_bytes": r.report["peak_sram_bytes"],
                  "bitops_int8": r.report["bitops_int8"], "run_check_mismatches": bad, "samples_checked": len(held)}
         if "mixed_precision" in r.report:
             m = r.report["mixed_precision"]
-            entry.update(predicted_instructions=m["predicted_instructions"], weight_bits=m["weight_bits"],
+            entry.update(predicted_instructions=m["predicted_instructions"],
+                         predicted_latency_ratio=m["predicted_instructions"] / m["predicted_instructions_int8"],
+                         measured_latency_ratio=linear / out["int8"]["conv_dense_instructions"],
+                         weight_bits=m["weight_bits"],
                          act_bits=m["act_bits"], predicted_peak_sram_bytes=m.get("predicted_peak_sram_bytes"),
                          bitops_reduction=r.report["bitops_int8"] / r.report["bitops"])
         out[label] = entry
         rows.append((f"resnet8 {label} on {BOARD}: instructions / flash / peak SRAM",
                      f"{entry['instructions']:,} / {entry['flash_bytes']:,} / {entry['peak_sram_bytes']:,} B",
                      f"run --check: {len(held) - bad}/{len(held)} bit-exact"
-                     + (f", predicted {entry['predicted_instructions']:,} instr" if "predicted_instructions" in entry
-                        else "")))
+                     + (f"; conv/dense {entry['measured_latency_ratio']:.3f}x int8's, predicted "
+                        f"{entry['predicted_latency_ratio']:.3f}x" if "predicted_instructions" in entry else "")))
     res["resnet8_board"] = out
 
 

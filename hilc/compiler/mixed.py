@@ -55,6 +55,9 @@ class Layer:
     out_channels: int
     outputs: int  # output elements (one requantization each)
     root: str | None  # activation choice this layer's input follows (None: fixed at its width)
+    col: int = 0  # im2col elements gathered (the DSP kernels' per-input work)
+    in_packable: bool = False  # the input packs two to a byte at 4 bits
+    out_root: str | None = None  # the output, when it is a packable activation choice
 
 
 @dataclass
@@ -144,9 +147,12 @@ def analyse(graph: Graph, extended: bool = False) -> Space:
         if node.op in LINEAR_OPS:
             w = graph.param(node, "weight")
             out = graph.tensors[node.outputs[0]]
+            groups = node.attrs.get("group", 1)
             layers.append(Layer(node.name, node.op, _kind(node, graph), macs, int(w.size),
                                 int(np.prod(w.shape[1:])), int(w.shape[0]), out.size,
-                                root if eligible else None))
+                                root if eligible else None, macs * groups // int(w.shape[0]),
+                                eligible and packable(graph, root),
+                                node.outputs[0] if packable(graph, node.outputs[0]) else None))
         elif macs:
             if eligible:
                 other.append((root, macs))
@@ -239,6 +245,15 @@ def _bias_correction(graph: Graph, node, bits: int) -> None:
         corr = dw.reshape(w.shape[0], -1) @ m
     bias = graph.param(node, "bias").astype(np.float64) - corr
     node.params["bias"] = graph.add_constant(f"{node.name}.bias_corrected", bias.astype(np.float32))
+
+
+def packable(graph: Graph, tensor: str) -> bool:
+    """Whether ``tensor`` is stored two to a byte at 4 bits (``pack_subbyte_activations``)."""
+    if tensor in graph.inputs or tensor in graph.outputs:
+        return False
+    prod, cons = graph.producer(tensor), graph.consumers(tensor)
+    return (prod is not None and prod.op in LINEAR_OPS and bool(cons) and all(c.op in LINEAR_OPS for c in cons)
+            and subbyte_eligible(graph, tensor))
 
 
 def assign_bitwidths(graph: Graph, weight_bits: dict[str, int] | None = None,
@@ -474,8 +489,11 @@ class _Problem:
             self.bitops[i] = la.macs * w * a
             self.wbytes[i] = weight_bytes(la, w)
             self.lat[i] = cost.layer(la, w, a)
+        writer = {la.out_root: la for la in space.layers if la.out_root is not None}
         for j, (r, a) in enumerate(self.y):
             self.obj[nz + j] = sens["acts"][r][str(a)]
+            if a == 4 and r in writer:  # the producing layer writes packed nibbles
+                self.lat[nz + j] = cost.packed_output(writer[r])
             self.bitops[nz + j] = sum(m for rr, m in space.other_bitops if rr == r) * a * a
         self.bitops_const = space.fixed_bitops + sum(m * 64 for rr, m in space.other_bitops if rr is None)
         int8 = np.array([w == 8 and a == 8 for _, w, a in self.z] + [a == 8 for _, a in self.y])

@@ -132,7 +132,16 @@ void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out
                             for (int32_t ic = 0; ic < cg; ic++, pos++) col[hilc_col_slot(pos, k4)] = 0;
                         } else if (p->in_bits == 4) { /* packed 4-bit input: im2col unpacks it */
                             const int32_t xi = (iy * p->in_w + ix) * p->in_c + g * cg;
-                            for (int32_t ic = 0; ic < cg; ic++, pos++)
+                            int32_t ic = 0;
+                            if ((xi & 1) == 0) { /* byte-aligned run: two channels per byte load */
+                                const uint8_t *xb = (const uint8_t *)in + (xi >> 1);
+                                for (; ic + 2 <= cg; ic += 2, pos += 2) {
+                                    const uint32_t b = *xb++;
+                                    col[hilc_col_slot(pos, k4)] = (int16_t)(((int32_t)(int8_t)(uint8_t)(b << 4) >> 4) - p->zp_in);
+                                    col[hilc_col_slot(pos + 1, k4)] = (int16_t)(((int32_t)(int8_t)(uint8_t)b >> 4) - p->zp_in);
+                                }
+                            }
+                            for (; ic < cg; ic++, pos++)
                                 col[hilc_col_slot(pos, k4)] = (int16_t)(hilc_act4_at(in, xi + ic) - p->zp_in);
                         } else {
                             const int8_t *x = in + (iy * p->in_w + ix) * p->in_c + g * cg;

@@ -277,15 +277,17 @@ def test_resnet8_mixed_bit_exact_host(tmp_path, crops32):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
                     reason="QEMU / arm-none-eabi-gcc not installed")
-def test_resnet8_mixed_run_check_on_qemu(tmp_path, crops32):
+@pytest.mark.parametrize("board", ["qemu-mps2-an386", "qemu-mps2-an385"])  # SMLAD kernels, portable kernels
+def test_resnet8_mixed_run_check_on_qemu(board, tmp_path, crops32):
     np.save(tmp_path / "calib.npy", crops32[:64])
     np.save(tmp_path / "x.npy", crops32[128:136])
     o = tmp_path / "o"
     assert main(["compile", str(RESNET8), "--calib", str(tmp_path / "calib.npy"), "-o", str(o), "-q",
-                 "--board", "qemu-mps2-an386", "--precision", "mixed", "--bitops-ratio", "3"]) == 0
+                 "--board", board, "--precision", "mixed", "--bitops-ratio", "3"]) == 0
     rep = json.loads((o / "report.json").read_text())
     assert set(rep["mixed_precision"]["weight_bits"].values()) & {4, 2}
-    assert main(["run", str(o), str(tmp_path / "x.npy"), "--board", "qemu-mps2-an386", "-o",
+    assert 4 in rep["mixed_precision"]["act_bits"].values()
+    assert main(["run", str(o), str(tmp_path / "x.npy"), "--board", board, "-o",
                  str(tmp_path / "y.npy"), "--check", "-q"]) == 0
 
 

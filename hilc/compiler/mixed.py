@@ -559,7 +559,10 @@ class _Problem:
         return best + sram.fixed
 
     def solve(self, objective: np.ndarray, limits: list[tuple[str, np.ndarray, float]]) -> np.ndarray | None:
-        from scipy.optimize import Bounds, LinearConstraint, milp
+        try:
+            from scipy.optimize import Bounds, LinearConstraint, milp
+        except ImportError:
+            raise HilcError("--precision mixed needs scipy >= 1.10: pip install 'hilc[mixed]'") from None
 
         a_eq, b_eq = self.equalities()
         cons = [LinearConstraint(a_eq, b_eq, b_eq)]

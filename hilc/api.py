@@ -144,8 +144,13 @@ def report(m: Compiled | str | Path, output: str | Path | None = None,
     """Write the self-contained HTML report (``hilc report``); returns its path."""
     from hilc.report_html import write_report
 
-    c = _written(m, "report")
-    return write_report(c.path, output, accuracy)
+    # only report.json is required (graph.json adds the memory timeline), so a path is not loaded
+    path = m.path if isinstance(m, Compiled) else Path(m)
+    if path is None:
+        raise HilcError("report needs the compiled model on disk: pass output= to hilc.compile")
+    if not path.is_dir():
+        raise HilcError(f"{path}: no such compiled model directory")
+    return write_report(path, output, accuracy)
 
 
 def export_onnx(m: Compiled | str | Path, output: str | Path) -> Path:

@@ -141,8 +141,7 @@ def _bits_plot(report: dict) -> str:
     for k, wdt in enumerate(widths):
         idx[m == wdt] = k
     idx[~np.isnan(m) & np.isnan(idx)] = len(widths) - 1
-    cmap = ListedColormap(colours)
-    cmap.set_bad("#f6f8fa")
+    cmap = ListedColormap(colours).with_extremes(bad="#f6f8fa")
     ax.imshow(np.ma.masked_invalid(idx), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(widths) - 0.5,
               interpolation="nearest")
     for (i, j), v in np.ndenumerate(m):

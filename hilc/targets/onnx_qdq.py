@@ -1,15 +1,21 @@
 """Export a compiled integer graph as a QDQ ONNX model (onnxruntime runs it, Netron shows it).
 
-Every int8 activation of the IR becomes an int8 tensor of the same name; every IR node becomes
-``DequantizeLinear -> float op -> (Clip) -> QuantizeLinear``, the QDQ form onnxruntime's own
-quantizer writes. Weights stay int8 (per-channel ``DequantizeLinear`` on axis 0) and biases
-int32 at ``s_in * s_w``, where ``s_w`` is the weight scale the dyadic multiplier encodes
-(``b / 2^c * s_out / s_in``). The float op in between computes in float32 what the IR computes
-in integers, so a value can land one LSB away from the simulator's only where the exact result
-sits within float32 error of a rounding tie.
+Every int8 activation of the IR is an int8 tensor of the same name between DequantizeLinear and
+QuantizeLinear nodes; weights stay int8 and biases int32 in the file. To give the simulator's
+results bit for bit rather than a float approximation, the integer arithmetic is kept:
+
+* DequantizeLinear with scale 1 gives ``x - zp``: exact integers in float32, so Conv, MatMul
+  and window sums of them are the simulator's accumulators (exact while partial sums stay
+  below 2^24, which int8 layers of this size do in practice);
+* the dyadic requantization ``round(acc * b / 2^c)`` is a float64 Mul (b / 2^c is exact in
+  float64) and Round (ties to even), then a QuantizeLinear of scale 1 adds the zero point and
+  saturates, and a Clip on int8 applies a fused activation's bounds;
+* table functions (Sigmoid, Tanh, ...) and Softmax run as the float ONNX operators on the real
+  values, the definition their tables approximate;
+* the graph input is quantized in float64 as the host side does (``rint(x / s) + zp``).
 
 The IR keeps feature maps channels-last; convolutions and pools are wrapped in Transposes to
-ONNX's NCHW (Netron shows them), and the graph's input and output keep the model's own layout.
+ONNX's NCHW, and the graph's input and output keep the model's own layout.
 """
 
 from __future__ import annotations
@@ -84,25 +90,34 @@ class _Builder:
             self.float_of[key] = self.node("DequantizeLinear", [self.tn(tensor), s, z], f"{tensor}__units")
         return self.float_of[key]
 
-    def q(self, value: str, tensor: str, node: Node, scale: np.ndarray | None = None, axis: int | None = None,
-          out: str | None = None) -> str:
-        """Quantize a float result into the int8 activation ``tensor``, then the node's clamp in
-        integers (fused ReLU, narrower bit-widths) exactly as the simulator's. ``scale`` replaces
-        the tensor's own scale when ``value`` is in other units (per ``axis`` for arrays)."""
+    def requant(self, value: str, multiplier: np.ndarray | float | None, name: str) -> str:
+        """``round(value * multiplier)`` (ties to even) in float64, as a float32 tensor of exact
+        integers. ``value`` holds exact integers (accumulators); a dyadic multiplier b / 2^c is
+        exact in float64 and so is the product while it stays below 2^53, which is the
+        simulator's own condition for its float64 path: the rounding is the simulator's."""
+        x = self.node("Cast", [value], self.uid(f"{name}_f64"), to=TensorProto.DOUBLE)
+        if multiplier is not None:
+            m = self.const(self.uid(f"{name}.multiplier"), np.asarray(multiplier, np.float64))
+            x = self.node("Mul", [x, m], self.uid(f"{name}_scaled"))
+        x = self.node("Round", [x], self.uid(f"{name}_round"))
+        return self.node("Cast", [x], self.uid(f"{name}_rounded"), to=TensorProto.FLOAT)
+
+    def q(self, value: str, tensor: str, node: Node, units: bool = False, out: str | None = None) -> str:
+        """Quantize a float result into the int8 activation ``tensor``, then apply the node's
+        clamp in integers (fused ReLU, narrower bit-widths) as the simulator does. With ``units``
+        ``value`` already holds the rounded integer y - zp (see ``requant``): the QuantizeLinear
+        then has scale 1 and only adds the zero point and saturates."""
         q = self.qparams(tensor)
         lo, hi = node.attrs.get("lo", q.qmin), node.attrs.get("hi", q.qmax)
         final = out or self.tn(tensor)
-        if scale is None:
-            s, z = self.scale_zp(tensor)
-            kw = {}
+        if units:
+            s = self.const(self.uid(f"{tensor}.one"), np.array(1.0, np.float32))
+            z = self.const(self.uid(f"{tensor}.zero_point"), np.array(q.zero_point, np.int8))
         else:
-            scale = np.asarray(scale, np.float32)
-            s = self.const(self.uid(f"{tensor}.scale"), scale)
-            z = self.const(self.uid(f"{tensor}.zero_point"), np.full(scale.shape, q.zero_point, np.int8))
-            kw = {"axis": axis} if scale.ndim else {}
+            s, z = self.scale_zp(tensor)
         clamp = lo > -128 or hi < 127
         y = self.node("QuantizeLinear", [value, s, z], self.uid(f"{tensor}_unclamped") if clamp else final,
-                      name=f"{node.name}_q", **kw)
+                      name=f"{node.name}_q")
         if clamp:
             lo_q = self.const(self.uid(f"{node.name}.lo"), np.array(lo, np.int8))
             hi_q = self.const(self.uid(f"{node.name}.hi"), np.array(hi, np.int8))
@@ -121,16 +136,15 @@ class _Builder:
         return self.node("DequantizeLinear", [v, s, z], f"{name}__f", **kw)
 
 
-def _multipliers(g: Graph, node: Node) -> np.ndarray:
-    """The requantization factors M = b / 2^c of a node's output channels."""
-    m = g.param(node, "mult").astype(np.float64) * np.exp2(-g.param(node, "shift").astype(np.float64))
-    return np.where(m > 0, m, 1e-30)  # a dead channel (M = 0) still needs a finite ONNX scale
+def _dyadic(mult: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
+    """b / 2^c as float64 (exact: b < 2^31)."""
+    return np.asarray(mult, np.float64) * np.exp2(-np.asarray(shift, np.float64))
 
 
 def _emit_conv(b: _Builder, node: Node) -> None:
-    """Conv on integer units: (x - zp) and int8 weights are exact in float32 and so is every
-    partial sum below 2^24, so the accumulator is the simulator's; QuantizeLinear by 1/M per
-    channel then rounds it as the dyadic multiply does (ties to even)."""
+    """Conv on integer units: (x - zp) and the int8 weights are exact in float32, and so is
+    every partial sum below 2^24, so the accumulator is the simulator's; the dyadic multiply and
+    its rounding then happen in float64 (``requant``)."""
     g, a = b.g, node.attrs
     w = np.ascontiguousarray(g.param(node, "weight").transpose(0, 3, 1, 2).astype(np.int8))  # OHWI -> OIHW
     wf = b.dq_const(f"{node.name}.weight", w, np.float32(1.0))
@@ -138,96 +152,134 @@ def _emit_conv(b: _Builder, node: Node) -> None:
     x = b.node("Transpose", [b.dq_units(node.inputs[0])], b.uid(f"{node.name}_nchw"), perm=NHWC_TO_NCHW)
     y = b.node("Conv", [x, wf, bf], b.uid(node.name), name=node.name, kernel_shape=a["kernel"],
                strides=a["strides"], pads=list(a["pads"]), dilations=a["dilations"], group=a["group"])
-    yq = b.q(y, node.outputs[0], node, 1.0 / _multipliers(g, node), axis=1, out=b.uid(f"{node.name}_nchw_q"))
+    m = _dyadic(g.param(node, "mult"), g.param(node, "shift")).reshape(1, -1, 1, 1)
+    y = b.requant(y, m, node.name)
+    yq = b.q(y, node.outputs[0], node, units=True, out=b.uid(f"{node.name}_nchw_q"))
     b.node("Transpose", [yq], b.tn(node.outputs[0]), name=f"{node.name}_nhwc", perm=NCHW_TO_NHWC)
 
 
-def _emit_dense(b: _Builder, node: Node) -> None:
+def _emit_dense(b: _Builder, node: Node) -> str:
     g = b.g
     w = np.ascontiguousarray(g.param(node, "weight").astype(np.int8).T)  # [K, O]
     wf = b.dq_const(f"{node.name}.weight", w, np.float32(1.0))
     bf = b.dq_const(f"{node.name}.bias", g.param(node, "bias").astype(np.int32), np.float32(1.0))
     y = b.node("MatMul", [b.dq_units(node.inputs[0]), wf], b.uid(node.name), name=node.name)
     y = b.node("Add", [y, bf], b.uid(f"{node.name}_bias"))
-    rank = len(g.tensors[node.outputs[0]].shape)
-    b.q(y, node.outputs[0], node, 1.0 / _multipliers(g, node), axis=rank - 1)
+    return b.requant(y, _dyadic(g.param(node, "mult"), g.param(node, "shift")), node.name)
 
 
-def _second_operand(b: _Builder, node: Node) -> str:
+def _units_operands(b: _Builder, node: Node) -> list[str]:
+    """(x - zp) of both operands of a binary op (a constant operand included), as float."""
+    xs = [b.dq_units(node.inputs[0])]
     if "const" in node.params:
         a = node.attrs
         c = b.g.param(node, "const").astype(np.int8)
-        return b.dq_const(f"{node.name}.const", c, np.float32(a["const_scale"]), a["const_zp"])
-    return b.dq(node.inputs[1])
+        v = b.const(f"{node.name}.const", c)
+        s = b.const(f"{node.name}.const.one", np.array(1.0, np.float32))
+        z = b.const(f"{node.name}.const.zero_point", np.array(a["const_zp"], np.int8))
+        xs.append(b.node("DequantizeLinear", [v, s, z], f"{node.name}.const__units"))
+    else:
+        xs.append(b.dq_units(node.inputs[1]))
+    return xs
 
 
 def _emit_add(b: _Builder, node: Node) -> str:
-    x, y = b.dq(node.inputs[0]), _second_operand(b, node)
-    s0, s1 = node.attrs.get("signs", [1, 1])
-    if s0 < 0:
-        x = b.node("Neg", [x], b.uid(f"{node.name}_neg"))
-    return b.node("Sub" if s1 < 0 else "Add", [x, y], b.uid(node.name), name=node.name)
+    """s0*m0*(x0 - zp0) + s1*m1*(x1 - zp1), then / 2^c: every term and the sum are exact float64."""
+    a = node.attrs
+    signs = a.get("signs", [1, 1])
+    terms = []
+    for i, x in enumerate(_units_operands(b, node)):
+        x = b.node("Cast", [x], b.uid(f"{node.name}_in{i}_f64"), to=TensorProto.DOUBLE)
+        k = b.const(b.uid(f"{node.name}.k{i}"), np.array(signs[i] * _dyadic(a["mults"][i], a["shift"]), np.float64))
+        terms.append(b.node("Mul", [x, k], b.uid(f"{node.name}_term{i}")))
+    y = b.node("Add", terms, b.uid(node.name), name=node.name)
+    y = b.node("Round", [y], b.uid(f"{node.name}_round"))
+    return b.node("Cast", [y], b.uid(f"{node.name}_rounded"), to=TensorProto.FLOAT)
+
+
+def _emit_mul(b: _Builder, node: Node) -> str:
+    a = node.attrs
+    y = b.node("Mul", _units_operands(b, node), b.uid(node.name), name=node.name)  # |product| < 2^16: exact
+    return b.requant(y, _dyadic(a["mult"], a["shift"]), node.name)
 
 
 def _emit_pool(b: _Builder, node: Node) -> None:
-    """Pools on integer units: a max is exact anyway, and an average of integers divided by its
-    count then quantized by s_out/s_in meets the simulator's ties (x.5 happens often) exactly."""
-    a = node.attrs
+    """A max pool of integer units is exact anyway. An average pool is the simulator's sum (a
+    depthwise all-ones Conv over units: exact) times the dyadic factor of each position's count."""
+    from hilc.compiler.ops.pool import _full_pads, count_map
+
+    a, g = node.attrs, b.g
     x = b.node("Transpose", [b.dq_units(node.inputs[0])], b.uid(f"{node.name}_nchw"), perm=NHWC_TO_NCHW)
-    eb, er = a.get("extra", [0, 0])
-    attrs = {"kernel_shape": a["kernel"], "strides": a["strides"], "pads": list(a["pads"])}
-    if eb or er:  # the importer turned ceil_mode into extra bottom/right padding
-        attrs["ceil_mode"] = 1
     if node.op == "maxpool":
+        eb, er = a.get("extra", [0, 0])
+        attrs = {"kernel_shape": a["kernel"], "strides": a["strides"], "pads": list(a["pads"])}
+        if eb or er:  # the importer turned ceil_mode into extra bottom/right padding
+            attrs["ceil_mode"] = 1
         if a.get("dilations", [1, 1]) != [1, 1]:
             attrs["dilations"] = a["dilations"]
         y = b.node("MaxPool", [x], b.uid(node.name), name=node.name, **attrs)
-        scale = np.float32(1.0)
     else:
-        y = b.node("AveragePool", [x], b.uid(node.name), name=node.name,
-                   count_include_pad=int(a.get("count_include_pad", 0)), **attrs)
-        scale = np.float32(b.qparams(node.outputs[0]).scale / b.qparams(node.inputs[0]).scale)
-    yq = b.q(y, node.outputs[0], node, scale, out=b.uid(f"{node.name}_nchw_q"))
+        _, h, w, c = g.tensors[node.inputs[0]].shape
+        ones = b.const(f"{node.name}.window", np.ones((c, 1, *a["kernel"]), np.float32))
+        y = b.node("Conv", [x, ones], b.uid(node.name), name=f"{node.name}_window_sum", kernel_shape=a["kernel"],
+                   strides=a["strides"], pads=_full_pads(a), group=c)
+        idx = np.searchsorted(a["counts"], count_map(a, h, w))
+        m = _dyadic(g.param(node, "mult").astype(np.int64)[idx], g.param(node, "shift").astype(np.int64)[idx])
+        y = b.requant(y, m[None, None], node.name)
+    # a max of units goes back to int8 by its own zero point (max pool keeps the input's quantization)
+    yq = b.q(y, node.outputs[0], node, units=True, out=b.uid(f"{node.name}_nchw_q"))
     b.node("Transpose", [yq], b.tn(node.outputs[0]), name=f"{node.name}_nhwc", perm=NCHW_TO_NHWC)
 
 
-def _emit(b: _Builder, node: Node) -> str | None:
-    """The float result of one IR node (its QuantizeLinear is added by the caller), or None for
-    nodes that write their int8 output themselves."""
+def _emit_concat(b: _Builder, node: Node) -> str:
+    """Each input rescaled and rounded on its own (as the simulator does), then joined."""
+    a = node.attrs
+    parts = [b.requant(b.dq_units(t), _dyadic(m, c), f"{node.name}_in{i}")
+             for i, (t, m, c) in enumerate(zip(node.inputs, a["mults"], a["shifts"], strict=True))]
+    return b.node("Concat", parts, b.uid(node.name), name=node.name, axis=a["axis"])
+
+
+def _emit(b: _Builder, node: Node) -> tuple[str, bool] | None:
+    """The float result of one IR node and whether it is in integer units (rounded y - zp) or
+    real; the caller adds the QuantizeLinear. None for nodes that write their int8 output."""
     a, op = node.attrs, node.op
-    if op == "conv2d":
-        return _emit_conv(b, node)
+    if op in ("conv2d", "maxpool", "avgpool"):
+        return (_emit_conv if op == "conv2d" else _emit_pool)(b, node)
     if op == "dense":
-        return _emit_dense(b, node)
-    if op in ("maxpool", "avgpool"):
-        return _emit_pool(b, node)
+        return _emit_dense(b, node), True
     if op == "add":
-        return _emit_add(b, node)
+        return _emit_add(b, node), True
     if op == "mul":
-        return b.node("Mul", [b.dq(node.inputs[0]), _second_operand(b, node)], b.uid(node.name), name=node.name)
-    if op in ("clamp", "requant"):  # the clamp and the new scale are the QuantizeLinear's (and Clip's)
-        return b.node("Identity", [b.dq(node.inputs[0])], b.uid(node.name), name=node.name)
+        return _emit_mul(b, node), True
+    if op == "concat":
+        return _emit_concat(b, node), True
+    if op == "requant":
+        return b.requant(b.dq_units(node.inputs[0]), _dyadic(a["mult"], a["shift"]), node.name), True
+    # Data movement keeps the quantization: it runs on units and the clamp is the QuantizeLinear's
+    # (and Clip's); the nonlinear functions run on real values, as the tables were built from them.
+    if op == "clamp":
+        return b.node("Identity", [b.dq_units(node.inputs[0])], b.uid(node.name), name=node.name), True
+    if op == "reshape":
+        shape = b.const(b.uid(f"{node.name}.shape"), np.array([-1, *a["shape"][1:]], np.int64))
+        return b.node("Reshape", [b.dq_units(node.inputs[0]), shape], b.uid(node.name), name=node.name), True
+    if op == "transpose":
+        return b.node("Transpose", [b.dq_units(node.inputs[0])], b.uid(node.name), name=node.name,
+                      perm=list(a["perm"])), True
+    if op == "pad":
+        pads = [int(p[0]) for p in a["pads"]] + [int(p[1]) for p in a["pads"]]
+        ins = [b.dq_units(node.inputs[0]), b.const(b.uid(f"{node.name}.pads"), np.array(pads, np.int64))]
+        if a["mode"] == "constant":
+            zp = b.qparams(node.inputs[0]).zero_point
+            ins.append(b.const(b.uid(f"{node.name}.value"), np.array(a["value_q"] - zp, np.float32)))
+        return b.node("Pad", ins, b.uid(node.name), name=node.name, mode=a["mode"]), True
     if op == "lut":
         fn = a["fn"]
         attrs = {k: float(a[k]) for k in ("alpha", "beta") if k in a and fn in ("hardsigmoid", "leakyrelu")}
         if fn not in _LUT_OPS:
             raise HilcError(f"export-onnx: {node.name}: no ONNX operator for table function '{fn}'")
-        return b.node(_LUT_OPS[fn], [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, **attrs)
+        return b.node(_LUT_OPS[fn], [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, **attrs), False
     if op == "softmax":
-        return b.node("Softmax", [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, axis=a["axis"])
-    if op == "reshape":
-        shape = b.const(b.uid(f"{node.name}.shape"), np.array([-1, *a["shape"][1:]], np.int64))
-        return b.node("Reshape", [b.dq(node.inputs[0]), shape], b.uid(node.name), name=node.name)
-    if op == "transpose":
-        return b.node("Transpose", [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, perm=list(a["perm"]))
-    if op == "concat":
-        return b.node("Concat", [b.dq(t) for t in node.inputs], b.uid(node.name), name=node.name, axis=a["axis"])
-    if op == "pad":
-        pads = [int(p[0]) for p in a["pads"]] + [int(p[1]) for p in a["pads"]]
-        ins = [b.dq(node.inputs[0]), b.const(b.uid(f"{node.name}.pads"), np.array(pads, np.int64))]
-        if a["mode"] == "constant":
-            ins.append(b.const(b.uid(f"{node.name}.value"), np.array(a["value"], np.float32)))
-        return b.node("Pad", ins, b.uid(node.name), name=node.name, mode=a["mode"])
+        return b.node("Softmax", [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, axis=a["axis"]), False
     raise HilcError(f"export-onnx: {node.name}: operator '{op}' has no QDQ ONNX export")
 
 
@@ -268,7 +320,7 @@ def export_qdq(graph: Graph) -> onnx.ModelProto:
             raise HilcError(f"export-onnx: {node.name}: nodes with {len(node.outputs)} outputs are not supported")
         y = _emit(b, node)
         if y is not None:
-            b.q(y, node.outputs[0], node)
+            b.q(y[0], node.outputs[0], node, units=y[1])
     for name in graph.outputs:
         t = graph.tensors[name]
         lay = list(t.layout or range(len(t.shape)))

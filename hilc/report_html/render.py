@@ -51,7 +51,10 @@ def _timeline(out_dir: Path, report: dict) -> dict[str, Any] | None:
                           for nd in graph.nodes},
             "arena_top": arena_top.tolist(), "input_bytes": inputs, "arena_bytes": plan.arena_bytes,
             "offsets": plan.offsets, "outputs": {nd.name: nd.outputs[0] for nd in graph.nodes},
-            "sizes": {t: tensor_bytes(graph, t) for t in plan.offsets}}
+            "sizes": {t: tensor_bytes(graph, t) for t in plan.offsets},
+            # flash per layer: every constant the node reads (weights, bias, multipliers, tables)
+            "const_bytes": {nd.name: int(sum(graph.constants[c].nbytes for c in nd.params.values()))
+                            for nd in graph.nodes}}
 
 
 def _memory_plot(tl: dict, report: dict) -> str:
@@ -195,7 +198,8 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
             "wbits": lay["weight_bits"] or "-", "abits": lay["act_bits"],
             "offset": f"{tl['offsets'][out_t]:,}" if tl and out_t in tl["offsets"] else "-",
             "size": f"{tl['sizes'][out_t]:,}" if tl and out_t in tl["sizes"] else "-",
-            "flash": f"{lay.get('weights_bytes', 0):,}",
+            "flash": f"{tl['const_bytes'][lay['name']]:,}" if tl and lay["name"] in tl["const_bytes"]
+            else f"{lay.get('weights_bytes', 0):,}",
             "ticks": f"{t:,}" if t is not None else "-",
             "instr": f"{t * per_tick:,}" if t is not None and per_tick else "-",
             "share": t / total_ticks if t is not None else None,

@@ -235,12 +235,16 @@ def test_report_renders_patch_fields_and_no_profile(tmp_path, digits):
     plain = build_context(out)
     assert [p[0] for p in plain["plots"]] == ["memory", "bits"] and plain["patch"] == []
     report = json.loads((out / "report.json").read_text())
-    report["patch"] = {"peak_sram_bytes_layerwise": report["peak_sram_bytes"],
-                       "peak_sram_bytes": report["peak_sram_bytes"] // 3, "split_layer": 1, "extra_macs": 12345}
+    # the fields hilc.compiler.patches writes (a summary; per-patch windows are left out of the page)
+    report["patch"] = {"split": "t3", "split_node": "conv2d_1", "split_index": 1, "grid": [2, 2],
+                       "patches": [{"tile": [0, 7, 0, 7], "windows": {}}] * 4, "window_bytes": {"t3": 100},
+                       "macs": 12345, "mac_overhead": 0.0425, "peak_sram_bytes_layerwise": report["peak_sram_bytes"],
+                       "peak_sram_bytes": report["peak_sram_bytes"] // 3, "budget_bytes": None}
     (out / "report.json").write_text(json.dumps(report))
     ctx = build_context(out)
     assert dict(ctx["patch"])["peak sram bytes layerwise"] == f"{report['peak_sram_bytes']:,}"
-    assert dict(ctx["patch"])["extra macs"] == "12,345"
+    assert dict(ctx["patch"])["macs"] == "12,345" and dict(ctx["patch"])["MAC overhead"] == "+4.2%"
+    assert dict(ctx["patch"])["grid"] == "2×2" and "patches" not in dict(ctx["patch"])
     assert dict(ctx["plots"] and [(p[0], p[2]) for p in ctx["plots"]])["memory"] != dict(
         [(p[0], p[2]) for p in plain["plots"]])["memory"]
     path = hilc.report(out, accuracy={"digits accuracy": 0.9916})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -62,10 +61,11 @@ def _memory_plot(tl: dict, report: dict) -> str:
 
     x = np.arange(len(tl["names"]))
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    ax.step(x, np.asarray(tl["live"]) / 1024, where="mid", label="live activations + input (layer by layer)",
-            color="#1f6feb")
-    ax.step(x, np.asarray(tl["arena_top"]) / 1024, where="mid", label="arena high-water mark", color="#8250df",
-            linestyle=":")
+    edges = np.arange(len(x) + 1) - 0.5  # one bin per layer
+    ax.stairs(np.asarray(tl["live"]) / 1024, edges, label="live activations + input (layer by layer)",
+              color="#1f6feb", linewidth=1.6)
+    ax.stairs(np.asarray(tl["arena_top"]) / 1024, edges, label="arena high-water mark", color="#8250df",
+              linestyle=":", linewidth=1.4)
     patch = report.get("patch") or {}
     if "peak_sram_bytes_layerwise" in patch:
         ax.axhline(patch["peak_sram_bytes_layerwise"] / 1024, color="#cf222e", linestyle="--",
@@ -73,14 +73,15 @@ def _memory_plot(tl: dict, report: dict) -> str:
         pb = patch.get("peak_sram_bytes_patch", patch.get("peak_sram_bytes"))
         if pb is not None:
             ax.axhline(pb / 1024, color="#1a7f37", linestyle="--", label=f"peak SRAM patch-based: {pb:,} B")
-        split = patch.get("split_layer", patch.get("split"))
+        # the patch stage: nodes 0 .. split_index (hilc.compiler.patches), or named by split_node
+        split = patch.get("split_index")
+        if not isinstance(split, int) and patch.get("split_node") in tl["names"]:
+            split = tl["names"].index(patch["split_node"])
         if isinstance(split, int) and 0 <= split < len(x):
             ax.axvspan(-0.5, split + 0.5, color="#1a7f37", alpha=0.08, label="patch stage")
-        elif isinstance(split, str) and split in tl["names"]:
-            ax.axvspan(-0.5, tl["names"].index(split) + 0.5, color="#1a7f37", alpha=0.08, label="patch stage")
     ax.set_xticks(x, tl["names"], rotation=70, fontsize=7)
     ax.set_ylabel("KiB")
-    ax.set_title("Activation memory, layer by layer")
+    ax.set_title("Activation memory, layer by layer" + (" vs patch-based" if patch else ""))
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -153,6 +154,25 @@ def _bits_plot(report: dict) -> str:
     ax.set_xticks(np.arange(len(names)), names, rotation=70, fontsize=7)
     ax.set_title("Bit-widths per layer")
     return _png(fig)
+
+
+def _patch_rows(patch: Any) -> list[tuple[str, str]]:
+    """The scalar fields of report.json's ``patch`` entry (per-patch windows stay in the JSON)."""
+    if not isinstance(patch, dict):
+        return []
+    rows = []
+    for k, v in patch.items():
+        if k == "grid" and isinstance(v, list):
+            rows.append(("grid", "×".join(map(str, v))))
+        elif k == "mac_overhead" and isinstance(v, float):
+            rows.append(("MAC overhead", f"{v:+.1%}"))
+        elif isinstance(v, bool) or v is None or isinstance(v, str):
+            rows.append((k.replace("_", " "), "-" if v is None else str(v)))
+        elif isinstance(v, int):
+            rows.append((k.replace("_", " "), f"{v:,}"))
+        elif isinstance(v, float):
+            rows.append((k.replace("_", " "), f"{v:g}"))
+    return rows
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -239,8 +259,7 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
                      + (f" = {prof['total_instructions']:,} instructions" if "total_instructions" in prof else ""))
     return {"title": f"hilc report: {Path(report.get('model', 'model')).name}", "summary": summary,
             "limits": limit_rows, "rows": rows, "plots": plots, "profiled": bool(prof), "per_tick": per_tick,
-            "patch": [(k.replace("_", " "), f"{v:,}" if isinstance(v, int) else html.escape(str(v)))
-                      for k, v in (patch or {}).items()] if isinstance(patch, dict) else [],
+            "patch": _patch_rows(patch),
             "extra": extra, "version": __version__}
 
 

@@ -82,6 +82,31 @@ def test_export_onnx_every_single_operator_model(tmp_path):
         assert d.max() <= 1, f"{case.name}: {d.max()} LSB"
 
 
+def test_export_onnx_splits_layers_whose_float32_sums_could_be_inexact(tmp_path):
+    """A 3x3 conv over 256 channels and a 9216-input dense layer can reach 2^24 (float32's
+    exact-integer range): the conv is split over input channels, the dense runs in float64."""
+    from hilc.sim.simulator import simulate
+    from hilc.targets.onnx_qdq import F32_EXACT, export_qdq
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 256, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((64 * 12 * 12, 10)).astype(np.float32), "d")]
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Flatten", ["c"], ["f"]),
+         helper.make_node("MatMul", ["f", "d"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "big.onnx")
+    x = rng.uniform(0, 1, (24, 256, 12, 12)).astype(np.float32)
+    graph = compile_model(path, x[:16]).graph
+    assert all(n.attrs["acc_bound"] >= F32_EXACT for n in graph.nodes if n.op in ("conv2d", "dense"))
+    m = export_qdq(graph)
+    assert sum(n.op_type == "Conv" for n in m.graph.node) > 1
+    matmul = next(n for n in m.graph.node if n.op_type == "MatMul")
+    assert all(any(c.op_type == "Cast" and c.output[0] == i for c in m.graph.node) for i in matmul.input)
+    assert _lsb_diff(graph, ort_run(m, x), simulate(graph, x, raw=True)).max() == 0
+
+
 def test_export_onnx_errors_are_one_line(tmp_path):
     r = hilc_cli("export-onnx", tmp_path / "missing", "-o", tmp_path / "m.onnx")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such compiled model" in r.stderr

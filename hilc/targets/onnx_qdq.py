@@ -141,17 +141,58 @@ def _dyadic(mult: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
     return np.asarray(mult, np.float64) * np.exp2(-np.asarray(shift, np.float64))
 
 
+F32_EXACT = 2**24  # float32 holds every integer below this
+
+
+def _in_absmax(b: _Builder, node: Node) -> int:
+    q = b.qparams(node.inputs[0])
+    return max(q.qmax - q.zero_point, q.zero_point - q.qmin)
+
+
+def _exact_chunks(w: np.ndarray, in_absmax: int) -> list[tuple[int, int]]:
+    """Input-channel ranges (of OIHW weights) whose partial sums stay below 2^24 for any input:
+    float32 then adds them exactly, in whatever order onnxruntime's kernels choose."""
+    per_channel = np.abs(w.astype(np.int64)).sum(axis=(2, 3)) * in_absmax  # [O, I]
+    chunks, start, acc = [], 0, np.zeros(w.shape[0], np.int64)
+    for i in range(w.shape[1]):
+        if i > start and (acc + per_channel[:, i]).max() >= F32_EXACT:
+            chunks.append((start, i))
+            start, acc = i, np.zeros_like(acc)
+        acc += per_channel[:, i]
+    chunks.append((start, w.shape[1]))
+    return chunks
+
+
 def _emit_conv(b: _Builder, node: Node) -> None:
     """Conv on integer units: (x - zp) and the int8 weights are exact in float32, and so is
     every partial sum below 2^24, so the accumulator is the simulator's; the dyadic multiply and
-    its rounding then happen in float64 (``requant``)."""
+    its rounding then happen in float64 (``requant``). A layer whose static bound reaches 2^24
+    is split over input channels into exact float32 Convs summed in float64."""
     g, a = b.g, node.attrs
     w = np.ascontiguousarray(g.param(node, "weight").transpose(0, 3, 1, 2).astype(np.int8))  # OHWI -> OIHW
-    wf = b.dq_const(f"{node.name}.weight", w, np.float32(1.0))
-    bf = b.dq_const(f"{node.name}.bias", g.param(node, "bias").astype(np.int32), np.float32(1.0))
+    bias = g.param(node, "bias").astype(np.int32)
     x = b.node("Transpose", [b.dq_units(node.inputs[0])], b.uid(f"{node.name}_nchw"), perm=NHWC_TO_NCHW)
-    y = b.node("Conv", [x, wf, bf], b.uid(node.name), name=node.name, kernel_shape=a["kernel"],
-               strides=a["strides"], pads=list(a["pads"]), dilations=a["dilations"], group=a["group"])
+    conv = {"kernel_shape": a["kernel"], "strides": a["strides"], "pads": list(a["pads"]),
+            "dilations": a["dilations"], "group": a["group"]}
+    chunks = _exact_chunks(w, _in_absmax(b, node)) if a["group"] == 1 else [(0, w.shape[1])]
+    if len(chunks) == 1 and a.get("acc_bound", 0) < F32_EXACT:
+        wf = b.dq_const(f"{node.name}.weight", w, np.float32(1.0))
+        bf = b.dq_const(f"{node.name}.bias", bias, np.float32(1.0))
+        y = b.node("Conv", [x, wf, bf], b.uid(node.name), name=node.name, **conv)
+    else:
+        parts = []
+        for k, (c0, c1) in enumerate(chunks):
+            wf = b.dq_const(f"{node.name}.weight{k}", np.ascontiguousarray(w[:, c0:c1]), np.float32(1.0))
+            xs = x
+            if len(chunks) > 1:
+                xs = b.node("Slice", [x, b.const(b.uid("starts"), np.array([c0], np.int64)),
+                                      b.const(b.uid("ends"), np.array([c1], np.int64)),
+                                      b.const(b.uid("axes"), np.array([1], np.int64))], b.uid(f"{node.name}_c{k}"))
+            yk = b.node("Conv", [xs, wf], b.uid(f"{node.name}_{k}"), name=f"{node.name}_part{k}", **conv)
+            parts.append(b.node("Cast", [yk], b.uid(f"{node.name}_{k}_f64"), to=TensorProto.DOUBLE))
+        y = b.node("Sum", parts, b.uid(node.name), name=node.name) if len(parts) > 1 else parts[0]
+        bias_f = b.const(f"{node.name}.bias_f64", bias.astype(np.float64).reshape(1, -1, 1, 1))
+        y = b.node("Add", [y, bias_f], b.uid(f"{node.name}_bias"))
     m = _dyadic(g.param(node, "mult"), g.param(node, "shift")).reshape(1, -1, 1, 1)
     y = b.requant(y, m, node.name)
     yq = b.q(y, node.outputs[0], node, units=True, out=b.uid(f"{node.name}_nchw_q"))
@@ -159,11 +200,20 @@ def _emit_conv(b: _Builder, node: Node) -> None:
 
 
 def _emit_dense(b: _Builder, node: Node) -> str:
+    """MatMul on integer units; in float64 (exact below 2^53) when the float32 bound does not hold."""
     g = b.g
     w = np.ascontiguousarray(g.param(node, "weight").astype(np.int8).T)  # [K, O]
+    bias = g.param(node, "bias").astype(np.int32)
     wf = b.dq_const(f"{node.name}.weight", w, np.float32(1.0))
-    bf = b.dq_const(f"{node.name}.bias", g.param(node, "bias").astype(np.int32), np.float32(1.0))
-    y = b.node("MatMul", [b.dq_units(node.inputs[0]), wf], b.uid(node.name), name=node.name)
+    x = b.dq_units(node.inputs[0])
+    if node.attrs.get("acc_bound", 0) < F32_EXACT:
+        bf = b.dq_const(f"{node.name}.bias", bias, np.float32(1.0))
+        y = b.node("MatMul", [x, wf], b.uid(node.name), name=node.name)
+    else:
+        x = b.node("Cast", [x], b.uid(f"{node.name}_x_f64"), to=TensorProto.DOUBLE)
+        wf = b.node("Cast", [wf], b.uid(f"{node.name}_w_f64"), to=TensorProto.DOUBLE)
+        bf = b.const(f"{node.name}.bias_f64", bias.astype(np.float64))
+        y = b.node("MatMul", [x, wf], b.uid(node.name), name=node.name)
     y = b.node("Add", [y, bf], b.uid(f"{node.name}_bias"))
     return b.requant(y, _dyadic(g.param(node, "mult"), g.param(node, "shift")), node.name)
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hilc.compiler.ir import Graph
 from hilc.errors import HilcError
+
+if TYPE_CHECKING:
+    from hilc.inspect_onnx import Inspection
 
 
 @dataclass
@@ -170,7 +173,7 @@ def export_onnx(m: Compiled | str | Path, output: str | Path) -> Path:
     return out
 
 
-def inspect(model: str | Path):
+def inspect(model: str | Path) -> Inspection:
     """Operators (supported or not), parameters, MACs, activation memory and fitting boards
     of an ONNX file (``hilc inspect``); returns an ``Inspection``."""
     from hilc.inspect_onnx import inspect_model

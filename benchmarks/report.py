@@ -20,6 +20,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from arch_models import mobilenet_v2  # noqa: E402
 from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
 
 import hilc  # noqa: E402
@@ -56,7 +58,16 @@ def main() -> None:
             rows.append((f"export-onnx {name}: onnxruntime vs simulator, {r['samples']} samples",
                          f"max {r['max_lsb']} LSB, {r['samples_bit_exact']}/{r['samples']} samples bit-exact",
                          "<= 1 LSB"))
-        for model in sorted(DATA.glob("*.onnx")):
+        # a bigger synthetic network (depthwise, ReLU6, residual adds), random weights and inputs
+        import onnx
+
+        onnx.save(mobilenet_v2(0.35, 144, num_classes=10), str(d / "mobilenetv2_035_144.onnx"))
+        xm = np.random.default_rng(0).uniform(0, 1, (40, 3, 144, 144)).astype(np.float32)
+        r = _export_exactness(d / "mobilenetv2_035_144.onnx", xm[:8], xm[8:], d)
+        res["export_onnx"]["mobilenetv2_035_144"] = r
+        rows.append((f"export-onnx MobileNetV2-0.35/144 (random weights), {r['samples']} samples",
+                     f"max {r['max_lsb']} LSB, {r['samples_bit_exact']}/{r['samples']} samples bit-exact", "<= 1 LSB"))
+        for model in [*sorted(DATA.glob("*.onnx")), d / "mobilenetv2_035_144.onnx"]:
             t0 = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "hilc.cli", "inspect", str(model), "--json"],
                                capture_output=True, text=True, cwd=ROOT)

@@ -10,8 +10,8 @@ results bit for bit rather than a float approximation, the integer arithmetic is
 * the dyadic requantization ``round(acc * b / 2^c)`` is a float64 Mul (b / 2^c is exact in
   float64) and Round (ties to even), then a QuantizeLinear of scale 1 adds the zero point and
   saturates, and a Clip on int8 applies a fused activation's bounds;
-* table functions (Sigmoid, Tanh, ...) and Softmax run as the float ONNX operators on the real
-  values, the definition their tables approximate;
+* table functions (Sigmoid, Tanh, ...) are their int8 tables (a Gather), and Softmax is hilc's
+  integer algorithm (exp table, Newton-Raphson reciprocal, rounding shift) in int64 operators;
 * the graph input is quantized in float64 as the host side does (``rint(x / s) + zp``).
 
 The IR keeps feature maps channels-last; convolutions and pools are wrapped in Transposes to
@@ -29,8 +29,6 @@ from hilc.compiler.ir import Graph, Node, QParams
 from hilc.errors import HilcError
 
 OPSET = 17
-_LUT_OPS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "hardsigmoid": "HardSigmoid", "hardswish": "HardSwish",
-            "leakyrelu": "LeakyRelu"}
 NHWC_TO_NCHW = [0, 3, 1, 2]
 NCHW_TO_NHWC = [0, 2, 3, 1]
 
@@ -73,13 +71,6 @@ class _Builder:
         z = self.const(self.uid(f"{tensor}.zero_point"), np.array(q.zero_point, np.int8))
         return s, z
 
-    def dq(self, tensor: str) -> str:
-        """The float view of an int8 activation (one DequantizeLinear per tensor)."""
-        if tensor not in self.float_of:
-            s, z = self.scale_zp(tensor)
-            self.float_of[tensor] = self.node("DequantizeLinear", [self.tn(tensor), s, z], f"{tensor}__f")
-        return self.float_of[tensor]
-
     def dq_units(self, tensor: str) -> str:
         """``x - zp`` as float (scale 1): exact integers, so sums of them in float32 stay exact."""
         key = f"{tensor}#units"
@@ -102,19 +93,15 @@ class _Builder:
         x = self.node("Round", [x], self.uid(f"{name}_round"))
         return self.node("Cast", [x], self.uid(f"{name}_rounded"), to=TensorProto.FLOAT)
 
-    def q(self, value: str, tensor: str, node: Node, units: bool = False, out: str | None = None) -> str:
-        """Quantize a float result into the int8 activation ``tensor``, then apply the node's
-        clamp in integers (fused ReLU, narrower bit-widths) as the simulator does. With ``units``
-        ``value`` already holds the rounded integer y - zp (see ``requant``): the QuantizeLinear
-        then has scale 1 and only adds the zero point and saturates."""
+    def q(self, value: str, tensor: str, node: Node, out: str | None = None) -> str:
+        """The int8 activation ``tensor`` from ``value``, the rounded integers y - zp (see
+        ``requant``): a QuantizeLinear of scale 1 adds the zero point and saturates, and a Clip
+        on int8 applies the node's clamp (fused ReLU, narrower bit-widths) as the simulator does."""
         q = self.qparams(tensor)
         lo, hi = node.attrs.get("lo", q.qmin), node.attrs.get("hi", q.qmax)
         final = out or self.tn(tensor)
-        if units:
-            s = self.const(self.uid(f"{tensor}.one"), np.array(1.0, np.float32))
-            z = self.const(self.uid(f"{tensor}.zero_point"), np.array(q.zero_point, np.int8))
-        else:
-            s, z = self.scale_zp(tensor)
+        s = self.const(self.uid(f"{tensor}.one"), np.array(1.0, np.float32))
+        z = self.const(self.uid(f"{tensor}.zero_point"), np.array(q.zero_point, np.int8))
         clamp = lo > -128 or hi < 127
         y = self.node("QuantizeLinear", [value, s, z], self.uid(f"{tensor}_unclamped") if clamp else final,
                       name=f"{node.name}_q")
@@ -195,7 +182,7 @@ def _emit_conv(b: _Builder, node: Node) -> None:
         y = b.node("Add", [y, bias_f], b.uid(f"{node.name}_bias"))
     m = _dyadic(g.param(node, "mult"), g.param(node, "shift")).reshape(1, -1, 1, 1)
     y = b.requant(y, m, node.name)
-    yq = b.q(y, node.outputs[0], node, units=True, out=b.uid(f"{node.name}_nchw_q"))
+    yq = b.q(y, node.outputs[0], node, out=b.uid(f"{node.name}_nchw_q"))
     b.node("Transpose", [yq], b.tn(node.outputs[0]), name=f"{node.name}_nhwc", perm=NCHW_TO_NHWC)
 
 
@@ -277,7 +264,7 @@ def _emit_pool(b: _Builder, node: Node) -> None:
         m = _dyadic(g.param(node, "mult").astype(np.int64)[idx], g.param(node, "shift").astype(np.int64)[idx])
         y = b.requant(y, m[None, None], node.name)
     # a max of units goes back to int8 by its own zero point (max pool keeps the input's quantization)
-    yq = b.q(y, node.outputs[0], node, units=True, out=b.uid(f"{node.name}_nchw_q"))
+    yq = b.q(y, node.outputs[0], node, out=b.uid(f"{node.name}_nchw_q"))
     b.node("Transpose", [yq], b.tn(node.outputs[0]), name=f"{node.name}_nhwc", perm=NCHW_TO_NHWC)
 
 
@@ -289,47 +276,104 @@ def _emit_concat(b: _Builder, node: Node) -> str:
     return b.node("Concat", parts, b.uid(node.name), name=node.name, axis=a["axis"])
 
 
-def _emit(b: _Builder, node: Node) -> tuple[str, bool] | None:
-    """The float result of one IR node and whether it is in integer units (rounded y - zp) or
-    real; the caller adds the QuantizeLinear. None for nodes that write their int8 output."""
+def _int64(b: _Builder, tensor: str, name: str) -> str:
+    return b.node("Cast", [b.tn(tensor)], b.uid(f"{name}_i64"), to=TensorProto.INT64)
+
+
+def _emit_table(b: _Builder, node: Node) -> None:
+    """A table function (sigmoid, tanh, ...) is what hilc runs: its 256-entry int8 table
+    indexed by x + 128 (a Gather named after the function, so Netron says which)."""
+    a = node.attrs
+    idx = b.node("Add", [_int64(b, node.inputs[0], node.name),
+                         b.const(b.uid(f"{node.name}.offset"), np.array(a["table_offset"], np.int64))],
+                 b.uid(f"{node.name}_index"))
+    table = b.const(f"{node.name}.{a['fn']}_table", b.g.param(node, "table").astype(np.int8))
+    b.node("Gather", [table, idx], b.tn(node.outputs[0]), name=f"{node.name}_{a['fn']}", axis=0)
+
+
+def _emit_softmax(b: _Builder, node: Node) -> None:
+    """hilc's integer softmax (hilc.compiler.ops.softmax) in int64 ONNX operators: exp table,
+    sum, Newton-Raphson reciprocal, rounding shift. Every value is non-negative, so integer Div
+    by a power of two is the floor shift, and every product stays below 2^62."""
+    from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
+
+    a, g, nm = node.attrs, b.g, node.name
+    axis = a["axis"]
+
+    def c(value, tag: str) -> str:
+        return b.const(b.uid(f"{nm}.{tag}"), np.asarray(value, np.int64))
+
+    def op(kind: str, ins: list[str], tag: str, **kw) -> str:
+        return b.node(kind, ins, b.uid(f"{nm}_{tag}"), **kw)
+
+    pow2 = np.array([1 << k for k in range(63)], np.int64)
+    x = _int64(b, node.inputs[0], nm)
+    d = op("Sub", [op("ReduceMax", [x], "max", axes=[axis], keepdims=1), x], "d")
+    e = op("Gather", [c(g.param(node, "exp_table").astype(np.int64), "exp_table"), d], "exp", axis=0)
+    s = op("ReduceSum", [e, c([axis], "axes")], "sum", keepdims=1)
+    # n = bit length of s: how many powers of two it reaches
+    ge = op("GreaterOrEqual", [op("Unsqueeze", [s, c([-1], "last")], "s1"), c(pow2[:32], "pow2_32")], "ge")
+    n = op("ReduceSum", [op("Cast", [ge], "ge_i64", to=TensorProto.INT64), c([-1], "last2")], "n", keepdims=0)
+    table = c(pow2, "pow2")
+    a_ = op("Mul", [s, op("Gather", [table, op("Sub", [c(31, "31"), n], "31_n")], "p31n", axis=0)], "a")
+    y = op("Sub", [c(NR_C1, "c1"), op("Div", [op("Mul", [c(NR_C2, "c2"), a_], "c2a"), c(1 << 31, "2p31")], "y0s")],
+           "y0")
+    for k in range(NR_STEPS):
+        t = op("Div", [op("Mul", [a_, y], f"ay{k}"), c(1 << 31, f"2p31_{k}")], f"t{k}")
+        y = op("Div", [op("Mul", [y, op("Sub", [c(1 << 31, f"2p31b_{k}"), t], f"2t{k}")], f"yt{k}"),
+                       c(1 << 30, f"2p30_{k}")], f"y{k + 1}")
+    # q = rounding_shift(e * y * k, n + 30), ties to even
+    p = op("Mul", [op("Mul", [e, y], "ey"), c(a["k"], "k")], "p")
+    div = op("Gather", [table, op("Add", [n, c(30, "30")], "sh")], "2sh", axis=0)
+    half = op("Gather", [table, op("Add", [n, c(29, "29")], "sh1")], "2sh1", axis=0)
+    q = op("Div", [p, div], "q")
+    r = op("Sub", [p, op("Mul", [q, div], "qd")], "r")
+    odd = op("Equal", [op("Mod", [q, c(2, "2")], "q2"), c(1, "1")], "odd")
+    up = op("Or", [op("Greater", [r, half], "gt"), op("And", [op("Equal", [r, half], "tie"), odd], "tie_odd")], "up")
+    q = op("Add", [q, op("Cast", [up], "up_i64", to=TensorProto.INT64)], "rounded")
+    q = op("Clip", [op("Add", [q, c(a["zp_out"], "zp")], "qz"), c(-128, "lo"), c(127, "hi")], "clip")
+    b.node("Cast", [q], b.tn(node.outputs[0]), name=nm, to=TensorProto.INT8)
+
+
+def _emit(b: _Builder, node: Node) -> str | None:
+    """The result of one IR node as rounded integers y - zp in float (the caller adds the
+    QuantizeLinear), or None for nodes that write their int8 output themselves."""
     a, op = node.attrs, node.op
     if op in ("conv2d", "maxpool", "avgpool"):
         return (_emit_conv if op == "conv2d" else _emit_pool)(b, node)
     if op == "dense":
-        return _emit_dense(b, node), True
+        return _emit_dense(b, node)
     if op == "add":
-        return _emit_add(b, node), True
+        return _emit_add(b, node)
     if op == "mul":
-        return _emit_mul(b, node), True
+        return _emit_mul(b, node)
     if op == "concat":
-        return _emit_concat(b, node), True
+        return _emit_concat(b, node)
     if op == "requant":
-        return b.requant(b.dq_units(node.inputs[0]), _dyadic(a["mult"], a["shift"]), node.name), True
+        return b.requant(b.dq_units(node.inputs[0]), _dyadic(a["mult"], a["shift"]), node.name)
     # Data movement keeps the quantization: it runs on units and the clamp is the QuantizeLinear's
-    # (and Clip's); the nonlinear functions run on real values, as the tables were built from them.
+    # (and Clip's).
     if op == "clamp":
-        return b.node("Identity", [b.dq_units(node.inputs[0])], b.uid(node.name), name=node.name), True
+        return b.node("Identity", [b.dq_units(node.inputs[0])], b.uid(node.name), name=node.name)
     if op == "reshape":
         shape = b.const(b.uid(f"{node.name}.shape"), np.array([-1, *a["shape"][1:]], np.int64))
-        return b.node("Reshape", [b.dq_units(node.inputs[0]), shape], b.uid(node.name), name=node.name), True
+        return b.node("Reshape", [b.dq_units(node.inputs[0]), shape], b.uid(node.name), name=node.name)
     if op == "transpose":
         return b.node("Transpose", [b.dq_units(node.inputs[0])], b.uid(node.name), name=node.name,
-                      perm=list(a["perm"])), True
+                      perm=list(a["perm"]))
     if op == "pad":
         pads = [int(p[0]) for p in a["pads"]] + [int(p[1]) for p in a["pads"]]
         ins = [b.dq_units(node.inputs[0]), b.const(b.uid(f"{node.name}.pads"), np.array(pads, np.int64))]
         if a["mode"] == "constant":
             zp = b.qparams(node.inputs[0]).zero_point
             ins.append(b.const(b.uid(f"{node.name}.value"), np.array(a["value_q"] - zp, np.float32)))
-        return b.node("Pad", ins, b.uid(node.name), name=node.name, mode=a["mode"]), True
+        return b.node("Pad", ins, b.uid(node.name), name=node.name, mode=a["mode"])
     if op == "lut":
-        fn = a["fn"]
-        attrs = {k: float(a[k]) for k in ("alpha", "beta") if k in a and fn in ("hardsigmoid", "leakyrelu")}
-        if fn not in _LUT_OPS:
-            raise HilcError(f"export-onnx: {node.name}: no ONNX operator for table function '{fn}'")
-        return b.node(_LUT_OPS[fn], [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, **attrs), False
+        _emit_table(b, node)
+        return None
     if op == "softmax":
-        return b.node("Softmax", [b.dq(node.inputs[0])], b.uid(node.name), name=node.name, axis=a["axis"]), False
+        _emit_softmax(b, node)
+        return None
     raise HilcError(f"export-onnx: {node.name}: operator '{op}' has no QDQ ONNX export")
 
 
@@ -370,7 +414,7 @@ def export_qdq(graph: Graph) -> onnx.ModelProto:
             raise HilcError(f"export-onnx: {node.name}: nodes with {len(node.outputs)} outputs are not supported")
         y = _emit(b, node)
         if y is not None:
-            b.q(y[0], node.outputs[0], node, units=y[1])
+            b.q(y, node.outputs[0], node)
     for name in graph.outputs:
         t = graph.tensors[name]
         lay = list(t.layout or range(len(t.shape)))

@@ -63,9 +63,9 @@ def _memory_plot(tl: dict, report: dict) -> str:
     fig, ax = plt.subplots(figsize=(10, 3.6))
     edges = np.arange(len(x) + 1) - 0.5  # one bin per layer
     ax.stairs(np.asarray(tl["live"]) / 1024, edges, label="live activations + input (layer by layer)",
-              color="#1f6feb", linewidth=1.6)
+              color="#1f6feb", linewidth=1.6, baseline=None)
     ax.stairs(np.asarray(tl["arena_top"]) / 1024, edges, label="arena high-water mark", color="#8250df",
-              linestyle=":", linewidth=1.4)
+              linestyle=":", linewidth=1.4, baseline=None)
     patch = report.get("patch") or {}
     if "peak_sram_bytes_layerwise" in patch:
         ax.axhline(patch["peak_sram_bytes_layerwise"] / 1024, color="#cf222e", linestyle="--",

@@ -54,21 +54,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         write_artifacts(out, result)
     if not args.quiet:
         _print_summary(result.report, out)
-        _print_short_summary(result.report, out)
+        from hilc.report_html.render import short_summary
+
+        print(short_summary(result.report, out))
     return 0
-
-
-def _print_short_summary(report: dict, out: Path) -> None:
-    """The last line of a compile: the few numbers people look for, and where to look next."""
-    parts = [f"{len(report['layers'])} layers", f"{report['macs']:,} MACs", f"{report['weights_bytes']:,} B weights"]
-    if "peak_sram_bytes" in report:
-        parts.append(f"peak SRAM {report['peak_sram_bytes']:,} B")
-    if "flash_bytes" in report:
-        parts.append(f"flash {report['flash_bytes']:,} B")
-    if report.get("board"):
-        parts.append(f"fits {report['board']}")
-    print(f"summary: {Path(report['model']).name} -> {out} ({report['precision']}): {', '.join(parts)}; "
-          f"details: hilc report {out}")
 
 
 def _print_summary(report: dict, out: Path) -> None:

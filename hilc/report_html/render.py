@@ -281,3 +281,16 @@ def write_report(out_dir: str | Path, output: str | Path | None = None,
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(dest)
     return dest
+
+
+def short_summary(report: dict[str, Any], out: str | Path) -> str:
+    """The last line of ``hilc compile``: the few numbers people look for, and where to look next."""
+    parts = [f"{len(report['layers'])} layers", f"{report['macs']:,} MACs", f"{report['weights_bytes']:,} B weights"]
+    if "peak_sram_bytes" in report:
+        parts.append(f"peak SRAM {report['peak_sram_bytes']:,} B")
+    if "flash_bytes" in report:
+        parts.append(f"flash {report['flash_bytes']:,} B")
+    if report.get("board"):
+        parts.append(f"fits {report['board']}")
+    return (f"summary: {Path(report['model']).name} -> {out} ({report['precision']}): {', '.join(parts)}; "
+            f"details: hilc report {out}")

@@ -265,8 +265,10 @@ def test_report_renders_patch_fields_and_no_profile(tmp_path, digits):
                        "patches": [{"tile": [0, 7, 0, 7], "windows": {}}] * 4, "window_bytes": {"t3": 100},
                        "macs": 12345, "mac_overhead": 0.0425, "peak_sram_bytes_layerwise": report["peak_sram_bytes"],
                        "peak_sram_bytes": report["peak_sram_bytes"] // 3, "budget_bytes": None}
+    report["accuracy"] = {"float": 0.9916, "int8": 0.9889}  # figures another step measured
     (out / "report.json").write_text(json.dumps(report))
     ctx = build_context(out)
+    assert ("accuracy (int8)", "98.89%") in ctx["summary"]
     assert dict(ctx["patch"])["peak sram bytes layerwise"] == f"{report['peak_sram_bytes']:,}"
     assert dict(ctx["patch"])["macs"] == "12,345" and dict(ctx["patch"])["MAC overhead"] == "+4.2%"
     assert dict(ctx["patch"])["grid"] == "2×2" and "patches" not in dict(ctx["patch"])

@@ -230,9 +230,12 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
                ("MACs", f"{report.get('macs', 0):,}"), ("BitOps", f"{report.get('bitops', 0):,}"),
                ("weights", _fmt_bytes(report.get("weights_bytes"))),
                ("compiled in", f"{report.get('compile_seconds', '?')} s")]
-    for k, v in sorted(report.items()):
-        if "accuracy" in k or "agreement" in k:
-            summary.append((k.replace("_", " "), f"{v:.2%}" if isinstance(v, float) and v <= 1 else str(v)))
+    known = {k: v for k, v in report.items() if "accuracy" in k or "agreement" in k}
+    for k, v in sorted(known.items()):  # figures other steps measured (a dict: one row per entry)
+        for name, val in (v.items() if isinstance(v, dict) else [(None, v)]):
+            if isinstance(val, int | float | str) and not isinstance(val, bool):
+                label = k.replace("_", " ") + (f" ({name})" if name is not None else "")
+                summary.append((label, f"{val:.2%}" if isinstance(val, float) and val <= 1 else str(val)))
     for k, v in (accuracy or {}).items():
         summary.append((k, f"{v:.2%}" if isinstance(v, float) and v <= 1 else str(v)))
     limits = []

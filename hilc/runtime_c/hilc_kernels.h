@@ -109,4 +109,31 @@ void hilc_transpose_s8(const hilc_transpose_params *p, const int8_t *in, int8_t 
 void hilc_pad_s8(const hilc_pad_params *p, const int8_t *in, int8_t *out);
 void hilc_copy_s8(int32_t n, const int8_t *in, int8_t *out);
 
+/* --- transformers (hilc/compiler/ops/matmul.py, layernorm.py, reduce.py) --- */
+typedef struct {
+    int32_t batch, m, k, n;      /* a [batch][m][k] times b^T, b stored [batch][n][k] */
+    int32_t zp_a, zp_b, zp_out, mult, shift, lo, hi;
+} hilc_matmul_params;
+
+typedef struct {
+    int32_t rows, n;             /* normalise each row of n values */
+    int32_t zp_in, zp_out, lo, hi;
+    int64_t eps;                 /* max(1, round(n^3 * epsilon / s_in^2)) */
+    const int32_t *mult;         /* [n] signed dyadic b of gamma * sqrt(n) / (s_out * 2^24) */
+    const int8_t *shift;         /* [n] dyadic c */
+    const int32_t *bias;         /* [n] round(beta / s_out) */
+} hilc_layernorm_params;
+
+typedef struct {
+    int32_t outer, len, inner;   /* mean over the middle axis */
+    int32_t zp_in, zp_out, mult, shift, lo, hi;
+} hilc_reduce_params;
+
+void hilc_matmul_s8(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out);
+/* DSP variant: `col` holds one int16 row of a - zp_a (k elements). */
+void hilc_matmul_s8_dsp(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out, int16_t *col);
+void hilc_matmul(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out, int16_t *col);
+void hilc_layernorm_s8(const hilc_layernorm_params *p, const int8_t *in, int8_t *out);
+void hilc_reduce_mean_s8(const hilc_reduce_params *p, const int8_t *in, int8_t *out);
+
 #endif

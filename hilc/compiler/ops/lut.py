@@ -1,4 +1,4 @@
-"""Unary nonlinearities as lookup tables: Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu.
+"""Unary nonlinearities as lookup tables: Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, Gelu.
 
 With int8 activations any unary function is exactly a 256-entry table built at compile time
 (``params['table']``, indexed by ``x + 128``): the inference path is one load per element.
@@ -7,6 +7,8 @@ does); the others are calibrated.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -19,12 +21,19 @@ def _hardsigmoid(x, alpha=0.2, beta=0.5):
     return np.clip(alpha * x + beta, 0.0, 1.0)
 
 
+def _gelu(x, a):
+    if a.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / np.sqrt(2.0)))
+
+
 FUNCTIONS = {
     "sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
     "tanh": lambda x, a: np.tanh(x),
     "hardsigmoid": lambda x, a: _hardsigmoid(x, a.get("alpha", 0.2), a.get("beta", 0.5)),
     "hardswish": lambda x, a: x * _hardsigmoid(x, 1.0 / 6.0, 0.5),
     "leakyrelu": lambda x, a: np.where(x >= 0, x, x * a.get("alpha", 0.01)),
+    "gelu": _gelu,  # exact (Erf) or tanh approximation: with int8 inputs the table is exact either way
 }
 FIXED_RANGES = {"sigmoid": (1.0 / 256, -128), "hardsigmoid": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
 
@@ -64,6 +73,10 @@ class Lut(Op):
 def _lut_importer(fn: str):
     def imp(ctx, node) -> None:
         attrs = {"fn": fn}
+        if fn == "gelu":
+            attrs["approximate"] = str(ctx.attr("approximate", "none"))
+            if attrs["approximate"] not in ("none", "tanh"):
+                raise ctx.fail(f"Gelu approximate='{attrs['approximate']}' is not supported")
         for name in ("alpha", "beta"):
             v = ctx.attr(name)
             if v is not None:
@@ -74,5 +87,5 @@ def _lut_importer(fn: str):
 
 
 for _op, _fn in (("Sigmoid", "sigmoid"), ("Tanh", "tanh"), ("HardSigmoid", "hardsigmoid"),
-                 ("HardSwish", "hardswish"), ("LeakyRelu", "leakyrelu")):
+                 ("HardSwish", "hardswish"), ("LeakyRelu", "leakyrelu"), ("Gelu", "gelu")):
     onnx_importer(_op)(_lut_importer(_fn))

@@ -107,4 +107,35 @@ def fold_pad(graph: Graph) -> Graph:
     return g
 
 
-FLOAT_PIPELINE = (cleanup, fold_pad, fuse_activation)
+def fold_into_tables(graph: Graph) -> Graph:
+    """Fold a multiply or add by a scalar constant into the lookup table that reads it, when the
+    intermediate has no scale of its own (a QDQ model that leaves ``Div -> Erf`` in float between
+    its Q/DQ pairs): the table then computes exactly what onnxruntime does, DQ -> ops -> Q."""
+    g = graph.copy()
+    hints = g.meta.get("quant_hints")
+    if not hints:
+        return g  # float models are calibrated: every tensor has a range
+    for node in list(g.nodes):
+        if node.op != "lut" or node.inputs[0] in hints:
+            continue
+        while True:
+            prod = g.producer(node.inputs[0])
+            t = node.inputs[0]
+            if (prod is None or prod.op not in ("mul", "add") or len(prod.inputs) != 1 or "const" not in prod.params
+                    or g.constants[prod.params["const"]].size != 1 or t in hints or len(g.consumers(t)) != 1
+                    or t in g.outputs or "act_lo" in prod.attrs or "act_hi" in prod.attrs):
+                break
+            c = float(g.constants[prod.params["const"]].reshape(-1)[0])
+            signs = prod.attrs.get("signs", [1, 1])
+            if prod.op == "mul":
+                step = [["mul", c]]
+            else:  # s0 * x + s1 * c
+                step = [["mul", float(signs[0])], ["add", signs[1] * c]] if signs[0] != 1 else [["add", signs[1] * c]]
+            node.attrs["pre"] = step + node.attrs.get("pre", [])
+            node.inputs = list(prod.inputs)
+            g.nodes.remove(prod)
+            del g.tensors[t]
+    return g
+
+
+FLOAT_PIPELINE = (cleanup, fold_pad, fuse_activation, fold_into_tables)

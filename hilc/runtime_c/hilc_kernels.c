@@ -407,3 +407,19 @@ void hilc_reduce_mean_s8(const hilc_reduce_params *p, const int8_t *in, int8_t *
         }
     }
 }
+
+void hilc_embedding_s8(int32_t n_tokens, int32_t d, const int32_t *index, const int8_t *table, const int8_t *in,
+                       int8_t *out) {
+    for (int32_t t = 0; t < n_tokens; t++) {
+        const int8_t *row = table + index[in[t] + 128] * d;
+        for (int32_t i = 0; i < d; i++) out[t * d + i] = row[i];
+    }
+}
+
+void hilc_gather_s8(int32_t outer, int32_t len, int32_t inner, int32_t n_idx, const int32_t *indices, const int8_t *in,
+                    int8_t *out) {
+    for (int32_t o = 0; o < outer; o++)
+        for (int32_t j = 0; j < n_idx; j++)
+            for (int32_t i = 0; i < inner; i++)
+                *out++ = in[(o * len + indices[j]) * inner + i];
+}

@@ -136,4 +136,10 @@ void hilc_matmul(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, 
 void hilc_layernorm_s8(const hilc_layernorm_params *p, const int8_t *in, int8_t *out);
 void hilc_reduce_mean_s8(const hilc_reduce_params *p, const int8_t *in, int8_t *out);
 
+/* embedding: y[t] = table[index[in[t] + 128]] (rows of d); gather: copy the selected slices */
+void hilc_embedding_s8(int32_t n_tokens, int32_t d, const int32_t *index, const int8_t *table, const int8_t *in,
+                       int8_t *out);
+void hilc_gather_s8(int32_t outer, int32_t len, int32_t inner, int32_t n_idx, const int32_t *indices, const int8_t *in,
+                    int8_t *out);
+
 #endif

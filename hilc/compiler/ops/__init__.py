@@ -4,6 +4,7 @@ from hilc.compiler.ops import (  # noqa: F401
     conv,
     dense,
     elementwise,
+    gather,
     layernorm,
     layout,
     lut,

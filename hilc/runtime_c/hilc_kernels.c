@@ -391,7 +391,7 @@ void hilc_layernorm_s8(const hilc_layernorm_params *p, const int8_t *in, int8_t 
         for (int32_t i = 0; i < n; i++) {
             const int64_t c = (int64_t)n * (x[i] - p->zp_in) - s;
             const int64_t z = hilc_round_shift(c * inv, 37 - k); /* Q24 of c / sqrt(V) */
-            const int64_t q = hilc_round_shift(z * p->mult[i], p->shift[i]) + p->bias[i] + p->zp_out;
+            const int64_t q = hilc_round_shift(z * p->mult[i] + p->bias[i], p->shift[i]) + p->zp_out;
             y[i] = (int8_t)hilc_clamp(q, p->lo, p->hi);
         }
     }

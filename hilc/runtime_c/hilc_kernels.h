@@ -121,7 +121,7 @@ typedef struct {
     int64_t eps;                 /* max(1, round(n^3 * epsilon / s_in^2)) */
     const int32_t *mult;         /* [n] signed dyadic b of gamma * sqrt(n) / (s_out * 2^24) */
     const int8_t *shift;         /* [n] dyadic c */
-    const int32_t *bias;         /* [n] round(beta / s_out) */
+    const int64_t *bias;         /* [n] round(beta / s_out * 2^shift) */
 } hilc_layernorm_params;
 
 typedef struct {

@@ -12,10 +12,11 @@ r = isqrt(Vn) in [2^30, 2^31) (digit by digit: shifts, adds and compares), then 
 Newton-Raphson reciprocal y ~ 2^61 / r. With 2^k / r = 1 / sqrt(V):
 
     z_i = round(c_i * y / 2^(37 - k))      (Q24 of c_i / sqrt(V), |z_i| <= 2^24)
-    q_i = clamp(round(z_i * M_i / 2^C_i) + B_i + zp_out)
+    q_i = clamp(round((z_i * M_i + B_i) / 2^C_i) + zp_out)
 
 where M_i / 2^C_i ~ gamma_i * sqrt(n) / (s_out * 2^24) (signed multiplier: gamma may be negative)
-and B_i = round(beta_i / s_out). All roundings are the contract's (ties to even).
+and B_i = round(beta_i / s_out * 2^C_i) (int64): beta joins the one rounding, so it adds no error of
+its own. All roundings are the contract's (ties to even).
 """
 
 from __future__ import annotations
@@ -77,10 +78,17 @@ class LayerNorm(Op):
         beta = graph.param(node, "bias").astype(np.float64)
         m = gamma * np.sqrt(n) / (qo.scale * 2.0**Z_BITS)
         b, c = arith.dyadic(np.abs(m))
-        bias = np.clip(np.rint(beta / qo.scale), -(2**30), 2**30)
+        # keep |B_i| < 2^60 (z * M stays below 2^55): only a vanishing gamma next to a large beta
+        # needs a shorter shift, which costs that channel nothing it could show in 8 bits
+        bq = np.minimum(np.abs(beta / qo.scale), 2.0**20)
+        limit = np.floor(np.log2(2.0**60 / np.maximum(bq, 1.0))).astype(np.int64)
+        for i in np.nonzero(c > limit)[0]:
+            c[i] = max(1, int(limit[i]))
+            b[i] = min(int(round(abs(m[i]) * 2.0 ** c[i])), 2**31 - 1)
+        bias = np.rint(np.clip(beta / qo.scale, -(2.0**20), 2.0**20) * np.exp2(c.astype(np.float64)))
         node.params["mult"] = graph.add_constant(f"{node.name}.mult", (np.sign(m) * b).astype(np.int32))
         node.params["shift"] = graph.add_constant(f"{node.name}.shift", c.astype(np.int8))
-        node.params["bias"] = graph.add_constant(f"{node.name}.bias", bias.astype(np.int32))
+        node.params["bias"] = graph.add_constant(f"{node.name}.bias", bias.astype(np.int64))
         node.params.pop("scale")
         node.attrs.update(zp_in=qi.zero_point, zp_out=qo.zero_point, eps_int=eps_int, lo=qo.qmin, hi=qo.qmax)
 
@@ -94,8 +102,8 @@ class LayerNorm(Op):
         y, k = inv_sqrt_q(v)
         z = rounding_shift(c * y, 61 - Z_BITS - k)
         mult = graph.param(node, "mult").astype(np.int64)
-        q = rounding_shift(z * mult, graph.param(node, "shift").astype(np.int64))
-        q = q + graph.param(node, "bias").astype(np.int64) + a["zp_out"]
+        q = rounding_shift(z * mult + graph.param(node, "bias"), graph.param(node, "shift").astype(np.int64))
+        q = q + a["zp_out"]
         return [np.clip(q, a["lo"], a["hi"]).astype(np.int8)]
 
     def macs(self, node, graph):

@@ -25,7 +25,7 @@ from hilc.errors import HilcError
 
 RUNTIME_FILES = ("hilc_arith.h", "hilc_dsp.h", "hilc_kernels.h", "hilc_kernels.c")
 C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t", np.dtype(np.int16): "int16_t",
-           np.dtype(np.uint8): "uint8_t"}
+           np.dtype(np.uint8): "uint8_t", np.dtype(np.int64): "int64_t"}
 
 
 def runtime_dir() -> Path:

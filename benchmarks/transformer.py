@@ -32,7 +32,7 @@ from hilc.compiler.arith import quantize_host  # noqa: E402
 from hilc.compiler.pipeline import compile_model, write_artifacts  # noqa: E402
 from hilc.hil.boards import load_board  # noqa: E402
 from hilc.hil.runner import profile_command  # noqa: E402
-from hilc.sim.simulator import simulate, to_physical  # noqa: E402
+from hilc.sim.simulator import simulate  # noqa: E402
 
 OPS = {"softmax_last": "Softmax (last axis)", "layernorm": "LayerNormalization", "gelu": "Gelu (Erf)",
        "gelu_tanh": "Gelu (tanh form)", "matmul_activations": "MatMul of activations",

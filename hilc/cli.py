@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--flash", type=int, metavar="BYTES",
                    help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
-                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
+                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, fold_scalars, "
+                        "calibrate, quantize)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

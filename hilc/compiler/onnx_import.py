@@ -230,7 +230,8 @@ def import_model(model: onnx.ModelProto, name: str = "model") -> Graph:
         dims = vi.type.tensor_type.shape.dim
         ctx.onnx_shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
 
-    nodes = qdq.preprocess(ctx, fused_nodes)
+    # nodes of the shape-inferred copy: importers may edit a node in place, never the caller's model
+    nodes = qdq.preprocess(ctx, onnx_patterns.fuse(model))
     ctx.onnx_uses = Counter(i for n in nodes for i in n.input if i)
     ctx.onnx_uses.update(o.name for o in model.graph.output)
 

@@ -40,7 +40,7 @@ FUNCTIONS = {
     "pow": lambda x, a: np.power(x, a["exponent"]),
 }
 def _pre(x: np.ndarray, attrs: dict) -> np.ndarray:
-    """Scalar multiplies / adds folded in front of the function (``passes.fold_into_tables``)."""
+    """Scalar multiplies / adds folded in front of the function (``passes.fold_scalars``)."""
     for op, c in attrs.get("pre", []):
         x = x * c if op == "mul" else x + c
     return x

@@ -6,7 +6,9 @@ which is also what the DSP dot product wants. The importer asks for that layout;
 Transpose in front of it then costs nothing.
 
     acc = sum_k (a[m, k] - zp_a) * (bt[n, k] - zp_b)          (int32, bound checked at compile time)
-    y   = clamp(round(acc * b / 2^c) + zp_out)                 b / 2^c ~ s_a * s_b / s_out
+    y   = clamp(round(acc * b / 2^c) + zp_out)                 b / 2^c ~ alpha * s_a * s_b / s_out
+
+(alpha: a positive scalar multiply folded in by ``passes.fold_scalars``, e.g. 1/sqrt(d)).
 
 The DSP kernel computes the same integer as sum_k (a - zp_a) * bt - zp_b * sum_k (a - zp_a).
 """
@@ -42,7 +44,7 @@ class MatMul(Op):
 
     def eval_float(self, node, graph, xs):
         a, bt = (x.astype(np.float32) for x in xs)
-        return [apply_float_activation(node, a @ np.swapaxes(bt, -1, -2))]
+        return [apply_float_activation(node, (a @ np.swapaxes(bt, -1, -2)) * node.attrs.get("alpha", 1.0))]
 
     def quantize(self, node, graph):
         qa, qb, qo = in_quant(graph, node, 0), in_quant(graph, node, 1), out_quant(graph, node)
@@ -51,7 +53,7 @@ class MatMul(Op):
         if bound > arith.INT32_MAX:
             raise UnsupportedModelError(f"{node.onnx_name or node.name}: MatMul over K={k} could overflow the "
                                         f"int32 accumulator (bound {bound})")
-        mult, shift = arith.dyadic(qa.scale * qb.scale / qo.scale)
+        mult, shift = arith.dyadic(node.attrs.get("alpha", 1.0) * qa.scale * qb.scale / qo.scale)
         lo, hi = clamp_bounds(node, qo)
         node.attrs.pop("act_lo", None)
         node.attrs.pop("act_hi", None)

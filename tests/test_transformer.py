@@ -67,6 +67,17 @@ def test_transformer_host_c_bit_exact_under_sanitizers(tmp_path, digits):
     assert np.array_equal(dsp, sim)
 
 
+def test_transformer_exports_to_a_qdq_onnx_model_bit_exact(compiled, digits):
+    from conftest import ort_run
+
+    from hilc.targets.onnx_qdq import export_qdq
+
+    x = digits["x_test"][:32]
+    q = compiled.graph.tensors[compiled.graph.outputs[0]].quant
+    y = np.rint(ort_run(export_qdq(compiled.graph), x) / q.scale) + q.zero_point
+    assert np.array_equal(y, simulate(compiled.graph, x, raw=True).astype(np.float64))
+
+
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="arm-none-eabi-gcc not installed")
 def test_transformer_cortex_m4_firmware_links_no_float_or_division_helpers(tmp_path, digits):
     result = compile_model(TRANSFORMER, digits["x_train"][:64], board="qemu-mps2-an386")

@@ -1,0 +1,500 @@
+"""Patch-based inference scheduling (MCUNetV2, Lin et al. 2021): the pass ``plan_patches``.
+
+The first layers of a CNN hold by far the largest activations. Running them once per spatial
+patch of an n x n grid keeps only one patch's intermediate tensors in SRAM at a time; the
+patches' outputs assemble one whole tensor (the *split tensor*) and the rest of the network
+runs layer by layer. Overlapping receptive fields (halos) make the patches recompute some
+pixels: that is the MAC overhead the scheduler trades against SRAM.
+
+The graph stays a plain layer-by-layer graph: the schedule is data in ``graph.meta["patch"]``,
+which the simulator (``run_patch_stage``), the memory planner (``plan_patch_memory``) and the C
+code generator (``hilc.targets.c.patch_lower``) all follow. Patching changes no arithmetic, so
+patched outputs are bit-identical to layer-by-layer ones (the tests check it).
+
+``graph.meta["patch"]`` (also copied into report.json under ``patch``)
+------------------------------------------------------------------------
+* ``split``: the split tensor; ``split_node``: its producer; ``split_index``: that node's index.
+  The *patch stage* is ``graph.nodes[0 .. split_index]`` (named in ``stage``).
+* ``grid``: ``[n, n]``; patches run row-major.
+* ``patches``: one entry per patch with
+  - ``tile``: ``[y0, y1, x0, x1]`` of the split tensor this patch produces (half-open rows, cols);
+  - ``buffers``: tensor -> ``[y0, y1, x0, x1]``, the region of every stage tensor the patch
+    computes (the union of what its consumers need; the graph input is read in place, so its
+    buffer is the whole image);
+  - ``layers``: per stage node ``{"node", "out": region, "in": [region per input], "pads":
+    [top, left, bottom, right]}``: the output window, the input window each input must supply
+    (clipped to the image) and the zero padding that applies at image borders for this patch.
+* ``window_bytes``: tensor -> bytes of the buffer one patch needs (the largest over patches;
+  these buffers are reused by every patch).
+* ``macs`` / ``macs_layerwise`` / ``mac_overhead``: MACs of the patched and the layer-by-layer
+  schedule and their ratio minus one.
+* ``peak_sram_bytes`` / ``peak_sram_bytes_layerwise``: the full static plan (arena + input +
+  output + the DSP kernels' scratch column), patched and layer by layer.
+* ``mcunet_peak_bytes`` / ``mcunet_peak_bytes_layerwise``: peak activation memory counted as
+  MCUNetV2 counts it: the largest (inputs + output) of one layer; in the patch stage a layer's
+  windows plus the whole split tensor, which stays allocated while the patches run.
+* ``budget_bytes``: the SRAM budget the scheduler had (None: it minimised the peak).
+
+Supported in the patch stage: ``conv2d`` (any kernel, stride, dilation, padding, groups: so
+depthwise/pointwise chains), ``maxpool``, ``add`` of two equal-shaped activations (residual
+blocks), and the pixelwise ``clamp``, ``requant`` and ``lut``. The stage must be a prefix of
+the node order that only the split tensor leaves.
+
+Not done: in-place depthwise and reordering operators to lower the peak (the planner reports
+the peak of the node order it is given).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hilc.compiler.ir import Graph, Node, Tensor
+from hilc.compiler.memory import _DTYPE_BYTES, MemoryPlan, plan_memory, tensor_bytes
+from hilc.compiler.ops import OPS
+from hilc.errors import HilcError
+
+WINDOWED = {"conv2d", "maxpool"}
+PIXELWISE = {"clamp", "requant", "lut"}
+PATCHABLE = WINDOWED | PIXELWISE | {"add"}
+MAX_GRID = 8
+
+Region = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
+
+
+# --- receptive fields ----------------------------------------------------------------------
+
+def _union(a: Region | None, b: Region) -> Region:
+    if a is None:
+        return b
+    return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
+
+
+def window_need(node: Node, out: Region, h: int, w: int) -> tuple[Region, list[int]]:
+    """Input region (clipped to the h x w image) that output region ``out`` of a windowed node
+    reads, and the padding [top, left, bottom, right] that falls outside the image."""
+    a = node.attrs
+    kh, kw = a["kernel"]
+    sh, sw = a["strides"]
+    dh, dw = a.get("dilations", [1, 1])
+    pt, pl = a["pads"][0], a["pads"][1]
+    y0, y1 = out[0] * sh - pt, (out[1] - 1) * sh - pt + dh * (kh - 1) + 1
+    x0, x1 = out[2] * sw - pl, (out[3] - 1) * sw - pl + dw * (kw - 1) + 1
+    pads = [max(0, -y0), max(0, -x0), max(0, y1 - h), max(0, x1 - w)]
+    return (max(0, y0), min(h, y1), max(0, x0), min(w, x1)), pads
+
+
+def _patchable(node: Node, graph: Graph) -> bool:
+    if node.op not in PATCHABLE or len(node.outputs) != 1:
+        return False
+    shapes = [graph.tensors[t].shape for t in node.inputs + node.outputs]
+    if any(len(s) != 4 for s in shapes):
+        return False
+    if node.op == "add":
+        return "const" not in node.params and len(node.inputs) == 2 and shapes[0] == shapes[1] == shapes[2]
+    if node.op == "maxpool":
+        return node.attrs["kernel"] != [shapes[0][1], shapes[0][2]] or shapes[0][1:3] == (1, 1)
+    return len(node.inputs) == 1
+
+
+def split_points(graph: Graph) -> list[int]:
+    """Indices k such that nodes[0..k] can form a patch stage: every node patchable, and the only
+    tensor that leaves the stage is the (4-D) output of node k."""
+    if len(graph.inputs) != 1 or len(graph.tensors[graph.inputs[0]].shape) != 4:
+        return []
+    last: dict[str, float] = {}
+    for i, n in enumerate(graph.nodes):
+        for t in n.inputs:
+            last[t] = i
+    for t in graph.outputs:
+        last[t] = float("inf")
+    live = {graph.inputs[0]} if last.get(graph.inputs[0], -1) >= 0 else set()
+    out: list[int] = []
+    for k, node in enumerate(graph.nodes):
+        if not _patchable(node, graph) or any(t not in live and t not in graph.inputs for t in node.inputs):
+            break
+        live |= {t for t in node.outputs if last.get(t, -1) > k}
+        live = {t for t in live if last.get(t, -1) > k}
+        if live == {node.outputs[0]} and node.op not in PIXELWISE and node.outputs[0] not in graph.outputs:
+            out.append(k)
+    return out
+
+
+def _tiles(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i * size // n, (i + 1) * size // n) for i in range(n)]
+
+
+def analyse_patch(graph: Graph, k: int, tile: Region) -> dict[str, Any]:
+    """Receptive-field analysis of one patch: the windows of every stage node (see the module doc)."""
+    stage = graph.nodes[: k + 1]
+    split = stage[-1].outputs[0]
+    need: dict[str, Region] = {split: tile}
+    layers: dict[str, dict[str, Any]] = {}
+    for node in reversed(stage):
+        out = need.get(node.outputs[0])
+        if out is None:
+            raise HilcError(f"patch stage: output '{node.outputs[0]}' of node {node.name} is not used")
+        _, h, w, _ = graph.tensors[node.inputs[0]].shape
+        if node.op in WINDOWED:
+            region, pads = window_need(node, out, h, w)
+            ins = [region]
+        else:
+            ins, pads = [out] * len(node.inputs), [0, 0, 0, 0]
+        for t, r in zip(node.inputs, ins, strict=True):
+            need[t] = _union(need.get(t), r)
+        layers[node.name] = {"node": node.name, "out": list(out), "in": [list(r) for r in ins], "pads": pads}
+    # Pixelwise ops compute their whole input buffer: one flat call, and the buffer is there anyway.
+    buffers = dict(need)
+    _, h0, w0, _ = graph.tensors[graph.inputs[0]].shape
+    buffers[graph.inputs[0]] = (0, h0, 0, w0)
+    for node in stage:
+        if node.op in PIXELWISE:
+            r = buffers[node.inputs[0]]
+            buffers[node.outputs[0]] = r
+            layers[node.name].update(out=list(r), **{"in": [list(r)]})
+    return {"tile": list(tile), "buffers": {t: list(r) for t, r in buffers.items()},
+            "layers": [layers[n.name] for n in stage]}
+
+
+def _region_bytes(graph: Graph, t: str, r: list[int] | Region) -> int:
+    tensor = graph.tensors[t]
+    item = _DTYPE_BYTES.get(tensor.dtype, 1)
+    return (r[1] - r[0]) * (r[3] - r[2]) * tensor.shape[3] * item
+
+
+# --- per-patch views of the stage ----------------------------------------------------------
+
+def patch_view(graph: Graph, patch: dict[str, Any], c_pads: bool) -> Graph:
+    """A graph of the stage nodes for one patch: tensors shaped as their windows and nodes with
+    the patch's pads. With ``c_pads`` the pads are relative to each input's *buffer* (what the C
+    kernels take: they may be negative where the buffer holds more than the window reads) and
+    input tensors have their buffer shapes; otherwise (the simulator, which crops every input to
+    its window first) they are the image-border pads and inputs have their window shapes."""
+    stage = graph.nodes[: len(patch["layers"])]
+    tensors = dict(graph.tensors)
+    buffers = patch["buffers"]
+
+    def shaped(t: str, r: list[int]) -> Tensor:
+        old = graph.tensors[t]
+        return Tensor(old.name, (old.shape[0], r[1] - r[0], r[3] - r[2], old.shape[3]), old.dtype, old.quant,
+                      None, old.onnx_name)
+
+    nodes = []
+    for node, layer in zip(stage, patch["layers"], strict=True):
+        attrs = dict(node.attrs)
+        if node.op in WINDOWED:
+            if c_pads:
+                buf = buffers[node.inputs[0]]
+                a = node.attrs
+                out = layer["out"]
+                pt = a["pads"][0] - out[0] * a["strides"][0] + buf[0]
+                pl = a["pads"][1] - out[2] * a["strides"][1] + buf[2]
+                attrs["pads"] = [pt, pl, layer["pads"][2], layer["pads"][3]]
+            else:
+                attrs["pads"] = list(layer["pads"])
+            if "extra" in attrs:
+                attrs["extra"] = [0, 0]
+        nodes.append(Node(node.name, node.op, list(node.inputs), list(node.outputs), attrs, node.params,
+                          node.onnx_name))
+        tensors[node.outputs[0]] = shaped(node.outputs[0], layer["out"])
+    view = Graph(graph.name, nodes, tensors, graph.constants, list(graph.inputs), list(graph.outputs), {})
+    view.cache = graph.cache  # prepared weights are per node, shared by every patch
+    return view
+
+
+def run_patch_stage(graph: Graph, env: dict[str, np.ndarray]) -> int:
+    """Run the patch stage in the simulator: fills ``env`` with the assembled split tensor and
+    returns the index of the first node that runs layer by layer."""
+    plan = graph.meta["patch"]
+    k = plan["split_index"]
+    split = plan["split"]
+    x_name = graph.inputs[0]
+    batch = env[x_name].shape[0]
+    st = graph.tensors[split]
+    out = np.empty((batch, *st.shape[1:]), np.int8)
+    key = "patch:sim-views"
+    if key not in graph.cache:
+        graph.cache[key] = [patch_view(graph, p, c_pads=False) for p in plan["patches"]]
+    for patch, view in zip(plan["patches"], graph.cache[key], strict=True):
+        bufs: dict[str, tuple[np.ndarray, list[int]]] = {x_name: (env[x_name], patch["buffers"][x_name])}
+        for node, layer in zip(view.nodes, patch["layers"], strict=True):
+            xs = []
+            for t, r in zip(node.inputs, layer["in"], strict=True):
+                arr, b = bufs[t]
+                xs.append(arr[:, r[0] - b[0]:r[1] - b[0], r[2] - b[2]:r[3] - b[2]])
+            (y,) = OPS[node.op].eval_int(node, view, xs)
+            bufs[node.outputs[0]] = (y, layer["out"])
+        y, _ = bufs[split]
+        t = patch["tile"]
+        out[:, t[0]:t[1], t[2]:t[3]] = y
+    env[split] = out
+    if not any(x_name in n.inputs for n in graph.nodes[k + 1:]) and x_name not in graph.outputs:
+        env.pop(x_name, None)
+    return k + 1
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+def window_name(t: str) -> str:
+    return f"{t}@patch"
+
+
+def plan_patch_memory(graph: Graph, plan: dict[str, Any] | None = None) -> MemoryPlan:
+    """The static arena of the patched schedule: one patch's stage buffers (reused by every
+    patch; offsets under ``window_name(t)``), the whole split tensor from the first step, then
+    the layer-by-layer rest. Stage buffers are never written in place."""
+    plan = plan or graph.meta["patch"]
+    k = plan["split_index"]
+    split = plan["split"]
+    tensors = dict(graph.tensors)
+    nodes = [Node("patch_alloc", "patch:alloc", [], [split])]
+    x_name = graph.inputs[0]
+    for node in graph.nodes[: k + 1]:
+        ins = [t if t == x_name else window_name(t) for t in node.inputs]
+        out = window_name(node.outputs[0])
+        tensors[out] = Tensor(out, (1, plan["window_bytes"][node.outputs[0]]), "int8")
+        nodes.append(Node(node.name, f"patch:{node.op}", ins, [out]))
+    nodes.append(Node("patch_store", "patch:store", [window_name(split), split], []))
+    nodes += graph.nodes[k + 1:]
+    synth = Graph(graph.name, nodes, tensors, {}, list(graph.inputs), list(graph.outputs), {})
+    return plan_memory(synth)
+
+
+def scratch_bytes(graph: Graph) -> int:
+    """Bytes of the int16 im2col column the DSP kernels use (what the C emitter reserves)."""
+    elems = 0
+    for n in graph.nodes:
+        if n.op == "conv2d":
+            c = graph.tensors[n.inputs[0]].shape[3]
+            elems = max(elems, n.attrs["kernel"][0] * n.attrs["kernel"][1] * (c // n.attrs["group"]))
+        elif n.op == "dense":
+            elems = max(elems, graph.param(n, "weight").shape[1])
+    return 2 * elems
+
+
+def mcunet_peak(graph: Graph, plan: dict[str, Any] | None = None) -> int:
+    """Peak activation bytes as MCUNetV2 counts them: max over layers of inputs + output; in the
+    patch stage the layer's windows (largest over patches) plus the whole split tensor."""
+    peak = 0
+    k = -1
+    if plan is not None:
+        k = plan["split_index"]
+        split_bytes = tensor_bytes(graph, plan["split"])
+        for i in range(k + 1):
+            node_peak = 0
+            for p in plan["patches"]:
+                layer = p["layers"][i]
+                node = graph.nodes[i]
+                b = sum(_region_bytes(graph, t, r) for t, r in zip(node.inputs, layer["in"], strict=True))
+                b += _region_bytes(graph, node.outputs[0], layer["out"])
+                node_peak = max(node_peak, b)
+            peak = max(peak, node_peak + split_bytes)
+    for node in graph.nodes[k + 1:]:
+        b = sum(tensor_bytes(graph, t) for t in node.inputs) + sum(tensor_bytes(graph, t) for t in node.outputs)
+        peak = max(peak, b)
+    return peak
+
+
+# --- the scheduler -----------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    k: int
+    n: int
+    plan: dict[str, Any]
+    macs: int
+    lower_bound: int  # arena lower bound + I/O + scratch: no packing can go below it
+    peak: int | None = None  # full plan (arena + I/O + scratch) once packed
+
+
+def _layer_macs(graph: Graph) -> list[int]:
+    return [OPS[n.op].macs(n, graph) for n in graph.nodes]
+
+
+def build_candidate(graph: Graph, k: int, n: int, layer_macs: list[int] | None = None) -> Candidate:
+    layer_macs = layer_macs or _layer_macs(graph)
+    split = graph.nodes[k].outputs[0]
+    _, h, w, _ = graph.tensors[split].shape
+    patches = [analyse_patch(graph, k, (y0, y1, x0, x1)) for y0, y1 in _tiles(n, h) for x0, x1 in _tiles(n, w)]
+    window: dict[str, int] = {}
+    stage_macs = 0
+    for p in patches:
+        for node, layer in zip(graph.nodes[: k + 1], p["layers"], strict=True):
+            t = node.outputs[0]
+            window[t] = max(window.get(t, 0), _region_bytes(graph, t, layer["out"]))
+            stage_macs += _window_macs(graph, node, layer)
+    macs = stage_macs + sum(layer_macs[k + 1:])
+    plan = {"split": split, "split_node": graph.nodes[k].name, "split_index": k, "grid": [n, n],
+            "stage": [nd.name for nd in graph.nodes[: k + 1]], "patches": patches, "window_bytes": window}
+    mem = _quick_bound(graph, plan)
+    return Candidate(k, n, plan, macs, mem)
+
+
+def _window_macs(graph: Graph, node: Node, layer: dict[str, Any]) -> int:
+    out = layer["out"]
+    o = graph.tensors[node.outputs[0]].shape
+    full = OPS[node.op].macs(node, graph)
+    # every op's MACs scale with its output pixels (conv, pool, elementwise)
+    return full * (out[1] - out[0]) * (out[3] - out[2]) // (o[1] * o[2])
+
+
+def _quick_bound(graph: Graph, plan: dict[str, Any]) -> int:
+    """Lower bound of the patched plan's peak without packing (live bytes at the worst step)."""
+    k = plan["split_index"]
+    split = plan["split"]
+    x_name = graph.inputs[0]
+    io = tensor_bytes(graph, x_name) + sum(tensor_bytes(graph, t) for t in graph.outputs)
+    prod = {graph.nodes[i].outputs[0]: i for i in range(k + 1)}
+    last = dict(prod)
+    for i, node in enumerate(graph.nodes[: k + 1]):
+        for t in node.inputs:
+            if t != x_name:
+                last[t] = i
+    last[split] = k + 1
+    live = np.zeros(k + 3, np.int64)
+    for t, b in plan["window_bytes"].items():
+        live[prod[t]] += b
+        live[last[t] + 1] -= b
+    peak = int(np.cumsum(live).max()) + tensor_bytes(graph, split)
+    rest_peak = graph.cache.get("patch:rest-peaks")
+    if rest_peak is None:
+        rest_peak = graph.cache["patch:rest-peaks"] = _rest_peaks(graph)
+    return max(peak, rest_peak[k]) + io + scratch_bytes(graph)
+
+
+def _rest_peaks(graph: Graph) -> list[int]:
+    """For each split index k, the live-bytes peak of the layer-by-layer part after k (with the
+    memory planner's own in-place merges)."""
+    from hilc.compiler.memory import _lifetimes, _merge_inplace
+
+    lt = _lifetimes(graph)
+    blocks, _ = _merge_inplace(graph, lt, {t: tensor_bytes(graph, t) for t in lt})
+    n = len(graph.nodes)
+    live = np.zeros(n + 2, np.int64)
+    for bl in blocks:
+        live[bl.start] += bl.size
+        live[bl.end + 1] -= bl.size
+    per_step = np.cumsum(live)[: n + 1]
+    out = [0] * n
+    run = int(per_step[n])
+    for k in range(n - 1, -1, -1):
+        out[k] = run  # max over the steps after k
+        run = max(run, int(per_step[k]))
+    return out
+
+
+def parse_mode(mode: str) -> tuple[str, str | None, int | None]:
+    """'auto' | 'off' | 'SPLIT:N' -> (kind, split, n)."""
+    if mode in ("auto", "off"):
+        return mode, None, None
+    split, sep, n = mode.rpartition(":")
+    if not sep or not split or not n.isdigit() or int(n) < 1:
+        raise HilcError(f"--patch: expected auto, off or SPLIT:N (a node or tensor name and the grid size), "
+                        f"got '{mode}'")
+    return "manual", split, int(n)
+
+
+def _resolve_split(graph: Graph, split: str, valid: list[int]) -> int:
+    for i, node in enumerate(graph.nodes):
+        names = {node.name, node.onnx_name, *node.outputs, *(graph.tensors[t].onnx_name for t in node.outputs)}
+        if split in names or split == str(i):
+            if i not in valid:
+                ok = ", ".join(graph.nodes[j].name for j in valid[:12]) or "none"
+                raise HilcError(f"--patch: cannot split after node {node.name} ({node.op}): the patch stage must be a "
+                                f"prefix of conv/maxpool/add/pixelwise nodes that only this node's output leaves "
+                                f"(valid split nodes: {ok})")
+            return i
+    raise HilcError(f"--patch: no node or tensor named '{split}'")
+
+
+def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) -> Graph:
+    """The scheduling pass: returns a copy of the graph with ``meta["patch"]`` set (or unchanged
+    for ``off``, and for ``auto`` when layer by layer already fits ``budget``).
+
+    ``auto`` picks, among every valid split point and grid (2..8), the schedule whose full static
+    plan fits ``budget`` with the fewest MACs (ties: the lower peak); without a budget it takes the
+    lowest peak. If nothing fits, the error names the smallest peak hilc can reach.
+    """
+    kind, split, n = parse_mode(mode)
+    if kind == "off":
+        return graph
+    t0 = time.perf_counter()
+    layer_macs = _layer_macs(graph)
+    macs_lw = sum(layer_macs)
+    scratch = scratch_bytes(graph)
+    lw_peak = plan_memory(graph).peak_sram_bytes + scratch
+    valid = split_points(graph)
+    if kind == "manual":
+        k = _resolve_split(graph, split, valid)
+        _, h, w, _ = graph.tensors[graph.nodes[k].outputs[0]].shape
+        if n > min(h, w):
+            raise HilcError(f"--patch: a {n}x{n} grid does not fit the {h}x{w} split tensor "
+                            f"'{graph.nodes[k].outputs[0]}'")
+        best = build_candidate(graph, k, n, layer_macs)
+        best.peak = _full_peak(graph, best, scratch)
+    else:
+        if budget is not None and lw_peak <= budget:
+            return graph
+        if not valid:
+            raise HilcError("--patch auto: the model has no layer prefix that can run patch by patch "
+                            "(it must start with conv/maxpool/add/pixelwise layers on a 4-D input)")
+        cands = []
+        for k in valid:
+            _, h, w, _ = graph.tensors[graph.nodes[k].outputs[0]].shape
+            for n in range(2, min(MAX_GRID, h, w) + 1):
+                cands.append(build_candidate(graph, k, n, layer_macs))
+        best = None
+        if budget is not None:
+            for c in sorted(cands, key=lambda c: (c.macs, c.lower_bound)):
+                if c.lower_bound > budget:
+                    continue
+                c.peak = _full_peak(graph, c, scratch)
+                if c.peak <= budget:
+                    best = c
+                    break
+        if best is None:
+            # the lowest reachable peak: pack the candidates in order of their bound until no
+            # later bound can beat the best packed peak
+            low = None
+            for c in sorted(cands, key=lambda c: (c.lower_bound, c.macs)):
+                if low is not None and c.lower_bound >= low.peak:
+                    break
+                c.peak = _full_peak(graph, c, scratch)
+                if low is None or (c.peak, c.macs) < (low.peak, low.macs):
+                    low = c
+            assert low is not None
+            if budget is not None:
+                smallest = min(low.peak, lw_peak)
+                raise HilcError(f"--patch auto: no schedule fits {budget} bytes of SRAM; the smallest peak hilc "
+                                f"can reach is {smallest} bytes (layer by layer: {lw_peak}; "
+                                f"split after {low.plan['split_node']} with {low.n}x{low.n} patches)")
+            best = low
+    g = graph.copy()
+    p = best.plan
+    p.update(macs=best.macs, macs_layerwise=macs_lw, mac_overhead=round(best.macs / macs_lw - 1, 6),
+             peak_sram_bytes=best.peak, peak_sram_bytes_layerwise=lw_peak,
+             mcunet_peak_bytes=mcunet_peak(graph, p), mcunet_peak_bytes_layerwise=mcunet_peak(graph),
+             budget_bytes=budget, planner_seconds=round(time.perf_counter() - t0, 3))
+    g.meta["patch"] = p
+    return g
+
+
+def _full_peak(graph: Graph, c: Candidate, scratch: int) -> int:
+    return plan_patch_memory(graph, c.plan).peak_sram_bytes + scratch
+
+
+def report_fields(graph: Graph) -> dict[str, Any]:
+    """What report.json gains for a patched graph (a summary; the windows are in ``patch``)."""
+    p = graph.meta.get("patch")
+    if not p:
+        return {}
+    patches = [{"tile": q["tile"], "windows": {layer["node"]: {"out": layer["out"], "in": layer["in"],
+                                                               "pads": layer["pads"]} for layer in q["layers"]}}
+               for q in p["patches"]]
+    summary = {k: v for k, v in p.items() if k != "patches"}
+    summary["patches"] = patches
+    return {"macs": p["macs"], "macs_layerwise": p["macs_layerwise"],
+            "peak_sram_bytes_layerwise": p["peak_sram_bytes_layerwise"], "patch": summary}

@@ -30,18 +30,25 @@ patched outputs are bit-identical to layer-by-layer ones (the tests check it).
   schedule and their ratio minus one.
 * ``peak_sram_bytes`` / ``peak_sram_bytes_layerwise``: the full static plan (arena + input +
   output + the DSP kernels' scratch column), patched and layer by layer.
+* ``peak_sram_bytes_layerwise_inplace_dw``: layer by layer with in-place depthwise (the patched
+  plan uses it after the stage), to separate the two savings.
 * ``mcunet_peak_bytes`` / ``mcunet_peak_bytes_layerwise``: peak activation memory counted as
   MCUNetV2 counts it: the largest (inputs + output) of one layer; in the patch stage a layer's
   windows plus the whole split tensor, which stays allocated while the patches run.
-* ``budget_bytes``: the SRAM budget the scheduler had (None: it minimised the peak).
+* ``budget_bytes``: the SRAM budget the scheduler had (None: it minimised the peak); with a
+  budget, ``layerwise_over_budget_bytes`` (how far layer by layer misses it; negative: it fits)
+  and ``headroom_bytes`` (budget minus the patched peak).
+* ``planner_seconds``: time the scheduler took.
 
 Supported in the patch stage: ``conv2d`` (any kernel, stride, dilation, padding, groups: so
 depthwise/pointwise chains), ``maxpool``, ``add`` of two equal-shaped activations (residual
 blocks), and the pixelwise ``clamp``, ``requant`` and ``lut``. The stage must be a prefix of
 the node order that only the split tensor leaves.
 
-Not done: in-place depthwise and reordering operators to lower the peak (the planner reports
-the peak of the node order it is given).
+In-place depthwise: after the stage, a depthwise conv whose output has its input's shape writes
+over its input channel by channel through a one-channel plane (``hilc_dwconv_inplace_s8``,
+portable C), which MCUNetV2 also uses. Not done: reordering operators to lower the peak (the
+planner keeps the node order it is given).
 """
 
 from __future__ import annotations
@@ -245,7 +252,8 @@ def window_name(t: str) -> str:
 def plan_patch_memory(graph: Graph, plan: dict[str, Any] | None = None) -> MemoryPlan:
     """The static arena of the patched schedule: one patch's stage buffers (reused by every
     patch; offsets under ``window_name(t)``), the whole split tensor from the first step, then
-    the layer-by-layer rest. Stage buffers are never written in place."""
+    the layer-by-layer rest, where same-shape depthwise convs run in place. Stage buffers are
+    never written in place (a window's output is smaller than its input)."""
     plan = plan or graph.meta["patch"]
     k = plan["split_index"]
     split = plan["split"]
@@ -259,8 +267,25 @@ def plan_patch_memory(graph: Graph, plan: dict[str, Any] | None = None) -> Memor
         nodes.append(Node(node.name, f"patch:{node.op}", ins, [out]))
     nodes.append(Node("patch_store", "patch:store", [window_name(split), split], []))
     nodes += graph.nodes[k + 1:]
-    synth = Graph(graph.name, nodes, tensors, {}, list(graph.inputs), list(graph.outputs), {})
-    return plan_memory(synth)
+    synth = Graph(graph.name, nodes, tensors, graph.constants, list(graph.inputs), list(graph.outputs), {})
+    return plan_memory(synth, inplace_depthwise=True)
+
+
+def firmware_ram_reserve(graph: Graph) -> int:
+    """SRAM the board firmware needs besides the model's plan: the stack the linker reserves
+    (targets/c/build.py: 4096), the protocol's rx/tx frames (2 x (HILC_MAX_PAYLOAD 1024 + 64)),
+    one 64-bit tick counter per layer and 256 bytes of other statics."""
+    return 4096 + 2 * (1024 + 64) + 8 * len(graph.nodes) + 256
+
+
+def arena_tensor_bytes(graph: Graph, name: str) -> int:
+    """Bytes of an arena entry, including a patch window (``T@patch``) or a plane (``T@plane``)."""
+    if name.endswith("@patch"):
+        return graph.meta["patch"]["window_bytes"][name[: -len("@patch")]]
+    if name.endswith("@plane"):
+        _, h, w, _ = graph.tensors[name[: -len("@plane")]].shape
+        return h * w
+    return tensor_bytes(graph, name)
 
 
 def scratch_bytes(graph: Graph) -> int:
@@ -371,7 +396,7 @@ def _rest_peaks(graph: Graph) -> list[int]:
     from hilc.compiler.memory import _lifetimes, _merge_inplace
 
     lt = _lifetimes(graph)
-    blocks, _ = _merge_inplace(graph, lt, {t: tensor_bytes(graph, t) for t in lt})
+    blocks, _ = _merge_inplace(graph, lt, {t: tensor_bytes(graph, t) for t in lt}, depthwise=True)
     n = len(graph.nodes)
     live = np.zeros(n + 2, np.int64)
     for bl in blocks:
@@ -476,8 +501,11 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) ->
     p = best.plan
     p.update(macs=best.macs, macs_layerwise=macs_lw, mac_overhead=round(best.macs / macs_lw - 1, 6),
              peak_sram_bytes=best.peak, peak_sram_bytes_layerwise=lw_peak,
+             peak_sram_bytes_layerwise_inplace_dw=plan_memory(graph, inplace_depthwise=True).peak_sram_bytes + scratch,
              mcunet_peak_bytes=mcunet_peak(graph, p), mcunet_peak_bytes_layerwise=mcunet_peak(graph),
              budget_bytes=budget, planner_seconds=round(time.perf_counter() - t0, 3))
+    if budget is not None:  # by how much layer by layer misses the budget and patches meet it
+        p.update(layerwise_over_budget_bytes=lw_peak - budget, headroom_bytes=budget - best.peak)
     g.meta["patch"] = p
     return g
 

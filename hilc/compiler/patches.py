@@ -33,8 +33,10 @@ patched outputs are bit-identical to layer-by-layer ones (the tests check it).
 * ``peak_sram_bytes_layerwise_inplace_dw``: layer by layer with in-place depthwise (the patched
   plan uses it after the stage), to separate the two savings.
 * ``mcunet_peak_bytes`` / ``mcunet_peak_bytes_layerwise``: peak activation memory counted as
-  MCUNetV2 counts it: the largest (inputs + output) of one layer; in the patch stage a layer's
-  windows plus the whole split tensor, which stays allocated while the patches run.
+  MCUNetV2 counts it: the largest (inputs + output) of one layer, a depthwise conv in place
+  (the larger of its input and output); in the patch stage a layer's windows plus the whole
+  split tensor, which stays allocated while the patches run. This is an analytical count (no
+  scratch, no residual skip tensors held across a block); ``peak_sram_bytes`` is the real plan.
 * ``budget_bytes``: the SRAM budget the scheduler had (None: it minimised the peak); with a
   budget, ``layerwise_over_budget_bytes`` (how far layer by layer misses it; negative: it fits)
   and ``headroom_bytes`` (budget minus the patched peak).
@@ -300,9 +302,22 @@ def scratch_bytes(graph: Graph) -> int:
     return 2 * elems
 
 
+def _is_depthwise(node: Node, graph: Graph) -> bool:
+    if node.op != "conv2d":
+        return False
+    c_in, c_out = graph.tensors[node.inputs[0]].shape[3], graph.tensors[node.outputs[0]].shape[3]
+    return node.attrs["group"] == c_in == c_out
+
+
+def _layer_bytes(node: Node, graph: Graph, ins: list[int], out: int) -> int:
+    # MCUNetV2 runs depthwise convs in place: the layer holds the larger of input and output
+    return max(ins[0], out) if _is_depthwise(node, graph) else sum(ins) + out
+
+
 def mcunet_peak(graph: Graph, plan: dict[str, Any] | None = None) -> int:
-    """Peak activation bytes as MCUNetV2 counts them: max over layers of inputs + output; in the
-    patch stage the layer's windows (largest over patches) plus the whole split tensor."""
+    """Peak activation bytes as MCUNetV2 counts them: max over layers of inputs + output, with
+    depthwise convs in place (max of input and output); in the patch stage the layer's windows
+    (largest over patches) plus the whole split tensor, which stays allocated meanwhile."""
     peak = 0
     k = -1
     if plan is not None:
@@ -313,13 +328,13 @@ def mcunet_peak(graph: Graph, plan: dict[str, Any] | None = None) -> int:
             for p in plan["patches"]:
                 layer = p["layers"][i]
                 node = graph.nodes[i]
-                b = sum(_region_bytes(graph, t, r) for t, r in zip(node.inputs, layer["in"], strict=True))
-                b += _region_bytes(graph, node.outputs[0], layer["out"])
+                ins = [_region_bytes(graph, t, r) for t, r in zip(node.inputs, layer["in"], strict=True)]
+                b = _layer_bytes(node, graph, ins, _region_bytes(graph, node.outputs[0], layer["out"]))
                 node_peak = max(node_peak, b)
             peak = max(peak, node_peak + split_bytes)
     for node in graph.nodes[k + 1:]:
-        b = sum(tensor_bytes(graph, t) for t in node.inputs) + sum(tensor_bytes(graph, t) for t in node.outputs)
-        peak = max(peak, b)
+        ins = [tensor_bytes(graph, t) for t in node.inputs]
+        peak = max(peak, _layer_bytes(node, graph, ins, sum(tensor_bytes(graph, t) for t in node.outputs)))
     return peak
 
 

@@ -177,6 +177,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     Console().print(table)
     if "total_instructions" in prof:
         print(f"{prof['total_instructions']:,} instructions per inference (QEMU -icount)")
+    if "patch" in prof:
+        pp = prof["patch"]
+        print(f"patching: {pp['patched']:,} vs {pp['layerwise']:,} {pp['unit']} layer by layer: "
+              f"{pp['measured_overhead']:+.1%} measured, {pp['predicted_mac_overhead']:+.1%} MACs predicted")
     return 0
 
 

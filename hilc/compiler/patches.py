@@ -362,10 +362,10 @@ def build_candidate(graph: Graph, k: int, n: int, layer_macs: list[int] | None =
     window: dict[str, int] = {}
     stage_macs = 0
     for p in patches:
-        for node, layer in zip(graph.nodes[: k + 1], p["layers"], strict=True):
+        for i, (node, layer) in enumerate(zip(graph.nodes[: k + 1], p["layers"], strict=True)):
             t = node.outputs[0]
             window[t] = max(window.get(t, 0), _region_bytes(graph, t, layer["out"]))
-            stage_macs += _window_macs(graph, node, layer)
+            stage_macs += _window_macs(graph, node, layer, layer_macs[i])
     macs = stage_macs + sum(layer_macs[k + 1:])
     plan = {"split": split, "split_node": graph.nodes[k].name, "split_index": k, "grid": [n, n],
             "stage": [nd.name for nd in graph.nodes[: k + 1]], "patches": patches, "window_bytes": window}
@@ -373,10 +373,9 @@ def build_candidate(graph: Graph, k: int, n: int, layer_macs: list[int] | None =
     return Candidate(k, n, plan, macs, mem)
 
 
-def _window_macs(graph: Graph, node: Node, layer: dict[str, Any]) -> int:
+def _window_macs(graph: Graph, node: Node, layer: dict[str, Any], full: int) -> int:
     out = layer["out"]
     o = graph.tensors[node.outputs[0]].shape
-    full = OPS[node.op].macs(node, graph)
     # every op's MACs scale with its output pixels (conv, pool, elementwise)
     return full * (out[1] - out[0]) * (out[3] - out[2]) // (o[1] * o[2])
 

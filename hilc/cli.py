@@ -180,7 +180,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if "patch" in prof:
         pp = prof["patch"]
         print(f"patching: {pp['patched']:,} vs {pp['layerwise']:,} {pp['unit']} layer by layer: "
-              f"{pp['measured_overhead']:+.1%} measured, {pp['predicted_mac_overhead']:+.1%} MACs predicted")
+              f"{pp['measured_overhead']:+.1%} measured, {pp['predicted_mac_overhead']:+.1%} MACs predicted; "
+              f"patch stage alone {pp['stage_measured_overhead']:+.1%} measured, "
+              f"{pp['stage_predicted_mac_overhead']:+.1%} MACs predicted")
     return 0
 
 

@@ -268,4 +268,6 @@ def test_patched_model_on_qemu_bit_exact_and_profiled(tiny, tmp_path, capsys):
     assert "measured" in text and "MACs predicted" in text
     prof = json.loads((o / "report.json").read_text())["profile"]["patch"]
     assert prof["unit"] == "instructions" and prof["patched"] > 0 and prof["layerwise"] > 0
+    assert prof["stage_ticks_patched"] > 0 and prof["stage_ticks_layerwise"] > 0
+    assert prof["stage_predicted_mac_overhead"] > 0
     assert prof["predicted_mac_overhead"] == json.loads((o / "report.json").read_text())["patch"]["mac_overhead"]

@@ -152,9 +152,20 @@ def _patch_overhead(out_dir: Path, board: Board, graph: Graph, x: np.ndarray | N
     base = profile_command(lw_dir, board, lw, x, port, layerwise=True)
     p = graph.meta["patch"]
     key = "total_instructions" if "total_instructions" in prof else "total_ticks"
+    # the stage alone (timed as its split node when patched): the halo cost without the rest
+    from hilc.compiler.ops import OPS
+
+    stage = set(p["stage"])
+    stage_lw = sum(x["ticks"] for x in base["layers"] if x["name"] in stage)
+    stage_p = sum(x["ticks"] for x in prof["layers"] if x["name"] in stage)
+    macs_stage_lw = sum(OPS[n.op].macs(n, graph) for n in graph.nodes if n.name in stage)
+    macs_stage_p = p["macs"] - (p["macs_layerwise"] - macs_stage_lw)
     return {"unit": key.removeprefix("total_"), "patched": prof[key], "layerwise": base[key],
             "measured_overhead": prof[key] / base[key] - 1, "predicted_mac_overhead": p["mac_overhead"],
-            "macs": p["macs"], "macs_layerwise": p["macs_layerwise"]}
+            "macs": p["macs"], "macs_layerwise": p["macs_layerwise"],
+            "stage_ticks_patched": stage_p, "stage_ticks_layerwise": stage_lw,
+            "stage_measured_overhead": stage_p / max(stage_lw, 1) - 1,
+            "stage_predicted_mac_overhead": macs_stage_p / max(macs_stage_lw, 1) - 1}
 
 
 def run_command(out_dir: Path, board: Board, graph: Graph, x: np.ndarray, check: bool, port: str | None = None,

@@ -76,24 +76,12 @@ Region = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
 
 # --- receptive fields ----------------------------------------------------------------------
 
-def _union(a: Region | None, b: Region) -> Region:
-    if a is None:
-        return b
-    return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
-
-
 def window_need(node: Node, out: Region, h: int, w: int) -> tuple[Region, list[int]]:
     """Input region (clipped to the h x w image) that output region ``out`` of a windowed node
     reads, and the padding [top, left, bottom, right] that falls outside the image."""
-    a = node.attrs
-    kh, kw = a["kernel"]
-    sh, sw = a["strides"]
-    dh, dw = a.get("dilations", [1, 1])
-    pt, pl = a["pads"][0], a["pads"][1]
-    y0, y1 = out[0] * sh - pt, (out[1] - 1) * sh - pt + dh * (kh - 1) + 1
-    x0, x1 = out[2] * sw - pl, (out[3] - 1) * sw - pl + dw * (kw - 1) + 1
-    pads = [max(0, -y0), max(0, -x0), max(0, y1 - h), max(0, x1 - w)]
-    return (max(0, y0), min(h, y1), max(0, x0), min(w, x1)), pads
+    (y0, y1), (pt, pb) = _need_1d(node, (out[0], out[1]), h, 0)
+    (x0, x1), (pl, pr) = _need_1d(node, (out[2], out[3]), w, 1)
+    return (y0, y1, x0, x1), [pt, pl, pb, pr]
 
 
 def _patchable(node: Node, graph: Graph) -> bool:
@@ -136,36 +124,61 @@ def _tiles(n: int, size: int) -> list[tuple[int, int]]:
     return [(i * size // n, (i + 1) * size // n) for i in range(n)]
 
 
-def analyse_patch(graph: Graph, k: int, tile: Region) -> dict[str, Any]:
-    """Receptive-field analysis of one patch: the windows of every stage node (see the module doc)."""
+def _need_1d(node: Node, out: tuple[int, int], size: int, axis: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Along one axis (0 rows, 1 cols): the input interval a windowed node's output interval
+    reads, clipped to [0, size), and the padding before and after that falls outside."""
+    a = node.attrs
+    k, s, d = a["kernel"][axis], a["strides"][axis], a.get("dilations", [1, 1])[axis]
+    p0 = a["pads"][axis]
+    lo, hi = out[0] * s - p0, (out[1] - 1) * s - p0 + d * (k - 1) + 1
+    return (max(0, lo), min(size, hi)), (max(0, -lo), max(0, hi - size))
+
+
+def _axis_pass(graph: Graph, k: int, span: tuple[int, int], axis: int) -> tuple[list, dict[str, tuple[int, int]]]:
+    """Receptive fields along one axis: windows are rectangles and their unions bounding boxes,
+    so rows and columns are analysed apart (n + n passes for an n x n grid, not n * n)."""
     stage = graph.nodes[: k + 1]
-    split = stage[-1].outputs[0]
-    need: dict[str, Region] = {split: tile}
-    layers: dict[str, dict[str, Any]] = {}
+    need: dict[str, tuple[int, int]] = {stage[-1].outputs[0]: span}
+    layers: dict[str, tuple] = {}
     for node in reversed(stage):
         out = need.get(node.outputs[0])
         if out is None:
             raise HilcError(f"patch stage: output '{node.outputs[0]}' of node {node.name} is not used")
-        _, h, w, _ = graph.tensors[node.inputs[0]].shape
         if node.op in WINDOWED:
-            region, pads = window_need(node, out, h, w)
+            region, pads = _need_1d(node, out, graph.tensors[node.inputs[0]].shape[1 + axis], axis)
             ins = [region]
         else:
-            ins, pads = [out] * len(node.inputs), [0, 0, 0, 0]
+            ins, pads = [out] * len(node.inputs), (0, 0)
         for t, r in zip(node.inputs, ins, strict=True):
-            need[t] = _union(need.get(t), r)
-        layers[node.name] = {"node": node.name, "out": list(out), "in": [list(r) for r in ins], "pads": pads}
+            old = need.get(t)
+            need[t] = r if old is None else (min(old[0], r[0]), max(old[1], r[1]))
+        layers[node.name] = (out, ins, pads)
     # Pixelwise ops compute their whole input buffer: one flat call, and the buffer is there anyway.
-    buffers = dict(need)
-    _, h0, w0, _ = graph.tensors[graph.inputs[0]].shape
-    buffers[graph.inputs[0]] = (0, h0, 0, w0)
+    need[graph.inputs[0]] = (0, graph.tensors[graph.inputs[0]].shape[1 + axis])
     for node in stage:
         if node.op in PIXELWISE:
-            r = buffers[node.inputs[0]]
-            buffers[node.outputs[0]] = r
-            layers[node.name].update(out=list(r), **{"in": [list(r)]})
-    return {"tile": list(tile), "buffers": {t: list(r) for t, r in buffers.items()},
-            "layers": [layers[n.name] for n in stage]}
+            r = need[node.inputs[0]]
+            need[node.outputs[0]] = r
+            layers[node.name] = (r, [r], (0, 0))
+    return [layers[n.name] for n in stage], need
+
+
+def analyse_patch(graph: Graph, k: int, tile: Region,
+                  passes: dict[tuple[tuple[int, int], int], tuple[list, dict]] | None = None) -> dict[str, Any]:
+    """Receptive-field analysis of one patch: the windows of every stage node (see the module doc).
+    ``passes`` caches the per-axis passes across the patches of a grid."""
+    passes = {} if passes is None else passes
+    rk, ck = ((tile[0], tile[1]), 0), ((tile[2], tile[3]), 1)
+    for key in (rk, ck):
+        if key not in passes:
+            passes[key] = _axis_pass(graph, k, *key)
+    (rows, rbuf), (cols, cbuf) = passes[rk], passes[ck]
+    layers = []
+    for node, (ro, ri, rp), (co, ci, cp) in zip(graph.nodes[: k + 1], rows, cols, strict=True):
+        layers.append({"node": node.name, "out": [ro[0], ro[1], co[0], co[1]],
+                       "in": [[r[0], r[1], c[0], c[1]] for r, c in zip(ri, ci, strict=True)],
+                       "pads": [rp[0], cp[0], rp[1], cp[1]]})
+    return {"tile": list(tile), "buffers": {t: [*rbuf[t], *cbuf[t]] for t in rbuf}, "layers": layers}
 
 
 def _region_bytes(graph: Graph, t: str, r: list[int] | Region) -> int:
@@ -358,7 +371,8 @@ def build_candidate(graph: Graph, k: int, n: int, layer_macs: list[int] | None =
     layer_macs = layer_macs or _layer_macs(graph)
     split = graph.nodes[k].outputs[0]
     _, h, w, _ = graph.tensors[split].shape
-    patches = [analyse_patch(graph, k, (y0, y1, x0, x1)) for y0, y1 in _tiles(n, h) for x0, x1 in _tiles(n, w)]
+    passes: dict = {}
+    patches = [analyse_patch(graph, k, (y0, y1, x0, x1), passes) for y0, y1 in _tiles(n, h) for x0, x1 in _tiles(n, w)]
     window: dict[str, int] = {}
     stage_macs = 0
     for p in patches:

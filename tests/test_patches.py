@@ -212,6 +212,13 @@ def test_patch_option_errors_are_one_line(tiny, tmp_path):
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["patch"]["split_node"] == "add_0" and rep["patch"]["grid"] == [2, 2]
     assert len(rep["patch"]["patches"]) == 4 and rep["peak_sram_bytes_layerwise"] > rep["peak_sram_bytes"]
+    # hilc simulate follows the schedule stored in graph.json: same bits as the layer-by-layer build
+    assert main(["compile", str(model), "--calib", str(tmp_path / "c.npy"), "-o", str(tmp_path / "lw"), "-q"]) == 0
+    np.save(tmp_path / "x.npy", calib[:5] * 1.1)
+    for o in ("o", "lw"):
+        assert main(["simulate", str(tmp_path / o), str(tmp_path / "x.npy"), "-o", str(tmp_path / f"{o}.npy"),
+                     "--raw", "-q"]) == 0
+    assert np.array_equal(np.load(tmp_path / "o.npy"), np.load(tmp_path / "lw.npy"))
 
 
 def test_mobilenet_v2_1_0_mcunet_count_and_planner_time(tmp_path):
@@ -237,6 +244,7 @@ def test_mobilenet_v2_035_fits_nucleo_f446re_only_with_patches(tmp_path):
     r = compile_model(tmp_path / "m.onnx", calib, board="nucleo-f446re", patch="auto")
     write_artifacts(tmp_path / "o", r)  # the firmware links in the board's SRAM
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert build.forbidden_symbols(tmp_path / "o" / "build" / "nucleo-f446re" / "firmware.elf") == []
     p = rep["patch"]
     assert p["layerwise_over_budget_bytes"] > 0 and p["headroom_bytes"] >= 0
     assert rep["peak_sram_bytes"] + rep["firmware_ram_reserve_bytes"] <= 131072 < rep["peak_sram_bytes_layerwise"]

@@ -105,6 +105,28 @@ void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16
 #endif
 }
 
+void hilc_dwconv_inplace_s8(const hilc_conv_params *p, int8_t *buf, int8_t *plane) {
+    const int32_t hw = p->in_h * p->in_w, c_n = p->in_c;
+    for (int32_t c = 0; c < c_n; c++) {
+        for (int32_t i = 0; i < hw; i++) plane[i] = buf[i * c_n + c];
+        for (int32_t oy = 0; oy < p->out_h; oy++) {
+            for (int32_t ox = 0; ox < p->out_w; ox++) {
+                int32_t acc = p->bias[c];
+                for (int32_t ky = 0; ky < p->k_h; ky++) {
+                    const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                    if (iy < 0 || iy >= p->in_h) continue; /* padding is real 0: x - zp = 0 */
+                    for (int32_t kx = 0; kx < p->k_w; kx++) {
+                        const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                        if (ix < 0 || ix >= p->in_w) continue;
+                        acc += (plane[iy * p->in_w + ix] - p->zp_in) * p->weight[(c * p->k_h + ky) * p->k_w + kx];
+                    }
+                }
+                buf[(oy * p->out_w + ox) * c_n + c] = hilc_requant(acc, p->mult[c], p->shift[c], p->zp_out, p->lo, p->hi);
+            }
+        }
+    }
+}
+
 void hilc_maxpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out) {
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         for (int32_t ox = 0; ox < p->out_w; ox++) {

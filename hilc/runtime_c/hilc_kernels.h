@@ -95,6 +95,9 @@ void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out
 /* The kernel the build selects (HILC_DSP); the portable ones ignore `col`. */
 void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
+/* In-place depthwise conv (out shape == in shape, groups == channels): channel by channel, the input
+ * plane is saved to `plane` (in_h * in_w bytes) and the output channel written over it in `buf`. */
+void hilc_dwconv_inplace_s8(const hilc_conv_params *p, int8_t *buf, int8_t *plane);
 void hilc_maxpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out);
 void hilc_avgpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out);
 void hilc_add_s8(const hilc_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out);

@@ -42,10 +42,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
-                                   board=args.board, **mixed_kw)
+                                   board=args.board, patch=args.patch, sram_bytes=args.sram, **mixed_kw)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board, **mixed_kw)
+                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
+                               patch=args.patch, sram_bytes=args.sram, **mixed_kw)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     from hilc.progress import status
@@ -65,8 +66,10 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     """--precision and its budgets; the sensitivity cache is OUT/sensitivity.json."""
     from hilc.compiler.mixed import Budgets
 
+    # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
+    sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
     budgets = Budgets(bitops_ratio=args.bitops_ratio, weights_bytes=args.weights_bytes,
-                      latency_ratio=args.latency_ratio, sram_bytes=args.sram_bytes)
+                      latency_ratio=args.latency_ratio, sram_bytes=sram)
     if args.precision == "int8" and not budgets.any():
         return {}
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json"}
@@ -94,6 +97,12 @@ def _print_summary(report: dict, out: Path) -> None:
         console.print(f"mixed precision: {report['bitops_int8'] / max(1, report['bitops']):.2f}x fewer BitOps than "
                       f"int8, predicted perturbation {m['predicted_perturbation']:.3g} "
                       f"(measured {m['measured_perturbation']:.3g}), search {m['search_seconds']} s")
+    if report.get("patch"):
+        p = report["patch"]
+        budget = f" of a {p['budget_bytes']:,} B budget" if p.get("budget_bytes") else ""
+        console.print(f"patches: split after {p['split_node']}, {p['grid'][0]}x{p['grid'][1]} grid: peak SRAM "
+                      f"{p['peak_sram_bytes']:,} B{budget} (layer by layer {p['peak_sram_bytes_layerwise']:,} B), "
+                      f"MACs {p['macs']:,} (+{p['mac_overhead']:.1%})")
     if "flash_bytes" in report:
         console.print(f"{report['cpu']}: flash {report['flash_bytes']:,} B, code {report['code_bytes']:,} B, "
                       f"stack {report['stack_bytes']:,} B")
@@ -194,6 +203,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     Console().print(table)
     if "total_instructions" in prof:
         print(f"{prof['total_instructions']:,} instructions per inference (QEMU -icount)")
+    if "patch" in prof:
+        pp = prof["patch"]
+        print(f"patching: {pp['patched']:,} vs {pp['layerwise']:,} {pp['unit']} layer by layer: "
+              f"{pp['measured_overhead']:+.1%} measured, {pp['predicted_mac_overhead']:+.1%} MACs predicted; "
+              f"patch stage alone {pp['stage_measured_overhead']:+.1%} measured, "
+              f"{pp['stage_predicted_mac_overhead']:+.1%} MACs predicted")
     return 0
 
 
@@ -261,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--flash", type=int, metavar="BYTES",
                    help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
-                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
+                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, fold_scalars, "
+                        "calibrate, quantize, plan_patches)")
+    c.add_argument("--patch", default="off", metavar="auto|off|SPLIT:N",
+                   help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
+                        "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
+    c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
     c.add_argument("--precision", default="int8", choices=["int8", "mixed"],
                    help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
     c.add_argument("--bitops-ratio", type=float, metavar="R",
@@ -269,8 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
-    c.add_argument("--sram-bytes", type=int, metavar="N",
-                   help="with --precision mixed: peak SRAM at most N bytes (4-bit activations pack in the arena)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

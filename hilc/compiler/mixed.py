@@ -684,7 +684,7 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
     if precision == "int8":
         if budgets.any():
-            raise HilcError("--bitops-ratio, --weights-bytes, --latency-ratio and --sram-bytes need --precision mixed")
+            raise HilcError("--bitops-ratio, --weights-bytes and --latency-ratio need --precision mixed")
         if not weight_bits and not act_bits:
             return graph, {}, {}
         if samples is not None:
@@ -692,9 +692,9 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         return assign_bitwidths(graph, weight_bits, act_bits), {"search": "fixed"}, {}
     if not budgets.any():
         raise HilcError("--precision mixed needs a budget: --bitops-ratio R, --weights-bytes N, --latency-ratio R "
-                        "or --sram-bytes N")
+                        "or --sram N")
     for name, v in (("--bitops-ratio", budgets.bitops_ratio), ("--latency-ratio", budgets.latency_ratio),
-                    ("--weights-bytes", budgets.weights_bytes), ("--sram-bytes", budgets.sram_bytes)):
+                    ("--weights-bytes", budgets.weights_bytes), ("--sram", budgets.sram_bytes)):
         if v is not None and not (v > 0 and np.isfinite(v)):
             raise HilcError(f"{name} must be a positive number, got {v}")
     if samples is None:

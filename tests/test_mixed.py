@@ -303,3 +303,25 @@ def test_subbyte_cortex_m_build_links_no_float_or_division_helpers(cpu, tmp_path
     write_artifacts(tmp_path / "o", r)
     assert any(t.dtype == "int4" for t in r.graph.tensors.values())
     assert build.forbidden_symbols(tmp_path / "o" / "build" / cpu / "firmware.elf") == []
+
+
+def test_subbyte_weights_in_a_patch_stage_bit_exact(tmp_path):
+    """Sub-byte weights inside and after a patch stage (issue 5): packed rows are emitted once and
+    shared by every patch; depthwise convs with packed weights do not run in place."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from arch_models import mobilenet_v2
+
+    onnx.save(mobilenet_v2(0.35, 64, num_classes=10), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).uniform(0, 1, (6, 3, 64, 64)).astype(np.float32)
+    space = mixed.analyse(calibrated(tmp_path / "m.onnx", x))
+    wb = {la.name: (4, 2)[i % 2] if la.kind != "dense" else 8 for i, la in enumerate(space.layers)}
+    result, (portable, dsp), sim = host_vs_sim(tmp_path / "m.onnx", x, x[:3], tmp_path / "out", weight_bits=wb,
+                                               patch="auto", sram_bytes=60000)
+    assert result.graph.meta.get("patch") and result.report["patch"]["grid"][0] > 1
+    src = (tmp_path / "out" / "src" / "model.c").read_text()
+    assert src.count(f"{space.layers[0].name}_weight_4bit[") == 1
+    assert np.array_equal(portable, sim)
+    assert np.array_equal(dsp, sim)

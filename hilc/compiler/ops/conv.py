@@ -145,6 +145,10 @@ class Conv2D(Op):
         x, y = graph.tensors[node.inputs[0]].shape, graph.tensors[node.outputs[0]].shape
         if len(x) != 4 or x != y or node.attrs["group"] != x[3]:
             return 0
+        # the in-place kernel takes int8 weights and activations (not packed sub-byte ones)
+        if node.attrs.get("weight_bits", 8) in arith.PACKED_WEIGHT_BITS or any(
+                graph.tensors[t].dtype == "int4" for t in (node.inputs[0], node.outputs[0])):
+            return 0
         return x[1] * x[2]
 
     def lower_c(self, node, graph, em) -> str:

@@ -84,7 +84,7 @@ def _conv(x: np.ndarray, w: np.ndarray, node: Node, out_shape: tuple[int, ...], 
 
 class _FloatProduct:
     def __call__(self, a, b):
-        return a.astype(np.float32) @ b.astype(np.float32)
+        return a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)
 
     def depthwise(self, xs, wt):
         return np.einsum("nhwijc,ijc->nhwc", xs.astype(np.float32), wt.astype(np.float32), optimize=True)
@@ -179,6 +179,8 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
     b = graph.param(node, "bias").astype(np.float64)
     bits = node.attrs.get("weight_bits", 8)
     preset = node.attrs.pop("w_scale", None)
+    if node.attrs.pop("w_scale_bits", bits) != bits:  # a grid chosen for another bit-width (ptq)
+        preset = None
     if preset is not None:
         s_w = np.asarray(preset, np.float64)
         qmax = 2 ** (bits - 1) - 1
@@ -302,6 +304,9 @@ def import_batchnorm(ctx, node) -> None:
         raise ctx.fail("variance + epsilon must be positive")
     scale = gamma / np.sqrt(var + eps)
     shift = beta - mean * scale
+    # The statistics the BN output was trained to have (mean beta, std |scale|*sqrt(var)), kept
+    # for data-free calibration (hilc.compiler.ptq) under the node that will produce it.
+    out_stats = {"mean": beta.tolist(), "std": (np.abs(scale) * np.sqrt(var)).tolist()}
     prod = ctx.graph.producer(x)
     channel_axis = ctx.phys_axis(x, 1)
     if (prod is not None and prod.op in ("conv2d", "dense") and "act_lo" not in prod.attrs
@@ -313,6 +318,7 @@ def import_batchnorm(ctx, node) -> None:
         ctx.graph.constants[prod.params["bias"]] = (b * scale + shift).astype(np.float32)
         prod.attrs.pop("w_scale", None)
         prod.attrs.setdefault("folded", []).append(node.name)
+        ctx.graph.meta.setdefault("bn_stats", {})[prod.name] = out_stats
         ctx.bind(node.output[0], x)
         return
     if len(ctx.logical_shape(x)) != 4:
@@ -321,5 +327,6 @@ def import_batchnorm(ctx, node) -> None:
     c = ctx.graph.tensors[x].shape[3]
     attrs = {"kernel": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": c}
     w = scale.reshape(c, 1, 1, 1).astype(np.float32)
-    ctx.emit("conv2d", [x], attrs, {"weight": w, "bias": shift.astype(np.float32)}, layout=NHWC,
-             onnx_out=node.output[0])
+    y = ctx.emit("conv2d", [x], attrs, {"weight": w, "bias": shift.astype(np.float32)}, layout=NHWC,
+                 onnx_out=node.output[0])
+    ctx.graph.meta.setdefault("bn_stats", {})[y] = out_stats

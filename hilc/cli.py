@@ -37,20 +37,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise HilcError(f"{out}: exists and is not a directory")
     prog, update = _progress_factory(args.quiet)
+    ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
-                                   board=args.board)
+                                   board=args.board, **ptq_args)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board)
+                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board, **ptq_args)
+    data_free = result.report.get("calibration", {}).get("data_free")
+    if data_free is not None and not args.quiet:
+        print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     write_artifacts(out, result)
     if not args.quiet:
         _print_summary(result.report, out)
     return 0
+
+
+def _input_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise HilcError(f"--input-range: expected LO,HI (two numbers), got '{text}'") from None
+    if not lo < hi:
+        raise HilcError(f"--input-range: LO must be below HI, got '{text}'")
+    return lo, hi
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -202,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
                    help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
+    c.add_argument("--ptq", metavar="METHODS",
+                   help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
+                        "(default auto: all three when some weights are below 8 bits, none otherwise)")
+    c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
+                   help="time AdaRound may take over all layers (default 30)")
+    c.add_argument("--input-range", metavar="LO,HI",
+                   help="without --calib, for a model without BatchNorm statistics: the input value range "
+                        "of the synthesised calibration inputs (default 0,1)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

@@ -245,6 +245,7 @@ def _pin(graph: Graph, node: Node, q: np.ndarray, s: np.ndarray, bias: np.ndarra
     node.attrs["w_scale_bits"] = node.attrs.get("weight_bits", 8)
 
 
+@_single_blas
 def layer_errors(reference: Graph, quantized: Graph, x: np.ndarray) -> dict[str, float]:
     """Per conv/dense: mean squared error of its pre-activation output in ``quantized`` (after
     weight fake-quantization) against ``reference`` (float), over the output's variance."""
@@ -331,6 +332,7 @@ def _subsample(rows: list[np.ndarray], y: np.ndarray, rng: np.random.Generator) 
     return [r[idx] for r in rows], y[idx]
 
 
+@_single_blas
 def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: bool = True,
                    adaround: bool = False, budget_s: float = 30.0, iterations: int = 2000) -> Graph:
     """Layer by layer in order: round (nearest, or learned with ``adaround``, which also picks

@@ -5,6 +5,7 @@ graph, data-free calibration works from BatchNorm statistics, and the C build st
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -146,3 +147,16 @@ def test_cli_errors(tmp_path, crops32):
                        (["--input-range", "3,1"], "LO must be below HI")):
         r = hilc("compile", RESNET8, "--calib", tmp_path / "c.npy", "-o", tmp_path / "o", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and frag in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
+                    reason="needs qemu-system-arm and arm-none-eabi-gcc (installed by .ci/run)")
+def test_board_bit_exact_after_the_passes_and_data_free_calibration(tmp_path, digits):
+    result = compile_model(DIGITS_CNN, None, board="qemu-mps2-an386", ptq="all", ptq_budget=2.0,
+                           graph_hook=lambda g: ptq.set_weight_bits(g, 4))
+    write_artifacts(tmp_path / "o", result)
+    np.save(tmp_path / "x.npy", digits["x_test"][:16])
+    r = hilc("run", tmp_path / "o", tmp_path / "x.npy", "--board", "qemu-mps2-an386", "-o", tmp_path / "y.npy",
+             "--check")
+    assert r.returncode == 0 and "16/16 outputs bit-exact" in r.stdout, r.stdout + r.stderr

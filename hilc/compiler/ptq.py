@@ -12,7 +12,10 @@
   layer's output error on the calibration inputs. The error is quadratic in the weights, so
   it is written once as a Gram matrix ``X^T X`` and each Adam step costs ``O * K^2``
   (independent of the number of samples); a rectified-sigmoid relaxation is pushed to 0/1 by
-  an annealed regulariser, then rounded. A time budget is shared among the layers.
+  an annealed regulariser, then rounded. Before that, each output channel's scale is chosen
+  among shrinkings of max|w| by the same output error (clipping a few large weights buys
+  finer steps: AdaQuant's point, and what matters most at 4 bits and below). A time budget
+  is shared among the layers in proportion to their cost.
 * ``synthesize_inputs`` (data-free calibration, ZeroQ, Cai et al. 2020): inputs optimised so
   that every BatchNorm-folded layer's pre-activation output has the per-channel mean and
   standard deviation its BatchNorm recorded (``graph.meta['bn_stats']``, kept by the importer).
@@ -371,11 +374,9 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
                 for gi, (r, wg) in enumerate(zip(rows, w_groups, strict=True)):
                     yg = y_ref[:, gi * og:(gi + 1) * og].astype(np.float64)
                     r64 = r.astype(np.float64)
-                    if bias_correct:  # the bias will absorb the means: fit the centred problem
-                        r64 = r64 - r64.mean(axis=0)
-                        yg = yg - yg.mean(axis=0)
-                    else:
-                        yg = yg - bias[gi * og:(gi + 1) * og]
+                    # the bias as it stands; bias correction (below) then removes what mean
+                    # shift is left (fitting the centred problem instead measured no better)
+                    yg = yg - bias[gi * og:(gi + 1) * og]
                     gram = r64.T @ r64 / len(r64)
                     cross = r64.T @ yg / len(r64)
                     sg = _best_scales(gram, wg, s[gi * og:(gi + 1) * og], qmax)
@@ -522,7 +523,8 @@ def synthesize_inputs(graph: Graph, n: int = 64, iterations: int = 300, seed: in
     t0 = time.perf_counter()
     if not targets:
         x = _smooth_noise(rng, phys, input_range)
-        info = {"method": "data-free", "source": "smooth random images (no BatchNorm statistics)",
+        info = {"method": "data-free", "source": f"smooth random images in {input_range[0]:g}..{input_range[1]:g} "
+                                                  "(no BatchNorm statistics; the range is --input-range)",
                 "input_range": list(input_range), "samples": n}
     else:
         stats = graph.meta["bn_stats"]

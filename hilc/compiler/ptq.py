@@ -140,14 +140,10 @@ def equalize_pairs(graph: Graph) -> list[tuple[Node, Node]]:
         if out in graph.outputs or len(readers) != 1 or not _relu_like(a):
             continue
         b = readers[0]
-        if b.op not in LINEAR_OPS or b.inputs[0] != out:
-            continue
-        if b.op == "dense" and len(graph.tensors[out].shape) != 2 and graph.tensors[out].shape[-1] != \
-                graph.param(b, "weight").shape[1]:
-            continue
-        if a.op == "conv2d" and b.op == "dense" and len(graph.tensors[out].shape) != 4:
-            continue
-        pairs.append((a, b))
+        # the last axis of a's output is its channel axis (NHWC, or dense features), and b
+        # reduces over that same axis, so channel i of a meets input channel i of b
+        if b.op in LINEAR_OPS and b.inputs[0] == out:
+            pairs.append((a, b))
     return pairs
 
 
@@ -412,7 +408,7 @@ def _bn_targets(graph: Graph) -> tuple[list[Node], list[Node]]:
     for n in graph.nodes:
         if n.op in DIFF_OPS and "const" not in n.params and all(i in diff_ok for i in n.inputs):
             diff_ok.update(n.outputs)
-    targets = [n for n in graph.nodes if n.name in stats and n.op == "conv2d" and n.outputs[0] in diff_ok]
+    targets = [n for n in graph.nodes if n.name in stats and n.op in LINEAR_OPS and n.outputs[0] in diff_ok]
     if not targets:
         return [], []
     last = max(graph.nodes.index(t) for t in targets)
@@ -540,6 +536,8 @@ def synthesize_inputs(graph: Graph, n: int = 64, iterations: int = 300, seed: in
             m1 = b1 * m1 + (1 - b1) * gx
             m2 = b2 * m2 + (1 - b2) * gx * gx
             x -= lr * (m1 / (1 - b1 ** (it + 1))) / (np.sqrt(m2 / (1 - b2 ** (it + 1))) + 1e-8)
+        if not np.all(np.isfinite(x)):
+            raise HilcError("data-free calibration diverged (non-finite synthesised inputs): give --calib FILE")
         info = {"method": "data-free", "source": f"inputs matched to the BatchNorm statistics of {len(targets)} layers",
                 "bn_layers": [m.name for m in targets], "samples": n, "iterations": iterations,
                 "loss_first": round(float(first), 6), "loss_last": round(float(loss), 6)}

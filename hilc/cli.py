@@ -49,6 +49,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     data_free = result.report.get("calibration", {}).get("data_free")
     if data_free is not None and not args.quiet:
         print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
+    ptq_layers = result.report.get("ptq", {}).get("layers")
+    if ptq_layers and not args.quiet:
+        ran = ", ".join(f"{m['name']} ({m['seconds']:.1f} s)" for m in result.report["ptq"]["methods"])
+        before = float(np.mean([la["error_before"] for la in ptq_layers]))
+        after = float(np.mean([la["error_after"] for la in ptq_layers]))
+        print(f"ptq: {ran}; mean layer output error {before:.4f} -> {after:.4f}")
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     from hilc.progress import status

@@ -204,3 +204,15 @@ def test_dense_layers_equalize_and_synthesise_from_1d_batchnorm(tmp_path):
     z = xs @ g.param(g.nodes[0], "weight").T + g.param(g.nodes[0], "bias")  # dense_0's pre-activation
     np.testing.assert_allclose(z.mean(axis=0), g.meta["bn_stats"]["dense_0"]["mean"], atol=0.1)
     np.testing.assert_allclose(z.std(axis=0), g.meta["bn_stats"]["dense_0"]["std"], rtol=0.1)
+
+
+def test_cli_ptq_option_reports_methods_and_layer_errors(tmp_path, digits):
+    np.save(tmp_path / "c.npy", digits["x_train"][:128])
+    r = hilc("compile", DIGITS_CNN, "--calib", tmp_path / "c.npy", "-o", tmp_path / "o",
+             "--ptq", "equalize,bias-correct")
+    assert r.returncode == 0, r.stderr
+    assert "ptq: equalize (" in r.stdout and "bias-correct (" in r.stdout
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())["ptq"]
+    assert [m["name"] for m in rep["methods"]] == ["equalize", "bias-correct"]
+    assert [la["name"] for la in rep["layers"]] == ["conv2d_0", "conv2d_1", "conv2d_2", "dense_0"]
+    assert all(la["weight_bits"] == 8 and la["error_after"] < la["error_before"] for la in rep["layers"])

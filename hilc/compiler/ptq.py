@@ -41,11 +41,11 @@ from hilc.compiler import arith
 from hilc.compiler.ir import Graph, Node
 from hilc.compiler.ops.conv import _conv, _FloatProduct, windows
 from hilc.errors import HilcError
-from hilc.sim.simulator import run_float, to_physical
+from hilc.sim.simulator import to_physical
 
 METHODS = ("equalize", "bias-correct", "adaround")
 LINEAR_OPS = ("conv2d", "dense")
-MAX_ROWS = 1 << 17  # rows (output positions x samples) per layer used to build the Gram matrices
+CHUNK = 16  # samples per step when walking the graphs: bounds the im2col copies
 
 
 def _single_blas(fn: Callable) -> Callable:
@@ -198,19 +198,6 @@ def _weights_by_group(graph: Graph, node: Node, w: np.ndarray) -> list[np.ndarra
     return [w[i * og:(i + 1) * og].reshape(og, -1) for i in range(g)]
 
 
-def _capture(graph: Graph, x: np.ndarray, names: set[str], batch: int = 64) -> dict[str, np.ndarray]:
-    """Values of the named tensors for physical inputs x (float graph)."""
-    got: dict[str, list[np.ndarray]] = {n: [] for n in names}
-
-    def observe(t: str, v: np.ndarray) -> None:
-        if t in got:
-            got[t].append(v.astype(np.float32))
-
-    for s in range(0, len(x), batch):
-        run_float(graph, {graph.inputs[0]: x[s:s + batch]}, observe=observe)
-    return {k: np.concatenate(v) for k, v in got.items() if v}
-
-
 def _grid(node: Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """The weight grid ``quantize`` will use: (per-channel scale, integer weights nearest, qmax)."""
     bits = node.attrs.get("weight_bits", 8)
@@ -244,21 +231,54 @@ def _pin(graph: Graph, node: Node, q: np.ndarray, s: np.ndarray, bias: np.ndarra
     node.attrs["w_scale_bits"] = node.attrs.get("weight_bits", 8)
 
 
+def _walk(reference: Graph, current: Graph, x: np.ndarray,
+          at_linear: Callable[[Node, Node, np.ndarray, np.ndarray], None]) -> None:
+    """Run two graphs of the same structure node by node on physical inputs x (in chunks of
+    samples); before each conv/dense, ``at_linear(ref_node, cur_node, ref_input, cur_input)``
+    may change ``current``'s constants of that node, which the walk then uses."""
+    from hilc.compiler.ops import OPS
+
+    last_use = {t: i for i, n in enumerate(current.nodes) for t in n.inputs}
+    envs: list[dict[str, np.ndarray]] = [{reference.inputs[0]: x}, {current.inputs[0]: x}]
+    for i, (rn, cn) in enumerate(zip(reference.nodes, current.nodes, strict=True)):
+        if cn.op in LINEAR_OPS and "weight" in cn.params:
+            at_linear(rn, cn, envs[0][rn.inputs[0]], envs[1][cn.inputs[0]])
+        for g, n, env in ((reference, rn, envs[0]), (current, cn, envs[1])):
+            xs = [env[t] for t in n.inputs]
+            parts = [OPS[n.op].eval_float(n, g, [v[s:s + CHUNK] for v in xs]) for s in range(0, len(x), CHUNK)]
+            for k, name in enumerate(n.outputs):
+                env[name] = np.concatenate([p[k] for p in parts]).astype(np.float32, copy=False)
+            for t in n.inputs:
+                if last_use.get(t) == i and t not in current.outputs:
+                    env.pop(t, None)
+
+
+def _chunks(n: int) -> range:
+    return range(0, n, CHUNK)
+
+
 @_single_blas
 def layer_errors(reference: Graph, quantized: Graph, x: np.ndarray) -> dict[str, float]:
     """Per conv/dense: mean squared error of its pre-activation output in ``quantized`` (after
-    weight fake-quantization) against ``reference`` (float), over the output's variance."""
-    fq = fake_quantized(quantized)
-    names = {n.inputs[0] for n in linear_nodes(reference)}
-    ref_in, q_in = _capture(reference, x, names), _capture(fq, x, names)
-    qnodes = {n.name: n for n in fq.nodes}
+    weight fake-quantization, fed by the quantized layers before it) against ``reference``
+    (float), over the output's variance."""
     out: dict[str, float] = {}
-    for n in linear_nodes(reference):
-        m = qnodes[n.name]
-        y_ref = _linear(reference, n, ref_in[n.inputs[0]])
-        y_q = _linear(fq, m, q_in[m.inputs[0]])
-        var = float(y_ref.var(axis=0).sum()) or 1.0
-        out[n.name] = float(((y_q - y_ref) ** 2).mean(axis=0).sum() / var)
+
+    def visit(rn: Node, cn: Node, x_ref: np.ndarray, x_q: np.ndarray) -> None:
+        sq = s1 = s2 = 0.0
+        m = 0
+        for s in _chunks(len(x_ref)):
+            y_ref = _linear(reference, rn, x_ref[s:s + CHUNK]).astype(np.float64)
+            y_q = _linear(fq, cn, x_q[s:s + CHUNK]).astype(np.float64)
+            sq += ((y_q - y_ref) ** 2).sum(axis=0)
+            s1 += y_ref.sum(axis=0)
+            s2 += (y_ref ** 2).sum(axis=0)
+            m += len(y_ref)
+        var = float((s2 / m - (s1 / m) ** 2).sum()) or 1.0
+        out[rn.name] = float(sq.sum() / m / var)
+
+    fq = fake_quantized(quantized)
+    _walk(reference, fq, x, visit)
     return out
 
 
@@ -324,13 +344,6 @@ def _best_scales(gram: np.ndarray, w: np.ndarray, s_max: np.ndarray, qmax: int) 
     return best
 
 
-def _subsample(rows: list[np.ndarray], y: np.ndarray, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-    if len(y) <= MAX_ROWS:
-        return rows, y
-    idx = np.sort(rng.choice(len(y), MAX_ROWS, replace=False))
-    return [r[idx] for r in rows], y[idx]
-
-
 @_single_blas
 def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: bool = True,
                    adaround: bool = False, budget_s: float = 30.0, iterations: int = 2000) -> Graph:
@@ -338,61 +351,58 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     each channel's scale) and, with ``bias_correct``, set the bias that removes the mean output
     shift. Targets are the ``reference`` float graph's pre-activation outputs; inputs are what
     the layer sees in the graph as processed so far (earlier layers already on their grid), so
-    one walk through the graph does it all."""
-    from hilc.compiler.ops import OPS
-
+    one walk through both graphs does it all. Per layer only K x K statistics are kept."""
     g = graph.copy()
-    ref_nodes = {n.name: n for n in reference.nodes}
     layers = linear_nodes(g)
-    ref_in = _capture(reference, x, {ref_nodes[n.name].inputs[0] for n in layers})
-    rng = np.random.default_rng(0)
     # the budget is shared in proportion to each layer's cost per Adam step (O * K^2)
     costs = {n.name: g.param(n, "weight").shape[0] * g.param(n, "weight")[0].size ** 2 for n in layers}
-    remaining_cost = float(sum(costs.values())) or 1.0
+    remaining = [float(sum(costs.values())) or 1.0]
     end = time.perf_counter() + budget_s
-    last_use = {t: i for i, n in enumerate(g.nodes) for t in n.inputs}
-    env: dict[str, np.ndarray] = {g.inputs[0]: x.astype(np.float32)}
-    for i, node in enumerate(g.nodes):
-        if node.name in costs:
-            ref = ref_nodes[node.name]
-            y_ref = _linear(reference, ref, ref_in[ref.inputs[0]])
-            rows, y_ref = _subsample(_rows(g, node, env[node.inputs[0]]), y_ref, rng)
-            w = g.param(node, "weight").astype(np.float64)
-            bias = g.param(node, "bias").astype(np.float64)
-            s, q, qmax = _grid(node, w)
-            now = time.perf_counter()
-            deadline = now + max(0.0, end - now) * costs[node.name] / remaining_cost
-            remaining_cost -= costs[node.name]
-            w_groups = _weights_by_group(g, node, w)
-            og = w_groups[0].shape[0]
-            if adaround:
-                q_groups, s_groups = [], []
-                for gi, (r, wg) in enumerate(zip(rows, w_groups, strict=True)):
-                    yg = y_ref[:, gi * og:(gi + 1) * og].astype(np.float64)
-                    r64 = r.astype(np.float64)
-                    # the bias as it stands; bias correction (below) then removes what mean
-                    # shift is left (fitting the centred problem instead measured no better)
-                    yg = yg - bias[gi * og:(gi + 1) * og]
-                    gram = r64.T @ r64 / len(r64)
-                    cross = r64.T @ yg / len(r64)
-                    sg = _best_scales(gram, wg, s[gi * og:(gi + 1) * og], qmax)
-                    tg = np.clip(wg / sg[:, None], -qmax, qmax)
-                    q_groups.append(_adaround_group(gram, cross, float((yg ** 2).mean(axis=0).sum()), tg, sg, qmax,
-                                                    deadline, iters=iterations))
-                    s_groups.append(sg)
-                q = np.concatenate(q_groups, axis=0).reshape(w.shape)
-                s = np.concatenate(s_groups)
-            if bias_correct:
-                wq = q * s.reshape((-1,) + (1,) * (w.ndim - 1))
-                y_q = np.concatenate([r @ wg.T for r, wg in zip(rows, _weights_by_group(g, node, wq), strict=True)],
-                                     axis=1)
-                bias = y_ref.mean(axis=0).astype(np.float64) - y_q.mean(axis=0)
-            _pin(g, node, q, s, bias)
-        ys = OPS[node.op].eval_float(node, g, [env[t] for t in node.inputs])
-        env.update(zip(node.outputs, ys, strict=True))
-        for t in node.inputs:
-            if last_use.get(t) == i:
-                env.pop(t, None)
+
+    def visit(rn: Node, node: Node, x_ref: np.ndarray, x_cur: np.ndarray) -> None:
+        w = g.param(node, "weight").astype(np.float64)
+        bias = g.param(node, "bias").astype(np.float64)
+        s, q, qmax = _grid(node, w)
+        w_groups = _weights_by_group(g, node, w)
+        og = w_groups[0].shape[0]
+        # sufficient statistics of the least-squares problem, per group
+        gram = [np.zeros((wg.shape[1], wg.shape[1])) for wg in w_groups]
+        cross = [np.zeros((wg.shape[1], og)) for wg in w_groups]
+        sum_r = [np.zeros(wg.shape[1]) for wg in w_groups]
+        sum_y, energy, m = np.zeros(w.shape[0]), np.zeros(w.shape[0]), 0
+        for c in _chunks(len(x_ref)):
+            # the target, less the bias as it stands (bias correction below takes what is left)
+            y = _linear(reference, rn, x_ref[c:c + CHUNK]).astype(np.float64) - bias
+            for gi, r in enumerate(_rows(g, node, x_cur[c:c + CHUNK])):
+                r = r.astype(np.float64)
+                gram[gi] += r.T @ r
+                cross[gi] += r.T @ y[:, gi * og:(gi + 1) * og]
+                sum_r[gi] += r.sum(axis=0)
+            sum_y += y.sum(axis=0)
+            energy += (y ** 2).sum(axis=0)
+            m += len(y)
+        now = time.perf_counter()
+        deadline = now + max(0.0, end - now) * costs[node.name] / remaining[0]
+        remaining[0] -= costs[node.name]
+        if adaround:
+            q_groups, s_groups = [], []
+            for gi, wg in enumerate(w_groups):
+                sl = slice(gi * og, (gi + 1) * og)
+                sg = _best_scales(gram[gi] / m, wg, s[sl], qmax)
+                tg = np.clip(wg / sg[:, None], -qmax, qmax)
+                q_groups.append(_adaround_group(gram[gi] / m, cross[gi] / m, float(energy[sl].sum() / m), tg, sg,
+                                                qmax, deadline, iters=iterations))
+                s_groups.append(sg)
+            q = np.concatenate(q_groups, axis=0).reshape(w.shape)
+            s = np.concatenate(s_groups)
+        if bias_correct:
+            # mean(y_float) = mean(rows) @ w_q + b_new: the bias takes the whole mean shift
+            wq = _weights_by_group(g, node, q * s.reshape((-1,) + (1,) * (w.ndim - 1)))
+            mean_q = np.concatenate([sum_r[gi] / m @ wq[gi].T for gi in range(len(wq))])
+            bias = bias + sum_y / m - mean_q
+        _pin(g, node, q, s, bias)
+
+    _walk(reference, g, x.astype(np.float32), visit)
     return g
 
 

@@ -45,6 +45,7 @@ from hilc.sim.simulator import to_physical
 
 METHODS = ("equalize", "bias-correct", "adaround")
 LINEAR_OPS = ("conv2d", "dense")
+STEP_OVERHEAD = 300_000
 CHUNK = 16  # samples per step when walking the graphs: bounds the im2col copies
 
 
@@ -299,11 +300,14 @@ def _h(v: np.ndarray) -> np.ndarray:
 
 
 def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.ndarray, s: np.ndarray,
-                    qmax: int, deadline: float, iters: int = 2000, lam: float = 0.01) -> np.ndarray:
+                    qmax: int, seconds: float, iters: int = 2000, lam: float = 0.01,
+                    min_iters: int = 200) -> np.ndarray:
     """Integer weights [O, K] near ``t`` (weights over their scale, within +-qmax), each rounded
     up or down to minimise sum_o (w_o G w_o - 2 w_o c_o) with w = s * q.
 
-    ``gram`` = X^T X / M [K, K], ``cross`` = X^T Y / M [K, O]; ``y_energy`` normalises the loss."""
+    ``gram`` = X^T X / M [K, K], ``cross`` = X^T Y / M [K, O]; ``y_energy`` normalises the loss.
+    The step count is fitted to ``seconds`` after timing the first steps (at least
+    ``min_iters``), so the regulariser's annealing always runs to its end."""
     floor = np.floor(t)
     can_up = floor + 1 <= qmax
     rest = np.clip(t - floor, 1e-4, 1 - 1e-4)
@@ -312,9 +316,14 @@ def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.
     lr, b1, b2 = 0.05, 0.9, 0.999
     warm = iters // 5
     norm = 1.0 / max(y_energy, 1e-30)
-    for it in range(iters):
-        if it % 50 == 0 and time.perf_counter() > deadline:
-            break
+    t0 = time.perf_counter()
+    probe = 20
+    it = 0
+    while it < iters:
+        if it == probe:  # now we know the cost of a step: fit the schedule to the time given
+            per_step = (time.perf_counter() - t0) / probe
+            iters = int(min(iters, max(min_iters, seconds / max(per_step, 1e-9))))
+            warm = iters // 5
         sig = 1.0 / (1.0 + np.exp(-v))
         hv = np.clip(sig * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0) * can_up
         wt = s[:, None] * (floor + hv)
@@ -328,6 +337,7 @@ def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.
         m1 = b1 * m1 + (1 - b1) * g_v
         m2 = b2 * m2 + (1 - b2) * g_v * g_v
         v -= lr * (m1 / (1 - b1 ** (it + 1))) / (np.sqrt(m2 / (1 - b2 ** (it + 1))) + 1e-8)
+        it += 1
     return np.clip(floor + (_h(v) >= 0.5) * can_up, -qmax, qmax)
 
 
@@ -354,8 +364,10 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     one walk through both graphs does it all. Per layer only K x K statistics are kept."""
     g = graph.copy()
     layers = linear_nodes(g)
-    # the budget is shared in proportion to each layer's cost per Adam step (O * K^2)
-    costs = {n.name: g.param(n, "weight").shape[0] * g.param(n, "weight")[0].size ** 2 for n in layers}
+    # the budget is shared in proportion to each layer's cost per Adam step: O * K^2 for the
+    # products plus numpy's fixed overhead per step and group (worth ~300k multiply-adds)
+    costs = {n.name: g.param(n, "weight").shape[0] * g.param(n, "weight")[0].size ** 2
+             + STEP_OVERHEAD * n.attrs.get("group", 1) for n in layers}
     remaining = [float(sum(costs.values())) or 1.0]
     end = time.perf_counter() + budget_s
 
@@ -381,8 +393,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             sum_y += y.sum(axis=0)
             energy += (y ** 2).sum(axis=0)
             m += len(y)
-        now = time.perf_counter()
-        deadline = now + max(0.0, end - now) * costs[node.name] / remaining[0]
+        share = max(0.0, end - time.perf_counter()) * costs[node.name] / remaining[0]
         remaining[0] -= costs[node.name]
         if adaround:
             q_groups, s_groups = [], []
@@ -391,7 +402,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
                 sg = _best_scales(gram[gi] / m, wg, s[sl], qmax)
                 tg = np.clip(wg / sg[:, None], -qmax, qmax)
                 q_groups.append(_adaround_group(gram[gi] / m, cross[gi] / m, float(energy[sl].sum() / m), tg, sg,
-                                                qmax, deadline, iters=iterations))
+                                                qmax, share / len(w_groups), iters=iterations))
                 s_groups.append(sg)
             q = np.concatenate(q_groups, axis=0).reshape(w.shape)
             s = np.concatenate(s_groups)

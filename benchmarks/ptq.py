@@ -55,6 +55,9 @@ def main() -> None:
     int8, _ = r8(ptq="none")
     res["resnet8_int8"] = int8
     rows.append(("resnet8 int8 (min/max), agreement with float", f"{int8:.2%}", ""))
+    int8_all, rep = r8(ptq="all")
+    res["resnet8_int8_all_passes"] = int8_all
+    rows.append(("resnet8 int8 with all passes", f"{int8_all:.2%}", ""))
     r8_runs = {}
     for methods in ("none", "equalize", "bias-correct", "equalize,bias-correct", "adaround", "all"):
         acc, rep = r8(ptq=methods, graph_hook=w4)

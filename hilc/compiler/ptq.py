@@ -45,7 +45,7 @@ from hilc.sim.simulator import to_physical
 
 METHODS = ("equalize", "bias-correct", "adaround")
 LINEAR_OPS = ("conv2d", "dense")
-STEP_OVERHEAD = 300_000
+STEP_OVERHEAD = 300_000  # numpy's fixed cost of one AdaRound step, in multiply-adds (roughly)
 CHUNK = 16  # samples per step when walking the graphs: bounds the im2col copies
 
 
@@ -117,7 +117,7 @@ def _in_channel_ranges(graph: Graph, node: Node) -> np.ndarray:
     g = node.attrs["group"]
     o, _, _, cg = w.shape
     og = o // g
-    return np.concatenate([w[i * og:(i + 1) * og].max(axis=(0, 1, 2)) for i in range(g)]) if cg else w.max((0, 1, 2))
+    return np.concatenate([w[i * og:(i + 1) * og].max(axis=(0, 1, 2)) for i in range(g)])
 
 
 def _scale_in_channels(graph: Graph, node: Node, s: np.ndarray) -> np.ndarray:
@@ -365,7 +365,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     g = graph.copy()
     layers = linear_nodes(g)
     # the budget is shared in proportion to each layer's cost per Adam step: O * K^2 for the
-    # products plus numpy's fixed overhead per step and group (worth ~300k multiply-adds)
+    # products plus numpy's fixed overhead per step and group
     costs = {n.name: g.param(n, "weight").shape[0] * g.param(n, "weight")[0].size ** 2
              + STEP_OVERHEAD * n.attrs.get("group", 1) for n in layers}
     remaining = [float(sum(costs.values())) or 1.0]

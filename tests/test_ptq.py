@@ -216,3 +216,18 @@ def test_cli_ptq_option_reports_methods_and_layer_errors(tmp_path, digits):
     assert [m["name"] for m in rep["methods"]] == ["equalize", "bias-correct"]
     assert [la["name"] for la in rep["layers"]] == ["conv2d_0", "conv2d_1", "conv2d_2", "dense_0"]
     assert all(la["weight_bits"] == 8 and la["error_after"] < la["error_before"] for la in rep["layers"])
+
+
+def test_a_grid_pinned_for_other_bits_is_not_used(digits):
+    """A later bit-width change (mixed precision) must not quantize on a grid chosen for 4 bits."""
+    from hilc.compiler import calibrate
+    from hilc.compiler.quantize import quantize
+
+    g = ptq.set_weight_bits(float_graph(DIGITS_CNN), 4)
+    x = digits["x_train"][:64]
+    pinned, _ = ptq.run_ptq(g, x, ["bias-correct"])
+    assert pinned.nodes[0].attrs["w_scale_bits"] == 4
+    q4 = quantize(calibrate.calibrate(pinned, x))
+    q8 = quantize(calibrate.calibrate(ptq.set_weight_bits(pinned, 8), x))
+    assert np.abs(q4.param(q4.nodes[0], "weight")).max() <= 7
+    assert np.abs(q8.param(q8.nodes[0], "weight")).max() == 127  # max-abs 8-bit grid, not the 4-bit one

@@ -73,9 +73,11 @@ class _Binary(Op):
         def at(t, shape, batched):
             lead = out_rank - len(shape)
 
+            # the graph's batch is 1: axis 0 follows the output's only for an activation
+            follow = [batched if lead + k == 0 else shape[k] == out_shape[lead + k] for k in range(len(shape))]
+
             def f(idx):
-                return t[tuple(idx[lead + k] if (k == 0 and batched) or shape[k] == out_shape[lead + k] else 0
-                               for k in range(len(shape)))]
+                return t[tuple(idx[lead + k] if follow[k] else 0 for k in range(len(shape)))]
             return f
 
         return [at(*o) for o in ops]

@@ -21,6 +21,7 @@ lowering version, TVM's version and the LLVM target, under ``cache_dir`` (defaul
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import threading
 import time
@@ -210,10 +211,15 @@ def default_cache_dir() -> Path:
 
 
 def module_key(graph: Graph, fast: bool | None = None) -> str:
+    """The cache key: the graph, the code that lowers it (so an edited lowering never reuses a
+    stale module), the exact-paths mode, TVM's version and the LLVM target."""
     tvm = require_tvm()
     fast = arith.FAST_EXACT_PATHS if fast is None else fast
     h = hashlib.sha256(f"{graph.content_hash():016x}|v{LOWERING_VERSION}|fast={fast}|tvm={tvm.__version__}|"
                        f"{sorted(target_spec().items())}".encode())
+    h.update(Path(__file__).read_bytes())
+    for src in sorted({inspect.getsourcefile(type(OPS[n.op])) for n in graph.nodes}):
+        h.update(Path(src).read_bytes())
     return h.hexdigest()[:24]
 
 

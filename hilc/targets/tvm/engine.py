@@ -336,14 +336,16 @@ def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None =
         t0 = time.perf_counter()
         tb, ins, outs = lower(graph, fast)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        lib_path = cache / f"{key}.so"
-        from_cache = lib_path.exists()
+        lib_path, sum_path = cache / f"{key}.so", cache / f"{key}.sha256"
         mod = None
-        if from_cache:
-            try:
-                mod = tvm.runtime.load_module(str(lib_path))
-            except Exception:
-                from_cache = False  # a truncated or foreign file: rebuild it
+        if lib_path.exists() and sum_path.exists():
+            # checked before loading: a truncated or foreign file is rebuilt, never run
+            if hashlib.sha256(lib_path.read_bytes()).hexdigest() == sum_path.read_text().strip():
+                try:
+                    mod = tvm.runtime.load_module(str(lib_path))
+                except Exception:
+                    mod = None
+        from_cache = mod is not None
         if mod is None:
             func = tb.te.create_prim_func([*ins, *(c for c, _ in tb.constants), *outs])
             try:
@@ -358,7 +360,12 @@ def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None =
                 cache.mkdir(parents=True, exist_ok=True)
                 tmp = cache / f".{key}.{os.getpid()}.so"
                 mod.export_library(str(tmp))
+                digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+                # a new inode: a library another process has loaded is never written over
                 os.replace(tmp, lib_path)
+                tmp_sum = cache / f".{key}.{os.getpid()}.sha256"
+                tmp_sum.write_text(digest + "\n")
+                os.replace(tmp_sum, sum_path)
             except OSError:
                 pass  # an unwritable cache only costs the next run a rebuild
         dev = tvm.cpu()

@@ -105,6 +105,31 @@ def test_resnet8_bit_exact_in_plain_integer_arithmetic(real_models, plain_int64)
     assert_same_as_simulator(graph, x[:64])
 
 
+def test_graph_with_two_outputs_returns_both_bit_exact(tmp_path):
+    from onnx import TensorProto, helper
+    from opmodels import _w
+
+    from hilc.sim.simulator import run_int
+
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y1"]), helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("GlobalAveragePool", ["s"], ["y2"])]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+                          initializer=[_w("W", (8, 3, 3, 3), 1)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(onnx.shape_inference.infer_shapes(m), str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).uniform(-2, 2, (16, 3, 6, 6)).astype(np.float32)
+    graph = compile_model(tmp_path / "m.onnx", x).graph
+    qx = quantized_input(graph, x * 1.5)
+    ref, got = run_int(graph, {graph.inputs[0]: qx}), engine.run_int(graph, {graph.inputs[0]: qx})
+    assert list(got) == graph.outputs and len(got) == 2
+    for name in graph.outputs:
+        assert np.array_equal(got[name], ref[name])
+
+
 def test_rounding_shift_matches_the_contract_on_ties_and_extremes():
     import tvm
     from tvm import te, tirx

@@ -53,7 +53,9 @@ def quantized_input(graph, x):
 def assert_same_as_simulator(graph, x):
     qx = quantized_input(graph, x)
     ref = run_int_batched(graph, qx)
-    got = engine.run_int(graph, {graph.inputs[0]: qx})[graph.outputs[0]]
+    model = engine.build(graph)
+    assert model.schedule_notes == []  # every schedule step applied
+    got = model.run({graph.inputs[0]: qx})[graph.outputs[0]]
     assert got.dtype == np.int8 and got.shape == ref.shape
     assert np.array_equal(got, ref), f"{int((got != ref).sum())} of {ref.size} outputs differ"
     return ref

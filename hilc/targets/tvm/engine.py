@@ -58,6 +58,7 @@ class TVMBuilder:
         self.tensors: dict[str, Any] = {}
         self.constants: list[tuple[Any, np.ndarray]] = []  # (placeholder, value) in argument order
         self.conv_tiles: list[tuple[str, str]] = []  # (accumulator block, output block) to register-tile
+        self.notes: list[str] = []  # schedule steps that did not apply (correct, only slower)
         self._names: set[str] = set()
 
     # --- names, inputs, constants -------------------------------------------------------
@@ -174,6 +175,7 @@ class TVMModel:
     out_shapes: list[tuple[int, ...]]
     build_seconds: float = 0.0
     from_cache: bool = False
+    schedule_notes: list[str] = field(default_factory=list)  # of a fresh build
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -270,6 +272,7 @@ def schedule(tb: TVMBuilder, func):
             sch.compute_at(blk, batch_loop)
         except Exception:
             at_root.append(name)  # e.g. a second graph output: runs as its own batch loop
+    tb.notes += [f"{n}: own batch loop" for n in at_root]
     # parallel loops first: after decompose_reduction the blocks no longer qualify
     sch.parallel(batch_loop)
     for name in at_root:
@@ -279,7 +282,12 @@ def schedule(tb: TVMBuilder, func):
             pass
     tiled = {n for pair in tb.conv_tiles for n in pair}
     for acc_name, y_name in tb.conv_tiles:
-        _tile_conv(sch, acc_name, y_name)
+        try:  # schedule primitives fail without changing the schedule: only this tiling is lost
+            _tile_conv(sch, acc_name, y_name)
+        except Exception as e:
+            if os.environ.get("HILC_DEBUG"):
+                raise
+            tb.notes.append(f"{y_name}: not tiled ({type(e).__name__})")
     for name in names:
         if name not in tiled and name not in at_root and name != names[-1]:
             if not os.environ.get("HILC_TVM_NOVEC"):
@@ -383,7 +391,7 @@ def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None =
                 if os.environ.get("HILC_DEBUG"):
                     raise
                 scheduled = tvm.IRModule({"main": func}) if not isinstance(func, tvm.IRModule) else func
-                del e
+                tb.notes.append(f"unscheduled ({type(e).__name__})")
             mod = tvm.compile(scheduled, target=tvm.target.Target(target_spec()))
             try:
                 cache.mkdir(parents=True, exist_ok=True)
@@ -401,7 +409,8 @@ def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None =
         model = TVMModel(key=key, func=mod["main"], constants=[tvm.runtime.tensor(v, dev) for _, v in tb.constants],
                          inputs=list(graph.inputs), outputs=list(graph.outputs),
                          out_shapes=[tuple(graph.tensors[o].shape[1:]) for o in graph.outputs],
-                         build_seconds=time.perf_counter() - t0, from_cache=from_cache)
+                         build_seconds=time.perf_counter() - t0, from_cache=from_cache,
+                         schedule_notes=[] if from_cache else tb.notes)
         _LOADED[key] = model
         return model
 

@@ -82,6 +82,48 @@ def test_single_operator_models_bit_exact_in_plain_integer_arithmetic(case, tmp_
     assert_same_as_simulator(op_graph(case, tmp_path), op_inputs(case))
 
 
+def extra_cases():
+    """Operator forms the float single-operator models do not reach: Pad edge and constant (not
+    folded into a conv), and QDQ imports, which add requant and transpose nodes."""
+    from onnx import helper, numpy_helper
+    from opmodels import OpCase, _model
+
+    out = []
+    for mode, value in (("edge", None), ("constant", 0.5)):
+        inits = [numpy_helper.from_array(np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64), "p")]
+        if value is not None:
+            inits.append(numpy_helper.from_array(np.array(value, np.float32), "v"))
+        nodes = [helper.make_node("Pad", ["x", "p"] + (["v"] if value is not None else []), ["pd"], mode=mode),
+                 helper.make_node("Sigmoid", ["pd"], ["y"])]
+        out.append(OpCase(f"pad_{mode}", _model(nodes, (1, 3, 4, 5), None, inits), (1, 3, 4, 5)))
+    return out
+
+
+@pytest.mark.parametrize("case", extra_cases(), ids=lambda c: c.name)
+def test_pad_modes_bit_exact(case, tmp_path):
+    graph = op_graph(case, tmp_path)
+    assert [n.op for n in graph.nodes] == ["pad", "lut"]
+    assert_same_as_simulator(graph, op_inputs(case))
+
+
+@pytest.mark.parametrize("name,ops", [("concat_channels", {"requant", "concat"}), ("flatten_gemm", {"transpose"})])
+def test_qdq_imported_models_bit_exact(name, ops, tmp_path):
+    from conftest import ort_quantize_qdq
+
+    case = next(c for c in cases() if c.name == name)
+    onnx.save(case.model, str(tmp_path / "f.onnx"))
+    graph = compile_model(ort_quantize_qdq(tmp_path / "f.onnx", tmp_path / "q.onnx", case.inputs(64, 0))).graph
+    assert ops <= {n.op for n in graph.nodes}
+    assert_same_as_simulator(graph, op_inputs(case))
+
+
+def test_every_operator_of_the_spine_has_a_tvm_lowering():
+    spine_ops = {"conv2d", "dense", "add", "mul", "clamp", "requant", "lut", "softmax", "maxpool", "avgpool",
+                 "reshape", "transpose", "concat", "pad"}
+    assert spine_ops <= set(OPS)
+    assert all(callable(getattr(OPS[op], "lower_tvm", None)) for op in spine_ops)
+
+
 @pytest.fixture(scope="module")
 def real_models(crops32, digits):
     frames = np.load(AD01.parent / "ad01_toycar_normal_sample.npy").astype(np.float32)

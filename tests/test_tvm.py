@@ -286,3 +286,14 @@ def test_unknown_engine_is_rejected(tmp_path):
     graph = relu_graph(tmp_path)
     with pytest.raises(HilcError, match="unknown engine 'gpu'"):
         simulate(graph, np.zeros((1, 5, 6, 7), np.float32), engine="gpu")
+
+
+def test_tvm_uses_every_cpu_it_is_given():
+    """TVM alone would take half the CPUs (it assumes two hardware threads per core)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    code = ("import tvm, sys; from hilc.targets.tvm import require_tvm; require_tvm(); "
+            "print(tvm.get_global_func('runtime.NumThreads')())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == len(os.sched_getaffinity(0))

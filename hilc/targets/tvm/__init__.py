@@ -24,6 +24,12 @@ ENGINES = ("numpy", "tvm")
 
 def require_tvm():
     """Import TVM or fail with a one-line error that says how to install it."""
+    import os
+
+    # TVM's thread pool assumes two hardware threads per core and would use half the CPUs
+    # given (one on a 2-CPU machine); an explicit TVM_NUM_THREADS from the user wins.
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                 else os.cpu_count() or 1))
     try:
         import tvm
         from tvm import te  # noqa: F401

@@ -14,8 +14,9 @@ Convolutions are register-tiled (a few output columns x a vector of output chann
 reduction outside) so LLVM keeps the accumulators in vector registers.
 
 Cache: a built module is exported as a shared library named by the hash of the graph, the
-lowering version, TVM's version and the LLVM target, under ``cache_dir`` (default
-``$HILC_TVM_CACHE`` or ``~/.cache/hilc/tvm``), and kept loaded per process.
+lowering code, TVM's version and the LLVM target, with a checksum beside it, under
+``cache_dir`` (default ``$HILC_TVM_CACHE`` or ``~/.cache/hilc/tvm``), and kept loaded per
+process.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from hilc.compiler.ops import OPS
 from hilc.errors import HilcError
 from hilc.targets.tvm import require_tvm
 
-LOWERING_VERSION = 1  # bump when a lowering or schedule changes what a cached module computes
-_LOADED: dict[str, TVMModel] = {}
+# The cache key also hashes this file and the ops modules' sources; bump this for changes
+# elsewhere that alter what a cached module computes.
+LOWERING_VERSION = 1
+_LOADED: dict[str, TVMModel] = {}  # key -> model built or loaded by this process
 _LOCK = threading.Lock()
-_TILE = None
 
 
 class TVMBuilder:
@@ -100,7 +102,7 @@ class TVMBuilder:
         and scaling by the power of two 2**-c is exact, so float64 ``nearbyint`` (ties to even)
         is bit for bit the integer rounding shift, as in ``arith.requantize``.
         """
-        te, tx = self.te, self.tirx
+        tx = self.tirx
         b = np.atleast_1d(np.asarray(mult, np.int64))
         c = np.atleast_1d(np.asarray(shift, np.int64))
         per_channel = np.ndim(mult) > 0
@@ -116,7 +118,6 @@ class TVMBuilder:
             c_t = self.const(node, f"{label}_c", c) if per_channel else None
             if offset is not None:
                 off = self.const(node, f"{label}_off", offset.astype(np.int64))
-        del te
 
         def rq(acc, idx=None):
             if use_float:
@@ -290,8 +291,7 @@ def schedule(tb: TVMBuilder, func):
             tb.notes.append(f"{y_name}: not tiled ({type(e).__name__})")
     for name in names:
         if name not in tiled and name not in at_root and name != names[-1]:
-            if not os.environ.get("HILC_TVM_NOVEC"):
-                _vectorize_inner(sch, name)
+            _vectorize_inner(sch, name)
     return sch.mod
 
 
@@ -339,8 +339,6 @@ def _tile_conv(sch, acc_name: str, y_name: str) -> None:
     else:
         tile_o = 8 if oc % 8 == 0 else oc
         tile_j = _divisor(ow, (8, 4, 2))
-    if _TILE is not None:  # experiments
-        tile_j, tile_o = _divisor(ow, (_TILE[0],)), _divisor(oc, (_TILE[1],))
     jo, ji = sch.split(j, [None, tile_j])
     oo, oi = sch.split(o, [None, tile_o])
     sch.reorder(jo, oo, ji, oi)

@@ -260,6 +260,12 @@ def test_cli_simulate_engine_tvm_writes_the_simulators_output(tmp_path, digits, 
     a, b = np.load(tmp_path / "numpy.npy"), np.load(tmp_path / "tvm.npy")
     assert a.dtype == np.int8 and a.shape == (50, 10)
     assert np.array_equal(a, b)
+    # the Python API mirrors it
+    import hilc
+
+    m = hilc.load(tmp_path / "out")
+    assert np.array_equal(m.simulate(digits["x_test"][:50], raw=True, engine="tvm"), a)
+    assert np.array_equal(hilc.simulate(m, digits["x_test"][:50], engine="tvm"), m.simulate(digits["x_test"][:50]))
 
 
 def test_without_tvm_installed_the_engine_says_how_to_install_it(tmp_path, digits, capsys, monkeypatch):

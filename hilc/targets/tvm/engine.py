@@ -401,8 +401,8 @@ def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None =
                 tmp_sum = cache / f".{key}.{os.getpid()}.sha256"
                 tmp_sum.write_text(digest + "\n")
                 os.replace(tmp_sum, sum_path)
-            except OSError:
-                pass  # an unwritable cache only costs the next run a rebuild
+            except Exception:  # an unwritable cache or no linker: the next run only rebuilds
+                pass
         dev = tvm.cpu()
         model = TVMModel(key=key, func=mod["main"], constants=[tvm.runtime.tensor(v, dev) for _, v in tb.constants],
                          inputs=list(graph.inputs), outputs=list(graph.outputs),

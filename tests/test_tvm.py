@@ -1,5 +1,5 @@
 """TVM engine: bit for bit the numpy simulator (every single-operator model, resnet8, ad01, the
-digits CNN, with and without the float fast paths), its rounding shift against the contract,
+digits CNN and the digits transformer, with and without the float fast paths), its rounding shift against the contract,
 the module cache, the CLI, and the one-line error without the extra."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import AD01, DIGITS_CNN, RESNET8
+from conftest import AD01, DATA, DIGITS_CNN, RESNET8
 from opmodels import cases
 
 from hilc.compiler import arith
@@ -117,9 +117,9 @@ def test_qdq_imported_models_bit_exact(name, ops, tmp_path):
     assert_same_as_simulator(graph, op_inputs(case))
 
 
-def test_every_operator_of_the_spine_has_a_tvm_lowering():
+def test_every_operator_has_a_tvm_lowering():
     spine_ops = {"conv2d", "dense", "add", "mul", "clamp", "requant", "lut", "softmax", "maxpool", "avgpool",
-                 "reshape", "transpose", "concat", "pad"}
+                 "reshape", "transpose", "concat", "pad", "embedding", "gather", "layernorm", "matmul", "reduce_mean"}
     assert spine_ops <= set(OPS)
     assert all(callable(getattr(OPS[op], "lower_tvm", None)) for op in spine_ops)
 
@@ -131,10 +131,12 @@ def real_models(crops32, digits):
         "resnet8": (compile_model(RESNET8, crops32[:64]).graph, crops32[128:256]),
         "ad01": (compile_model(AD01, frames).graph, np.concatenate([frames, frames[:16] * 1.3])),
         "digits": (compile_model(DIGITS_CNN, digits["x_train"][:128]).graph, digits["x_test"]),
+        "digits_transformer": (compile_model(DATA / "digits_transformer.onnx", digits["x_train"][:256]).graph,
+                               digits["x_test"]),
     }
 
 
-@pytest.mark.parametrize("name", ["resnet8", "ad01", "digits"])
+@pytest.mark.parametrize("name", ["resnet8", "ad01", "digits", "digits_transformer"])
 def test_real_models_bit_exact(name, real_models):
     graph, x = real_models[name]
     ref = assert_same_as_simulator(graph, x)

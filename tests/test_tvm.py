@@ -176,6 +176,16 @@ def test_graph_with_two_outputs_returns_both_bit_exact(tmp_path):
         assert np.array_equal(got[name], ref[name])
 
 
+def test_graph_whose_output_is_its_input(tmp_path):
+    from onnx import helper
+    from opmodels import OpCase, _model
+
+    case = OpCase("identity", _model([helper.make_node("Identity", ["x"], ["y"])], (1, 7), (1, 7)), (1, 7))
+    graph = op_graph(case, tmp_path)
+    assert graph.nodes == [] and graph.outputs == graph.inputs
+    assert_same_as_simulator(graph, op_inputs(case))
+
+
 def test_rounding_shift_matches_the_contract_on_ties_and_extremes():
     import tvm
     from tvm import te, tirx

@@ -109,8 +109,9 @@ class LayerNorm(Op):
     def lower_tvm(self, node, graph, tb):
         """eval_int in TE, one row (all axes but the last) at a time: the sums, the variance V, k
         from V's bit length, r = isqrt(V << 2k), the softmax's Newton-Raphson reciprocal, then
-        the two rounding shifts. isqrt is computed as float64 sqrt corrected by at most one
-        either way with integer compares: the unique floor(sqrt), the integer isqrt62 yields."""
+        the two rounding shifts. With the exact fast paths isqrt is float64 sqrt corrected by at
+        most one either way with integer compares (the unique floor(sqrt), which isqrt62 yields);
+        without them, isqrt62's digit steps."""
         from hilc.targets.tvm.engine import rounding_shift
 
         te, tx = tb.te, tb.tirx
@@ -141,11 +142,24 @@ class LayerNorm(Op):
 
         k = te.compute(rows, lambda *row: (one(62) - bits(var[row])) >> one(1), name=tb.name(node, "k"))
         vn = te.compute(rows, lambda *row: var[row] << (one(2) * k[row]), name=tb.name(node, "vn"))
-        r0 = te.compute(rows, lambda *row: tx.sqrt(vn[row].astype("float64")).astype(i64), name=tb.name(node, "r0"))
-        r_lo = te.compute(rows, lambda *row: r0[row] - (r0[row] * r0[row] > vn[row]).astype(i64),
-                          name=tb.name(node, "r1"))
-        r = te.compute(rows, lambda *row: r_lo[row] + ((r_lo[row] + one(1)) * (r_lo[row] + one(1)) <= vn[row])
-                       .astype(i64), name=tb.name(node, "isqrt"))
+        if tb.fast:
+            r0 = te.compute(rows, lambda *row: tx.sqrt(vn[row].astype("float64")).astype(i64),
+                            name=tb.name(node, "r0"))
+            r_lo = te.compute(rows, lambda *row: r0[row] - (r0[row] * r0[row] > vn[row]).astype(i64),
+                              name=tb.name(node, "r1"))
+            r = te.compute(rows, lambda *row: r_lo[row] + ((r_lo[row] + one(1)) * (r_lo[row] + one(1)) <= vn[row])
+                           .astype(i64), name=tb.name(node, "isqrt"))
+        else:  # plain integers: isqrt62's 31 digit steps, one stage each
+            def digit(v, r, bit):  # TE compute functions take positional indices only
+                nv = te.compute(rows, lambda *row: tx.if_then_else(v[row] >= r[row] + bit, v[row] - (r[row] + bit),
+                                                                   v[row]), name=tb.name(node, "isqrt_v"))
+                nr = te.compute(rows, lambda *row: tx.if_then_else(v[row] >= r[row] + bit, (r[row] >> one(1)) + bit,
+                                                                   r[row] >> one(1)), name=tb.name(node, "isqrt_r"))
+                return nv, nr
+
+            v, r = vn, te.compute(rows, lambda *row: one(0), name=tb.name(node, "isqrt0"))
+            for step in range(31):
+                v, r = digit(v, r, one(1 << (60 - 2 * step)))
 
         def recip(*row):  # softmax.reciprocal_q30 on r in [2^30, 2^31)
             rr = r[row]

@@ -252,10 +252,13 @@ def lower(graph: Graph, fast: bool):
         t = tb.tensors[name]
         # a function output must be a buffer of its own: copy graph inputs and repeated outputs
         if isinstance(t.op, tb.tvm.te.PlaceholderOp) or any(t.same_as(o) for o in outs):
-            src = t
-            t = tb.te.compute(src.shape, lambda *i, s=src: s(*i), name="out_" + name.replace("/", "_"))
+            t = _copy(tb, t, "out_" + "".join(ch if ch.isalnum() else "_" for ch in name))
         outs.append(t)
     return tb, ins, outs
+
+
+def _copy(tb: TVMBuilder, src, name: str):
+    return tb.te.compute(src.shape, lambda *i: src(*i), name=name)
 
 
 def schedule(tb: TVMBuilder, func):

@@ -133,6 +133,34 @@ class Conv2D(Op):
         return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
                                  a["lo"], a["hi"], acc_bound=a["acc_bound"], scratch=True)]
 
+    def lower_tvm(self, node, graph, tb):
+        """eval_int in TE: sum over raw x (borders hold zp_in) plus the per-channel constant
+        ``bias - zp_in * sum(w)``, then the dyadic requantization."""
+        te = tb.te
+        a = node.attrs
+        _, _, _, c = graph.tensors[node.inputs[0]].shape
+        _, oh, ow, oc = graph.tensors[node.outputs[0]].shape
+        (kh, kw), (sh, sw), (dh, dw), g = a["kernel"], a["strides"], a["dilations"], a["group"]
+        cg, og = c // g, oc // g
+        w = graph.param(node, "weight")
+        offset = linear_offset(node, graph)
+        dtype = tb.acc_dtype(a["raw_bound"])
+        wt = tb.const(node, "w", w.transpose(1, 2, 3, 0).astype(dtype))  # [KH, KW, C/g, O]: O innermost
+        xp = tb.pad_cast(node, tb.input(node), a["pads"], a["zp_in"], dtype)
+        rh, rw, rc = (te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cg), "rc"))
+
+        def channel(o):
+            return rc if g == 1 else (o // og) * cg + rc
+
+        acc = te.compute((tb.n, oh, ow, oc), lambda b, i, j, o: te.sum(
+            xp[b, i * sh + rh * dh, j * sw + rw * dw, channel(o)] * wt[rh, rw, rc, o], axis=[rh, rw, rc]),
+            name=tb.name(node, "acc"))
+        rq = tb.requantizer(node, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"], a["lo"],
+                            a["hi"], a["acc_bound"], offset=offset)
+        y = te.compute((tb.n, oh, ow, oc), lambda b, i, j, o: rq(acc[b, i, j, o], o), name=tb.name(node))
+        tb.tile_conv(acc, y)
+        return [y]
+
     def macs(self, node, graph):
         w = graph.param(node, "weight")
         o = graph.tensors[node.outputs[0]].shape
@@ -182,6 +210,13 @@ def _prepared(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
         graph.cache.pop(key)
         return _prepared(node, graph)
     return w, offset
+
+
+def linear_offset(node: Node, graph: Graph) -> np.ndarray:
+    """``bias - zp_in * sum(w)`` per output channel, int64 (what ``_prepared`` caches)."""
+    w = graph.param(node, "weight")
+    wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
+    return graph.param(node, "bias").astype(np.int64) - node.attrs["zp_in"] * wsum
 
 
 def quantize_linear_layer(node: Node, graph: Graph) -> None:

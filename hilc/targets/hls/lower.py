@@ -1,0 +1,300 @@
+"""HLS lowerings: one function per IR operator turning a node into the config of its layer function
+(rendered by the macros of templates/layers.j2).
+
+They sit here rather than in the operator modules so the FPGA backend stays one package; an operator
+without an entry here is named in a compile-time error (``lower_node``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from hilc.compiler.ir import Graph, Node
+from hilc.errors import HilcError
+
+LOWERINGS: dict[str, Callable[[Any, Node], dict]] = {}
+
+
+def lowering(*ops: str) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+
+    return deco
+
+
+def cannot(node: Node, why: str) -> HilcError:
+    return HilcError(f"node '{node.onnx_name or node.name}' ({node.op}): the HLS backend cannot lower it: {why}")
+
+
+def lower_node(ctx, node: Node) -> dict:
+    fn = LOWERINGS.get(node.op)
+    if fn is None:
+        return_ops = ", ".join(sorted(LOWERINGS))
+        raise cannot(node, f"no HLS lowering for operator '{node.op}' (lowered: {return_ops})")
+    return fn(ctx, node)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _shape(graph: Graph, name: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in graph.tensors[name].shape)
+
+
+def _bits(graph: Graph, name: str) -> int:
+    q = graph.tensors[name].quant
+    return q.bits if q is not None else 8
+
+
+def _n(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _acc_bits(bound: int) -> int:
+    return max(2, int(bound).bit_length() + 1)
+
+
+def _dims4(node: Node, shape: tuple[int, ...]) -> list[int]:
+    d = [int(x) for x in shape[1:]]
+    if len(d) > 4:
+        raise cannot(node, f"tensor of rank {len(shape)} (batch + at most 4 axes are supported)")
+    return [1] * (4 - len(d)) + d
+
+
+def _window_schedule(h: int, oh: int, k: int, s: int, d: int, p0: int) -> tuple[int, list[int], list[int]]:
+    """Line-buffer rows kept, the ring slot of every input row, and how many output rows can be
+    emitted once input row r has arrived (the last row its window needs, clipped to the input)."""
+    span = min(h, d * (k - 1) + 1)
+    last = [min(h - 1, max(0, oy * s - p0 + (k - 1) * d)) for oy in range(oh)]
+    emit = np.bincount(np.asarray(last, np.int64), minlength=h).tolist()
+    return span, [r % span for r in range(h)], emit
+
+
+@lowering("conv2d")
+def lower_conv2d(ctx, node: Node) -> dict:
+    g, a = ctx.graph, node.attrs
+    _, h, w, c = _shape(g, node.inputs[0])
+    _, oh, ow, oc = _shape(g, node.outputs[0])
+    kh, kw = a["kernel"]
+    sh, sw = a["strides"]
+    dh, dw = a["dilations"]
+    groups = a["group"]
+    cg, og = c // groups, oc // groups
+    span, slots, emit = _window_schedule(h, oh, kh, sh, dh, a["pads"][0])
+    wb = int(a.get("weight_bits", 8))
+    ab = _bits(g, node.inputs[0])
+    wq = g.param(node, "weight").reshape(oc, kh * kw * cg)
+    return dict(
+        kind="conv2d", h=h, w=w, c=c, oh=oh, ow=ow, oc=oc, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
+        pt=a["pads"][0], pl=a["pads"][1], groups=groups, cg=cg, og=og, span=span,
+        row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
+        emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit),
+        weight=ctx.rom(f"{node.name}_weight", wq, f"ap_int<{wb}>"),
+        bias=ctx.rom(f"{node.name}_bias", g.param(node, "bias"), "ap_int<32>"),
+        mult=ctx.rom(f"{node.name}_mult", g.param(node, "mult"), "ap_uint<31>"),
+        shift=ctx.rom(f"{node.name}_shift", g.param(node, "shift"), "ap_uint<6>"),
+        zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
+        acc_bits=_acc_bits(a["acc_bound"]), acc_t=f"ap_int<{_acc_bits(a['acc_bound'])}>",
+        diff_t=f"ap_int<{ab + 1}>", w_t=f"ap_int<{wb}>", weight_bits=wb, act_bits=ab,
+        pe_options=divisors(og), simd_options=divisors(cg), macs=oh * ow * oc * kh * kw * cg,
+        doc=f"{node.name}: conv {kh}x{kw}/{sh}x{sw}, {c}->{oc} channels, {groups} group(s), "
+            f"{h}x{w} -> {oh}x{ow}, weights {wb}-bit, activations {ab}-bit",
+    )
+
+
+@lowering("dense")
+def lower_dense(ctx, node: Node) -> dict:
+    g, a = ctx.graph, node.attrs
+    shape = _shape(g, node.inputs[0])
+    wq = g.param(node, "weight")
+    o, k = wq.shape
+    wb = int(a.get("weight_bits", 8))
+    ab = _bits(g, node.inputs[0])
+    rows = int(np.prod(shape[1:-1], dtype=np.int64))
+    return dict(
+        kind="dense", rows=rows, k=k, o=o,
+        weight=ctx.rom(f"{node.name}_weight", wq, f"ap_int<{wb}>"),
+        bias=ctx.rom(f"{node.name}_bias", g.param(node, "bias"), "ap_int<32>"),
+        mult=ctx.rom(f"{node.name}_mult", g.param(node, "mult"), "ap_uint<31>"),
+        shift=ctx.rom(f"{node.name}_shift", g.param(node, "shift"), "ap_uint<6>"),
+        zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
+        acc_bits=_acc_bits(a["acc_bound"]), acc_t=f"ap_int<{_acc_bits(a['acc_bound'])}>",
+        diff_t=f"ap_int<{ab + 1}>", w_t=f"ap_int<{wb}>", weight_bits=wb, act_bits=ab,
+        pe_options=divisors(o), simd_options=divisors(k), macs=rows * o * k,
+        doc=f"{node.name}: dense {k}->{o} over {rows} row(s), weights {wb}-bit, activations {ab}-bit",
+    )
+
+
+@lowering("maxpool", "avgpool")
+def lower_pool(ctx, node: Node) -> dict:
+    from hilc.compiler.ops.pool import count_map
+
+    g, a = ctx.graph, node.attrs
+    _, h, w, c = _shape(g, node.inputs[0])
+    _, oh, ow, _ = _shape(g, node.outputs[0])
+    kh, kw = a["kernel"]
+    sh, sw = a["strides"]
+    dh, dw = a.get("dilations", [1, 1]) if node.op == "maxpool" else (1, 1)
+    span, slots, emit = _window_schedule(h, oh, kh, sh, dh, a["pads"][0])
+    cfg = dict(
+        kind=node.op, h=h, w=w, c=c, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
+        pt=a["pads"][0], pl=a["pads"][1], span=span, act_bits=_bits(g, node.inputs[0]),
+        row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
+        emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit),
+        doc=f"{node.name}: {node.op} {kh}x{kw}/{sh}x{sw} over {c} channels, {h}x{w} -> {oh}x{ow}",
+    )
+    if node.op == "avgpool":
+        idx = np.searchsorted(a["counts"], count_map(a, h, w))
+        cfg.update(count_idx=ctx.rom(f"{node.name}_count_idx", idx, "ap_uint<8>"),
+                   mult=ctx.rom(f"{node.name}_mult", g.param(node, "mult"), "ap_uint<31>"),
+                   shift=ctx.rom(f"{node.name}_shift", g.param(node, "shift"), "ap_uint<6>"),
+                   zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"])
+    return cfg
+
+
+def _unary(ctx, node: Node, kind: str, **extra) -> dict:
+    g = ctx.graph
+    n = _n(_shape(g, node.outputs[0]))
+    return dict(kind=kind, n=n, act_bits=_bits(g, node.inputs[0]),
+                doc=f"{node.name}: {node.op} of {n} elements", **extra)
+
+
+@lowering("reshape")
+def lower_reshape(ctx, node: Node) -> dict:
+    # Row-major order is unchanged by a reshape: the stream passes through.
+    return _unary(ctx, node, "copy")
+
+
+@lowering("clamp")
+def lower_clamp(ctx, node: Node) -> dict:
+    return _unary(ctx, node, "clamp", lo=node.attrs["lo"], hi=node.attrs["hi"])
+
+
+@lowering("requant")
+def lower_requant(ctx, node: Node) -> dict:
+    a = node.attrs
+    return _unary(ctx, node, "requant", zp_in=a["zp_in"], zp_out=a["zp_out"], mult=a["mult"], shift=a["shift"],
+                  lo=a["lo"], hi=a["hi"], diff_t=f"ap_int<{_bits(ctx.graph, node.inputs[0]) + 1}>")
+
+
+@lowering("lut")
+def lower_lut(ctx, node: Node) -> dict:
+    ob = _bits(ctx.graph, node.outputs[0])
+    table = ctx.rom(f"{node.name}_table", ctx.graph.param(node, "table"), f"ap_int<{ob}>")
+    return _unary(ctx, node, "lut", table=table, offset=node.attrs["table_offset"],
+                  table_size=int(ctx.graph.param(node, "table").size), out_bits=ob)
+
+
+@lowering("add", "mul")
+def lower_binary(ctx, node: Node) -> dict:
+    from hilc.targets.c.codegen import broadcast_strides
+
+    g, a = ctx.graph, node.attrs
+    out_shape = _shape(g, node.outputs[0])
+    a_shape = _shape(g, node.inputs[0])
+    if a_shape != out_shape:
+        raise cannot(node, f"its streamed input {node.inputs[0]} {list(a_shape)} is broadcast to {list(out_shape)}")
+    bits = [_bits(g, t) for t in node.inputs]
+    cfg: dict[str, Any] = dict(kind=node.op, n=_n(out_shape), zp_a=a["zp_in"][0], zp_b=a["zp_in"][1],
+                               zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], act_bits=max(bits),
+                               dims=_dims4(node, out_shape), const=None)
+    if "const" in node.params:
+        cst = g.param(node, "const")
+        cfg.update(const=ctx.rom(f"{node.name}_const", cst.reshape(-1), "ap_int<8>"),
+                   b_strides=broadcast_strides(tuple(cst.shape), out_shape))
+        bits.append(8)
+    else:
+        b_shape = _shape(g, node.inputs[1])
+        if b_shape != out_shape:
+            raise cannot(node, f"its second input {node.inputs[1]} {list(b_shape)} is broadcast to "
+                               f"{list(out_shape)} (only constants may broadcast)")
+    cfg["diff_t"] = f"ap_int<{max(bits) + 1}>"
+    if node.op == "add":
+        s0, s1 = a.get("signs", [1, 1])
+        cfg.update(mult_a=s0 * a["mults"][0], mult_b=s1 * a["mults"][1], shift=a["shift"])
+    else:
+        cfg.update(mult=a["mult"], shift=a["shift"])
+    cfg["doc"] = f"{node.name}: {node.op} of {cfg['n']} elements" + (" and a constant" if cfg["const"] else "")
+    return cfg
+
+
+@lowering("concat")
+def lower_concat(ctx, node: Node) -> dict:
+    g, a = ctx.graph, node.attrs
+    shape = _shape(g, node.outputs[0])
+    ax = a["axis"]
+    outer = int(np.prod(shape[1:ax], dtype=np.int64))
+    inner = int(np.prod(shape[ax + 1:], dtype=np.int64))
+    parts = []
+    for t, zp, b, c in zip(node.inputs, a["zp_in"], a["mults"], a["shifts"], strict=True):
+        parts.append(dict(block=_shape(g, t)[ax] * inner, zp=zp, mult=b, shift=c, t=ctx.act_t(t),
+                          diff_t=f"ap_int<{_bits(g, t) + 1}>"))
+    return dict(kind="concat", outer=outer, parts=parts, zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
+                n=_n(shape), act_bits=_bits(g, node.outputs[0]),
+                doc=f"{node.name}: concat of {len(parts)} inputs along axis {ax}")
+
+
+def _gather(ctx, node: Node, tabs: list[list[int]], value: int, what: str) -> dict:
+    g = ctx.graph
+    in_shape, out_shape = _shape(g, node.inputs[0]), _shape(g, node.outputs[0])
+    names = [ctx.rom(f"{node.name}_t{d}", np.asarray(t, np.int64), "ap_int<32>") for d, t in enumerate(tabs)]
+    return dict(kind="gather", n_in=_n(in_shape), n=_n(out_shape), dims=[len(t) for t in tabs], tabs=names,
+                value=value, act_bits=_bits(g, node.inputs[0]),
+                doc=f"{node.name}: {what} {list(in_shape[1:])} -> {list(out_shape[1:])}")
+
+
+def _strides(d4: list[int]) -> list[int]:
+    st = [1, 1, 1, 1]
+    for i in range(2, -1, -1):
+        st[i] = st[i + 1] * d4[i + 1]
+    return st
+
+
+@lowering("transpose")
+def lower_transpose(ctx, node: Node) -> dict:
+    shape = _shape(ctx.graph, node.inputs[0])
+    d4 = _dims4(node, shape)
+    lead = 4 - (len(shape) - 1)
+    perm = list(range(lead)) + [p - 1 + lead for p in node.attrs["perm"][1:]]
+    st = _strides(d4)
+    tabs = [[i * st[perm[d]] for i in range(d4[perm[d]])] for d in range(4)]
+    return _gather(ctx, node, tabs, 0, "transpose")
+
+
+@lowering("pad")
+def lower_pad(ctx, node: Node) -> dict:
+    a = node.attrs
+    shape = _shape(ctx.graph, node.inputs[0])
+    d4 = _dims4(node, shape)
+    lead = 4 - (len(shape) - 1)
+    pads = [(0, 0)] * lead + [tuple(p) for p in a["pads"][1:]]
+    st = _strides(d4)
+    tabs = []
+    for d in range(4):
+        idx = np.arange(d4[d])
+        if a["mode"] == "constant":
+            src = np.pad(idx, pads[d], constant_values=-1)
+        else:
+            src = np.pad(idx, pads[d], mode={"edge": "edge", "reflect": "reflect"}[a["mode"]])
+        tabs.append([int(s) * st[d] if s >= 0 else -1 for s in src])
+    return _gather(ctx, node, tabs, a["value_q"], f"pad ({a['mode']})")
+
+
+@lowering("softmax")
+def lower_softmax(ctx, node: Node) -> dict:
+    from hilc.compiler.ops import softmax as sm
+
+    g, a = ctx.graph, node.attrs
+    shape = _shape(g, node.inputs[0])
+    ax = a["axis"]
+    return dict(kind="softmax", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
+                inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), k=a["k"], zp_out=a["zp_out"],
+                exp_table=ctx.rom(f"{node.name}_exp", g.param(node, "exp_table"), f"ap_uint<{sm.EXP_BITS + 1}>"),
+                c1=sm.NR_C1, c2=sm.NR_C2, steps=sm.NR_STEPS, n=_n(shape), act_bits=_bits(g, node.inputs[0]),
+                doc=f"{node.name}: softmax over {shape[ax]} elements (axis {ax})")

@@ -260,6 +260,8 @@ def test_default_parallelism_grows_the_bottleneck_within_the_budget(crops32):
     r = compile_model(RESNET8, crops32[:16], target="hls", board="pynq-z2")
     f = r.report["fpga"]
     assert f["total"]["dsp"] <= 0.8 * 220 and f["total"]["bram18"] <= 280
+    tcl = r.hls_design.files["build.tcl"]
+    assert "set_part {xc7z020clg400-1}" in tcl and "create_clock -period 10.0 " in tcl  # pynq-z2, 100 MHz
     assert max(layer.get("pe", 1) * layer.get("simd", 1) for layer in f["layers"]) >= 16
     big = compile_model(RESNET8, crops32[:16], target="hls", board="kv260").report["fpga"]
     assert big["interval_cycles"] < f["interval_cycles"]  # more DSPs, a faster design

@@ -48,7 +48,7 @@ class HlsContext:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.roms: list[dict[str, Any]] = []
+        self.roms: list[dict[str, Any]] = []  # of the layer being lowered: declared inside its function
         self._names: set[str] = set()
 
     def ident(self, name: str) -> str:
@@ -216,7 +216,7 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
         outs = [new_stream(tensor, f"_f{k}", size + 1) for k in range(len(us))]
         for u, s in zip(us, outs, strict=True):
             slot_stream[u] = s
-        cfg = {"kind": "fork", "fn": ctx.ident(f"fork_{tensor}"), "n": size, "n_out": len(outs),
+        cfg = {"kind": "fork", "fn": ctx.ident(f"fork_{tensor}"), "roms": [], "n": size, "n_out": len(outs),
                "in_t": ctx.act_t(tensor), "act_bits": graph.tensors[tensor].quant.bits, "node": f"fork_{tensor}",
                "op": "fork", "doc": f"fork: {tensor} to {len(outs)} consumers"}
         layers.append(cfg)
@@ -226,8 +226,9 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
     in_stream = new_stream(in_name)
     produced(in_name, in_stream)
     for i, node in enumerate(graph.nodes):
+        ctx.roms = []
         cfg = lower_node(ctx, node)
-        cfg.update(node=node.name, op=node.op, fn=ctx.ident(f"layer{i}_{node.name}"),
+        cfg.update(roms=ctx.roms, node=node.name, op=node.op, fn=ctx.ident(f"layer{i}_{node.name}"),
                    in_t=ctx.act_t(node.inputs[0]), out_t=ctx.act_t(node.outputs[0]))
         if len(node.inputs) > 1:
             cfg["in_b_t"] = ctx.act_t(node.inputs[1])
@@ -251,7 +252,7 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
     in_q, out_q = graph.tensors[in_name].quant, graph.tensors[out_name].quant
     bits = sorted({t.quant.bits for t in graph.tensors.values() if t.quant is not None})
     c = {
-        "version": __version__, "model": graph.name, "top": TOP, "layers_": layers, "roms": ctx.roms,
+        "version": __version__, "model": graph.name, "top": TOP, "layers_": layers,
         "streams": streams, "calls": calls, "input_stream": in_stream, "output_stream": final_stream,
         "in_t": ctx.act_t(in_name), "out_t": ctx.act_t(out_name),
         "input_size": int(np.prod(graph.tensors[in_name].shape[1:])),

@@ -35,8 +35,8 @@ class Compiled:
     path: Path | None = None
     result: Any = field(default=None, repr=False)  # pipeline.CompileResult of a fresh compile
 
-    def simulate(self, x: np.ndarray, raw: bool = False) -> np.ndarray:
-        return simulate(self, x, raw=raw)
+    def simulate(self, x: np.ndarray, raw: bool = False, engine: str = "sim") -> np.ndarray:
+        return simulate(self, x, raw=raw, engine=engine)
 
     def reload_report(self) -> dict[str, Any]:
         """Re-read OUT/report.json (profile results are added to it on disk)."""
@@ -95,10 +95,17 @@ def _written(m: Compiled | str | Path, what: str) -> Compiled:
     return c
 
 
-def simulate(m: Compiled | str | Path, x: np.ndarray, raw: bool = False) -> np.ndarray:
-    """Bit-accurate simulation (``hilc simulate``): float32 outputs, or the raw integers."""
+def simulate(m: Compiled | str | Path, x: np.ndarray, raw: bool = False, engine: str = "sim") -> np.ndarray:
+    """Bit-accurate simulation (``hilc simulate``): float32 outputs, or the raw integers.
+    ``engine="hls-csim"`` runs the C-simulated HLS design of a ``target="hls"`` compile instead."""
     from hilc.sim.simulator import simulate as sim
 
+    if engine == "hls-csim":
+        from hilc.targets.hls.build import csim
+
+        return csim(_written(m, "simulate with engine hls-csim").path, _compiled(m).graph, np.asarray(x), raw=raw)
+    if engine != "sim":
+        raise HilcError(f"unknown engine '{engine}' (engines: sim, hls-csim)")
     return sim(_compiled(m).graph, np.asarray(x), raw=raw)
 
 

@@ -237,6 +237,10 @@ def test_simulate_engine_hls_csim_equals_simulator_and_reuses_its_build(cli_comp
     assert binary.stat().st_mtime_ns == stamp  # cached
     r = hilc("simulate", d / "out", d / "x.npy", "-o", d / "sim_f.npy")
     assert np.array_equal(np.load(d / "csim_f.npy"), np.load(d / "sim_f.npy"))
+    from hilc import api
+
+    x = np.load(d / "x.npy")
+    assert np.array_equal(api.simulate(d / "out", x, raw=True, engine="hls-csim"), np.load(d / "csim.npy"))
     # the Vitis testbench's own check (csim_design runs it without arguments)
     r = subprocess.run([str(binary)], cwd=d / "out" / "hls", capture_output=True, text=True)
     assert r.returncode == 0 and "4 samples, 0 output bytes differ" in r.stdout, r.stdout + r.stderr

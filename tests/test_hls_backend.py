@@ -352,3 +352,27 @@ def test_hls_csim_without_a_design_is_a_clean_error(tmp_path, crops32):
     r = hilc("simulate", tmp_path / "o", tmp_path / "x.npy", "--engine", "hls-csim", "-o", tmp_path / "y.npy")
     assert r.returncode == 2 and "no HLS design" in r.stderr and "--target hls" in r.stderr
 
+
+
+@pytest.mark.slow
+def test_qdq_model_csim_bit_exact(tmp_path, digits):
+    from conftest import ort_quantize_qdq
+
+    qdq = ort_quantize_qdq(DIGITS_CNN, tmp_path / "digits_qdq.onnx", digits["x_train"][:64])
+    r = compile_model(qdq, None, target="hls")  # no calibration: the QDQ scales; testbench gets one zero-point sample
+    write_hls_project(tmp_path, r.hls_design)
+    x = digits["x_test"][:16]
+    from hilc.sim.simulator import simulate
+
+    assert np.array_equal(build.csim(tmp_path, r.graph, x, raw=True), simulate(r.graph, x, raw=True))
+
+
+def test_target_hls_rejects_mcu_boards_and_cpu(tmp_path):
+    case = next(c for c in cases() if c.name == "relu")
+    onnx.save(case.model, str(tmp_path / "m.onnx"))
+    with pytest.raises(HilcError, match="'qemu-mps2-an386' is an MCU board; --target hls needs an FPGA board"):
+        compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", board="qemu-mps2-an386")
+    with pytest.raises(HilcError, match="--cpu needs --target c"):
+        compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", cpu="cortex-m4")
+    with pytest.raises(HilcError, match="unknown FPGA board 'zcu104'.*kv260, pynq-z2"):
+        compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", board="zcu104")

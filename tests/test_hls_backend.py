@@ -14,7 +14,7 @@ import onnx
 import pytest
 from conftest import AD01, DIGITS_CNN, RESNET8
 from onnx import TensorProto, helper
-from opmodels import cases
+from opmodels import OpCase, cases
 
 from hilc.compiler import calibrate as calib_mod
 from hilc.compiler import passes
@@ -111,6 +111,23 @@ def build_bundle(designs: dict[str, Path], work: Path) -> Path:
     return work / "bundle"
 
 
+def broadcast_cases() -> list[OpCase]:
+    """A streamed operand broadcast against the other (buffered whole): squeeze-excitation and mean-centring."""
+    shape = (1, 4, 5, 6)
+
+    def model(nodes):
+        g = helper.make_graph(nodes, "bc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape[1:]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *shape[1:]])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    se = [helper.make_node("GlobalAveragePool", ["x"], ["m"]), helper.make_node("Sigmoid", ["m"], ["s"]),
+          helper.make_node("Mul", ["x", "s"], ["y"])]
+    centre = [helper.make_node("GlobalAveragePool", ["x"], ["m"]), helper.make_node("Sub", ["m", "x"], ["y"])]
+    return [OpCase("se_mul_broadcast", model(se), shape), OpCase("sub_broadcast_first", model(centre), shape)]
+
+
 @pytest.fixture(scope="module")
 def op_bundle(tmp_path_factory):
     """Every single-operator model (plus 4-bit-weight variants of the conv/dense ones), its int8 inputs,
@@ -118,7 +135,7 @@ def op_bundle(tmp_path_factory):
     work = tmp_path_factory.mktemp("hls_ops")
     designs, expect = {}, {}
     four_bit = {"conv3x3_c5_to_7", "depthwise_mult2_stride2", "conv_group3", "gemm_transB", "matmul_3d"}
-    runs = [(c, None) for c in cases()] + [(c, 4) for c in cases() if c.name in four_bit]
+    runs = [(c, None) for c in cases() + broadcast_cases()] + [(c, 4) for c in cases() if c.name in four_bit]
     for case, wbits in runs:
         name = f"{case.name}_w{wbits}" if wbits else case.name
         onnx.save(case.model, str(work / f"{name}.onnx"))
@@ -136,7 +153,7 @@ def op_bundle(tmp_path_factory):
     return expect, got
 
 
-@pytest.mark.parametrize("case", [c.name for c in cases()])
+@pytest.mark.parametrize("case", [c.name for c in cases() + broadcast_cases()])
 def test_single_operator_models_csim_bit_exact(case, op_bundle):
     expect, got = op_bundle
     n, sim, _ = expect[case]
@@ -312,18 +329,20 @@ def test_operator_without_hls_lowering_is_named_at_compile_time(tmp_path, monkey
         compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls")
 
 
-def test_broadcast_of_a_streamed_operand_is_refused_naming_the_node(tmp_path):
+def test_both_operands_broadcast_is_refused_naming_the_node(tmp_path):
     nodes = [helper.make_node("GlobalAveragePool", ["x"], ["m"]),
-             helper.make_node("Add", ["x", "m"], ["y"], name="add_mean")]
+             helper.make_node("Conv", ["x", "W"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("Add", ["m", "c"], ["y"], name="add_outer")]
     g = helper.make_graph(nodes, "b", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          initializer=[onnx.numpy_helper.from_array(np.full((1, 3, 1, 1), 0.3, np.float32), "W")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     onnx.save(m, str(tmp_path / "b.onnx"))
     np.save(tmp_path / "c.npy", np.random.default_rng(0).uniform(-1, 1, (8, 3, 4, 4)).astype(np.float32))
     r = hilc("compile", tmp_path / "b.onnx", "--calib", tmp_path / "c.npy", "-o", tmp_path / "o", "--target", "hls")
     assert r.returncode == 2
-    assert "add_mean" in r.stderr and "broadcast" in r.stderr and "HLS backend cannot lower" in r.stderr
+    assert "add_outer" in r.stderr and "both inputs" in r.stderr and "HLS backend cannot lower" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

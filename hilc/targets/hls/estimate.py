@@ -93,6 +93,11 @@ def layer_estimate(cfg: dict[str, Any]) -> dict[str, int]:
         cycles = cfg["outer"] * (3 * cfg["len"] * cfg["inner"] + 8 * cfg["inner"])
     else:  # one element per cycle: copy, clamp, requant, lut, add, mul, fork, concat
         cycles = cfg["n"]
+        if cfg.get("mode") == "buffered":  # a broadcast operand read whole first
+            b, lr = _mem(cfg["n_small"], ab)
+            bram += b
+            lut += lr
+            cycles += cfg["n_small"]
         if kind in ("requant", "mul", "concat"):
             dsp += 4
             lut += 120

@@ -193,34 +193,43 @@ def lower_lut(ctx, node: Node) -> dict:
 
 @lowering("add", "mul")
 def lower_binary(ctx, node: Node) -> dict:
+    """x: the operand streamed at the output's shape; y: a constant ROM, the other stream, or the other
+    input buffered whole when it broadcasts (x * sigmoid(mean(x)): its fork is deep enough)."""
     from hilc.targets.c.codegen import broadcast_strides
 
     g, a = ctx.graph, node.attrs
     out_shape = _shape(g, node.outputs[0])
-    a_shape = _shape(g, node.inputs[0])
-    if a_shape != out_shape:
-        raise cannot(node, f"its streamed input {node.inputs[0]} {list(a_shape)} is broadcast to {list(out_shape)}")
+    shapes = [_shape(g, t) for t in node.inputs]
     bits = [_bits(g, t) for t in node.inputs]
-    cfg: dict[str, Any] = dict(kind=node.op, n=_n(out_shape), zp_a=a["zp_in"][0], zp_b=a["zp_in"][1],
-                               zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], act_bits=max(bits),
-                               dims=_dims4(node, out_shape), const=None)
-    if "const" in node.params:
-        cst = g.param(node, "const")
-        cfg.update(const=ctx.rom(f"{node.name}_const", cst.reshape(-1), "ap_int<8>"),
-                   b_strides=broadcast_strides(tuple(cst.shape), out_shape))
-        bits.append(8)
-    else:
-        b_shape = _shape(g, node.inputs[1])
-        if b_shape != out_shape:
-            raise cannot(node, f"its second input {node.inputs[1]} {list(b_shape)} is broadcast to "
-                               f"{list(out_shape)} (only constants may broadcast)")
-    cfg["diff_t"] = f"ap_int<{max(bits) + 1}>"
+    zps = a["zp_in"]
     if node.op == "add":
         s0, s1 = a.get("signs", [1, 1])
-        cfg.update(mult_a=s0 * a["mults"][0], mult_b=s1 * a["mults"][1], shift=a["shift"])
+        mults = [s0 * a["mults"][0], s1 * a["mults"][1]]
+    cfg: dict[str, Any] = dict(kind=node.op, n=_n(out_shape), zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
+                               dims=_dims4(node, out_shape), const=None, x=0)
+    if "const" in node.params:
+        if shapes[0] != out_shape:
+            raise cannot(node, f"its input {node.inputs[0]} {list(shapes[0])} is broadcast to {list(out_shape)}")
+        cst = g.param(node, "const")
+        cfg.update(mode="const", const=ctx.rom(f"{node.name}_const", cst.reshape(-1), "ap_int<8>"),
+                   y_strides=broadcast_strides(tuple(cst.shape), out_shape))
+        bits.append(8)
+    elif shapes[0] == out_shape and shapes[1] == out_shape:
+        cfg.update(mode="streams")
+    elif out_shape in shapes:
+        x = shapes.index(out_shape)
+        y = 1 - x
+        cfg.update(mode="buffered", x=x, n_small=_n(shapes[y]), small_t=ctx.act_t(node.inputs[y]),
+                   y_strides=broadcast_strides(shapes[y], out_shape))
+    else:
+        raise cannot(node, f"both inputs {list(shapes[0])} and {list(shapes[1])} are broadcast to {list(out_shape)}")
+    x = cfg["x"]
+    cfg.update(zp_x=zps[x], zp_y=zps[1 - x], act_bits=max(bits), diff_t=f"ap_int<{max(bits) + 1}>")
+    if node.op == "add":
+        cfg.update(mult_x=mults[x], mult_y=mults[1 - x], shift=a["shift"])
     else:
         cfg.update(mult=a["mult"], shift=a["shift"])
-    cfg["doc"] = f"{node.name}: {node.op} of {cfg['n']} elements" + (" and a constant" if cfg["const"] else "")
+    cfg["doc"] = f"{node.name}: {node.op} of {cfg['n']} elements ({cfg['mode']})"
     return cfg
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from hilc import __version__
 from hilc.compiler.ir import Graph
 from hilc.errors import HilcError
+from hilc.sim.simulator import run_int
 from hilc.targets.hls import estimate as est
 from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD, FpgaBoard, load_fpga_board
 from hilc.targets.hls.lower import lower_node
@@ -265,23 +266,12 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
              for name in ("model.h.j2", "model.cpp.j2", "testbench.cpp.j2", "build.tcl.j2")}
     files["hilc_hls.h"] = (TEMPLATES / "hilc_hls.h").read_text()
     design = HlsDesign(files, b, report, layers)
-    if tb_input is not None and len(tb_input):
-        from hilc.sim.simulator import run_int
-
-        x = np.ascontiguousarray(tb_input, dtype=np.int8)
-        design.tb_input = x.tobytes()
-        design.tb_expected = np.ascontiguousarray(run_int(graph, {in_name: x})[out_name]).tobytes()
-    else:  # one all-zero-point sample: the scripts still run
-        x = np.full((1, *graph.tensors[in_name].shape[1:]), in_q.zero_point, np.int8)
-        design.tb_input = x.tobytes()
-        design.tb_expected = np.ascontiguousarray(run_int_one(graph, x)).tobytes()
+    if tb_input is None or not len(tb_input):  # one all-zero-point sample: the scripts still run
+        tb_input = np.full((1, *graph.tensors[in_name].shape[1:]), in_q.zero_point, np.int8)
+    x = np.ascontiguousarray(tb_input, dtype=np.int8).reshape(-1, *graph.tensors[in_name].shape[1:])
+    design.tb_input = x.tobytes()
+    design.tb_expected = np.ascontiguousarray(run_int(graph, {in_name: x})[out_name]).tobytes()
     return design
-
-
-def run_int_one(graph: Graph, x: np.ndarray) -> np.ndarray:
-    from hilc.sim.simulator import run_int
-
-    return run_int(graph, {graph.inputs[0]: x})[graph.outputs[0]]
 
 
 def _report(layers: list[dict], tot: dict[str, int], b: FpgaBoard) -> dict[str, Any]:

@@ -202,6 +202,9 @@ def test_real_models_csim_bit_exact(name, tmp_path, crops32, digits):
     r = subprocess.run([str(tmp_path / "hls" / "build" / "csim")], cwd=tmp_path / "hls", capture_output=True,
                        text=True)
     assert r.returncode == 0 and "0 output bytes differ" in r.stdout, r.stdout + r.stderr
+    if name == "digits":  # the Makefile builds the same check without hilc
+        r = subprocess.run(["make", "-C", str(tmp_path / "hls")], capture_output=True, text=True)
+        assert r.returncode == 0 and "0 output bytes differ" in r.stdout, r.stdout + r.stderr
 
 
 # --- the command line, boards, Tcl and the estimate --------------------------------------------------
@@ -223,7 +226,7 @@ def cli_compiled(tmp_path_factory):
 def test_compile_target_hls_writes_design_testbench_and_tcl_for_the_board(cli_compiled):
     hls = cli_compiled / "out" / "hls"
     assert {p.name for p in hls.iterdir()} >= {"model.cpp", "model.h", "hilc_hls.h", "testbench.cpp", "build.tcl",
-                                               "tb_input.bin", "tb_expected.bin"}
+                                               "tb_input.bin", "tb_expected.bin", "Makefile"}
     tcl = (hls / "build.tcl").read_text()
     assert "set_part {xck26-sfvc784-2LV-c}" in tcl
     assert "create_clock -period 5.0 " in tcl  # 200 MHz

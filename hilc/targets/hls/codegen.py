@@ -263,8 +263,8 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
         "period_ns": b.period_ns, "project": "hilc_" + "".join(ch if ch.isalnum() else "_" for ch in graph.name),
     }
     files = {name[:-3]: env.get_template(name).render(c)
-             for name in ("model.h.j2", "model.cpp.j2", "testbench.cpp.j2", "build.tcl.j2")}
-    files["hilc_hls.h"] = (TEMPLATES / "hilc_hls.h").read_text()
+             for name in ("hilc_hls.h.j2", "model.h.j2", "model.cpp.j2", "testbench.cpp.j2", "build.tcl.j2",
+                          "Makefile.j2")}
     design = HlsDesign(files, b, report, layers)
     if tb_input is None or not len(tb_input):  # one all-zero-point sample: the scripts still run
         tb_input = np.full((1, *graph.tensors[in_name].shape[1:]), in_q.zero_point, np.int8)

@@ -396,5 +396,7 @@ def test_target_hls_rejects_mcu_boards_and_cpu(tmp_path):
         compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", board="qemu-mps2-an386")
     with pytest.raises(HilcError, match="--cpu needs --target c"):
         compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", cpu="cortex-m4")
+    with pytest.raises(HilcError, match="--patch schedules MCU memory"):
+        compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", patch="auto")
     with pytest.raises(HilcError, match="unknown FPGA board 'zcu104'.*kv260, pynq-z2"):
         compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls", board="zcu104")

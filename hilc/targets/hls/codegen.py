@@ -22,6 +22,7 @@ import numpy as np
 
 from hilc import __version__
 from hilc.compiler.ir import Graph
+from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int
 from hilc.targets.hls import estimate as est
@@ -31,7 +32,8 @@ from hilc.targets.hls.lower import lower_node
 TEMPLATES = Path(__file__).parent / "templates"
 TOP = "hilc_top"
 BUDGET = 0.8  # share of the board's DSP/BRAM/LUT the default parallelism may take
-_NATIVE = [(-128, 127, "signed char"), (-32768, 32767, "short"), (-(2**31), 2**31 - 1, "int")]
+_NATIVE = [(-128, 127, "signed char"), (-32768, 32767, "short"), (-(2**31), 2**31 - 1, "int"),
+           (-(2**63), 2**63 - 1, "long long")]
 
 
 @dataclass
@@ -72,7 +74,7 @@ class HlsContext:
         native = next(t for a, b, t in _NATIVE if a <= lo and hi <= b)
         ident = self.ident(name)
         self.roms.append({"name": ident, "native": native, "ap": ap, "dims": list(arr.shape),
-                          "body": _c_init(arr)})
+                          "body": _c_init(arr, "LL" if native == "long long" else "")})
         return ident
 
     def act_t(self, tensor: str) -> str:
@@ -80,12 +82,12 @@ class HlsContext:
         return f"act{q.bits if q is not None else 8}_t"
 
 
-def _c_init(arr: np.ndarray) -> str:
+def _c_init(arr: np.ndarray, suffix: str = "") -> str:
     if arr.ndim == 1:
         flat = arr.tolist()
-        rows = [", ".join(str(v) for v in flat[i:i + 32]) for i in range(0, len(flat), 32)]
+        rows = [", ".join(f"{v}{suffix}" for v in flat[i:i + 32]) for i in range(0, len(flat), 32)]
         return "{" + ",\n    ".join(rows) + "}"
-    return "{" + ",\n".join(_c_init(a) for a in arr) + "}"
+    return "{" + ",\n".join(_c_init(a, suffix) for a in arr) + "}"
 
 
 def _check_graph(graph: Graph) -> None:
@@ -260,7 +262,8 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
         "output_size": int(np.prod(graph.tensors[out_name].shape[1:])),
         "input_quant": in_q, "output_quant": out_q, "model_hash": graph.content_hash(),
         "types": [{"name": f"act{k}_t", "bits": k} for k in bits], "board": b,
-        "period_ns": b.period_ns, "project": "hilc_" + "".join(ch if ch.isalnum() else "_" for ch in graph.name),
+        "period_ns": b.period_ns, "nr_c1": NR_C1, "nr_c2": NR_C2, "nr_steps": NR_STEPS,
+        "project": "hilc_" + "".join(ch if ch.isalnum() else "_" for ch in graph.name),
     }
     files = {name[:-3]: env.get_template(name).render(c)
              for name in ("hilc_hls.h.j2", "model.h.j2", "model.cpp.j2", "testbench.cpp.j2", "build.tcl.j2",

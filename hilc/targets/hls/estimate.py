@@ -91,6 +91,35 @@ def layer_estimate(cfg: dict[str, Any]) -> dict[str, int]:
         lut += lr + 400
         dsp += 12
         cycles = cfg["outer"] * (3 * cfg["len"] * cfg["inner"] + 8 * cfg["inner"])
+    elif kind == "reduce_mean":
+        dsp += 4
+        lut += 150 + lutram(cfg["inner"], 32)
+        bram += bram18(cfg["inner"], 32)
+        cycles = cfg["n"] + cfg["outer"] * cfg["inner"]
+    elif kind == "embedding":
+        b, lr = _mem(cfg["vocab"] * cfg["d"], ab)
+        bram += b
+        lut += lr + 40
+        cycles = cfg["n"] * cfg["d"]
+    elif kind == "select":
+        b, lr = _mem(cfg["len"] * cfg["inner"], ab)
+        bram += b
+        lut += lr + 40
+        cycles = cfg["outer"] * (cfg["len"] + cfg["n_idx"]) * cfg["inner"]
+    elif kind == "matmul":
+        for depth in (cfg["m"] * cfg["k"], cfg["nn"] * cfg["k"]):
+            b, lr = _mem(depth, ab)
+            bram += b
+            lut += lr
+        dsp += 1 + 4
+        lut += 250
+        cycles = cfg["batch"] * (cfg["m"] * cfg["k"] + cfg["nn"] * cfg["k"] + cfg["m"] * cfg["nn"] * cfg["k"])
+    elif kind == "layernorm":
+        b, lr = _mem(cfg["len"], 16)
+        bram += b
+        lut += lr + 900
+        dsp += 16
+        cycles = cfg["rows"] * (3 * cfg["len"] + 31 + 12)
     else:  # one element per cycle: copy, clamp, requant, lut, add, mul, fork, concat
         cycles = cfg["n"]
         if cfg.get("mode") == "buffered":  # a broadcast operand read whole first

@@ -307,3 +307,70 @@ def lower_softmax(ctx, node: Node) -> dict:
                 exp_table=ctx.rom(f"{node.name}_exp", g.param(node, "exp_table"), f"ap_uint<{sm.EXP_BITS + 1}>"),
                 c1=sm.NR_C1, c2=sm.NR_C2, steps=sm.NR_STEPS, n=_n(shape), act_bits=_bits(g, node.inputs[0]),
                 doc=f"{node.name}: softmax over {shape[ax]} elements (axis {ax})")
+
+
+@lowering("reduce_mean")
+def lower_reduce_mean(ctx, node: Node) -> dict:
+    a = node.attrs
+    shape = _shape(ctx.graph, node.inputs[0])
+    ax = a["axis"]
+    return dict(kind="reduce_mean", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
+                inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), zp_in=a["zp_in"], zp_out=a["zp_out"],
+                mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"], n=_n(shape),
+                act_bits=_bits(ctx.graph, node.inputs[0]),
+                doc=f"{node.name}: mean over {shape[ax]} elements (axis {ax})")
+
+
+@lowering("embedding")
+def lower_embedding(ctx, node: Node) -> dict:
+    g = ctx.graph
+    table = g.param(node, "table")
+    ob = _bits(g, node.outputs[0])
+    return dict(kind="embedding", n=_n(_shape(g, node.inputs[0])), d=int(table.shape[1]), vocab=int(table.shape[0]),
+                index=ctx.rom(f"{node.name}_index", g.param(node, "index"), "ap_uint<16>"),
+                table=ctx.rom(f"{node.name}_table", table, f"ap_int<{ob}>"), offset=node.attrs["index_offset"],
+                act_bits=ob, doc=f"{node.name}: embedding of {table.shape[0]} rows x {table.shape[1]}")
+
+
+@lowering("gather")
+def lower_gather(ctx, node: Node) -> dict:
+    g, a = ctx.graph, node.attrs
+    shape = _shape(g, node.inputs[0])
+    ax = a["axis"]
+    idx = [int(i) % shape[ax] for i in a["indices"]]
+    return dict(kind="select", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
+                inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), n_idx=len(idx),
+                indices=ctx.rom(f"{node.name}_indices", idx, "ap_uint<16>"), n=_n(_shape(g, node.outputs[0])),
+                act_bits=_bits(g, node.inputs[0]), doc=f"{node.name}: select {len(idx)} of {shape[ax]} along axis {ax}")
+
+
+@lowering("matmul")
+def lower_matmul(ctx, node: Node) -> dict:
+    g, a = ctx.graph, node.attrs
+    sa, sb = _shape(g, node.inputs[0]), _shape(g, node.inputs[1])
+    if sa[:-2] != sb[:-2] or sa[-1] != sb[-1]:
+        raise cannot(node, f"operands {list(sa)} and {list(sb)} (transposed) differ in batch axes")
+    ab = max(_bits(g, node.inputs[0]), _bits(g, node.inputs[1]))
+    m, k, n = sa[-2], sa[-1], sb[-2]
+    return dict(kind="matmul", batch=int(np.prod(sa[1:-2], dtype=np.int64)), m=m, k=k, nn=n,
+                zp_a=a["zp_a"], zp_b=a["zp_b"], zp_out=a["zp_out"], mult=a["mult"], shift=a["shift"], lo=a["lo"],
+                hi=a["hi"], acc_t=f"ap_int<{_acc_bits(a['acc_bound'])}>", diff_t=f"ap_int<{ab + 1}>",
+                n=_n(_shape(g, node.outputs[0])), act_bits=ab, macs=int(np.prod(sa[1:-2], dtype=np.int64)) * m * n * k,
+                doc=f"{node.name}: matmul of activations [{m}x{k}] x [{k}x{n}], {int(np.prod(sa[1:-2]))} batch(es)")
+
+
+@lowering("layernorm")
+def lower_layernorm(ctx, node: Node) -> dict:
+    from hilc.compiler.ops import layernorm as ln
+    from hilc.compiler.ops import softmax as sm
+
+    g, a = ctx.graph, node.attrs
+    shape = _shape(g, node.inputs[0])
+    n = shape[-1]
+    return dict(kind="layernorm", rows=int(np.prod(shape[1:-1], dtype=np.int64)), len=n, zp_in=a["zp_in"],
+                zp_out=a["zp_out"], eps=a["eps_int"], lo=a["lo"], hi=a["hi"], z_shift=61 - ln.Z_BITS,
+                mult=ctx.rom(f"{node.name}_mult", g.param(node, "mult"), "ap_int<32>"),
+                shift=ctx.rom(f"{node.name}_shift", g.param(node, "shift"), "ap_uint<6>"),
+                bias=ctx.rom(f"{node.name}_bias", g.param(node, "bias"), "ap_int<64>"),
+                c1=sm.NR_C1, c2=sm.NR_C2, steps=sm.NR_STEPS, n=_n(shape), act_bits=_bits(g, node.inputs[0]),
+                doc=f"{node.name}: layer normalisation over {n} elements (integer, I-BERT style)")

@@ -185,7 +185,7 @@ def csim_vs_sim(model, calib, x, out: Path, weight_bits=None, board="pynq-z2"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet8", "ad01", "digits", "resnet8_w4"])
+@pytest.mark.parametrize("name", ["resnet8", "ad01", "digits", "resnet8_w4", "digits_transformer"])
 def test_real_models_csim_bit_exact(name, tmp_path, crops32, digits):
     wbits = 4 if name.endswith("_w4") else None
     if name.startswith("resnet8"):
@@ -193,6 +193,8 @@ def test_real_models_csim_bit_exact(name, tmp_path, crops32, digits):
     elif name == "ad01":
         frames = np.load(AD01.parent / "ad01_toycar_normal_sample.npy").astype(np.float32)
         model, calib, x = AD01, frames, np.concatenate([frames[:16] * 0.9, frames[:4] * 1.1])
+    elif name == "digits_transformer":
+        model, calib, x = DIGITS_CNN.parent / "digits_transformer.onnx", digits["x_train"][:128], digits["x_test"][:16]
     else:
         model, calib, x = DIGITS_CNN, digits["x_train"][:128], digits["x_test"][:24]
     got, sim, design = csim_vs_sim(model, calib, x, tmp_path, wbits)

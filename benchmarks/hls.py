@@ -50,7 +50,8 @@ def main() -> None:
     models = [("resnet8", RESNET8, crops[:128], crops[128:160], None),
               ("resnet8 w4", RESNET8, crops[:128], crops[128:160], 4),
               ("ad01", AD01, frames, np.concatenate([frames[:28] * 0.9, frames[:4] * 1.1]), None),
-              ("digits", DIGITS_CNN, digits[:128], digits[-32:], None)]
+              ("digits", DIGITS_CNN, digits[:128], digits[-32:], None),
+              ("digits transformer", DATA / "digits_transformer.onnx", digits[:128], digits[-32:], None)]
     res: dict = {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -97,9 +97,14 @@ def _written(m: Compiled | str | Path, what: str) -> Compiled:
 
 def simulate(m: Compiled | str | Path, x: np.ndarray, raw: bool = False, engine: str = "numpy") -> np.ndarray:
     """Bit-accurate simulation (``hilc simulate``): float32 outputs, or the raw integers.
-    ``engine="tvm"``: the same integers from a TVM-built module (``hilc[tvm]``)."""
+    ``engine="tvm"``: the same integers from a TVM-built module (``hilc[tvm]``);
+    ``engine="hls-csim"``: the C-simulated HLS design of a ``target="hls"`` compile."""
     from hilc.sim.simulator import simulate as sim
 
+    if engine == "hls-csim":
+        from hilc.targets.hls.build import csim
+
+        return csim(_written(m, "simulate with engine hls-csim").path, _compiled(m).graph, np.asarray(x), raw=raw)
     return sim(_compiled(m).graph, np.asarray(x), raw=raw, engine=engine)
 
 

@@ -23,7 +23,7 @@ from hilc.compiler.quantize import quantize
 from hilc.compiler.report import build_report
 from hilc.errors import HilcError
 
-TARGETS = ("sim", "c")
+TARGETS = ("sim", "c", "hls")
 PASS_NAMES = ["import", *[p.__name__ for p in passes.FLOAT_PIPELINE], "calibrate", "quantize", "plan_patches"]
 
 
@@ -35,19 +35,21 @@ class CompileResult:
     c_model: Any = None  # targets.c.codegen.CModel for --target c
     cpu: str | None = None
     board: Any = None  # hil.boards.Board
+    hls_design: Any = None  # targets.hls.codegen.HlsDesign for --target hls
 
 
 def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
                   percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
                   progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
                   flash_bytes: int | None = None, board: str | None = None, patch: str = "off",
-                  sram_bytes: int | None = None,
+                  sram_bytes: int | None = None, parallel: dict[str, tuple[int, int]] | None = None,
                   ptq: str | list[str] | None = None, ptq_budget: float = 30.0,
                   graph_hook: Callable[[Graph], Graph] | None = None,
                   input_range: tuple[float, float] | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
-    is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM)).
+    is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
+    hls ``board`` names an FPGA board and ``parallel`` maps conv/dense layers to their PE x SIMD).
 
     ``ptq``: post-training quantization methods (``hilc.compiler.ptq``: "equalize",
     "bias-correct", "adaround", "all", "none"; default "auto" = all when some weights are below
@@ -55,7 +57,14 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
     calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm)."""
     board_obj = None
-    if board is not None:
+    fpga_board = None
+    if target == "hls":  # an FPGA board: checked here, before any work
+        from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD, load_fpga_board
+
+        fpga_board = load_fpga_board(board or DEFAULT_FPGA_BOARD)
+        if patch != "off":
+            raise HilcError("--patch schedules MCU memory; the HLS design streams every layer (use --patch off)")
+    elif board is not None:
         from hilc.hil.boards import load_board
 
         board_obj = load_board(board)
@@ -155,10 +164,23 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                      memory=[{"tensor": t, "offset": off, "bytes": arena_tensor_bytes(q, t)}
                              for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
     extra["ptq"] = ptq_report
+    hls_design = None
+    if target == "hls":
+        from hilc.targets.hls.codegen import generate_hls
+
+        tb = None
+        if samples is not None:  # a few calibration samples become the Vitis testbench's check data
+            from hilc.compiler.arith import quantize_host
+            from hilc.sim.simulator import to_physical
+
+            qi = q.tensors[q.inputs[0]].quant
+            tb = quantize_host(to_physical(q, q.inputs[0], samples[:4]), qi.scale, qi.zero_point, qi.bits)
+        hls_design = generate_hls(q, fpga_board, parallel, tb)
+        extra.update(board=fpga_board.name, fpga=hls_design.estimate)
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
     extra["model_hash"] = f"{q.content_hash():016x}"
     report = build_report(q, str(model), target, extra)
-    return CompileResult(q, report, dumps, c_model, cpu, board_obj)
+    return CompileResult(q, report, dumps, c_model, cpu, board_obj, hls_design)
 
 
 def _post_training(g: Graph, samples: np.ndarray | None, ptq: str | list[str] | None, budget: float,
@@ -233,6 +255,11 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
                 result.report.update(cpu=result.board.cpu, **build.elf_sizes(elf),
                                      stack_bytes=build.stack_bytes(elf.parent))
                 names.append("build")
+        if result.hls_design is not None:
+            from hilc.targets.hls.codegen import write_hls_project
+
+            write_hls_project(tmp, result.hls_design)
+            names.append("hls")
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
         names.append("report.json")
         out.mkdir(exist_ok=True)

@@ -167,6 +167,8 @@ class Link:
             try:
                 payload, n = make_payload(offset, self.chunk)
                 return self.request(ftype, payload, retries=None if small else 1), n
+            except BoardResetError:
+                raise  # not a noisy line: smaller frames cannot help
             except LinkError:
                 if small:
                     raise

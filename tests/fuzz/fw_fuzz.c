@@ -1,7 +1,8 @@
 /* libFuzzer harness for the board firmware's frame parser and command dispatcher
  * (hilc/runtime_c/firmware/hilc_fw.c), built for the host with ASan and UBSan.
  *
- * The fuzz input is the byte stream the board's UART receives. The board hooks are stubbed here:
+ * The fuzz input is the byte stream the board's UART receives, or (structured mode, see
+ * frame_bodies) a list of frame bodies the harness frames with a correct CRC. The board hooks are stubbed here:
  * hilc_uart_getc reads the input and ends the run when it is used up, hilc_uart_putc collects the
  * answer, hilc_reset reboots (zeroes the firmware's state) and goes on with the rest of the input.
  * Beyond the sanitizers, every run checks two oracles and abort()s on a violation:
@@ -149,9 +150,55 @@ static void step(void) {
     expect_seq = -1;
 }
 
+/* Structured mode: the input is a list of frame bodies (u16 length, then type, seq, payload) that
+ * the harness frames itself (CRC-32 and COBS), so mutations reach the dispatcher behind the CRC
+ * check instead of dying at it. */
+static size_t frame_bodies(const uint8_t *data, size_t size, uint8_t *out, size_t cap) {
+    size_t i = 0, o = 0;
+    static uint8_t body[HILC_MAX_PAYLOAD + 64 + 4];
+    while (i + 2 <= size) {
+        size_t n = ((size_t)data[i] | (size_t)data[i + 1] << 8) % (HILC_MAX_PAYLOAD + 64 - 4 + 1);
+        i += 2;
+        if (n > size - i) n = size - i;
+        memcpy(body, data + i, n);
+        i += n;
+        const uint32_t crc = ref_crc32(body, n);
+        for (int k = 0; k < 4; k++) body[n + (size_t)k] = (uint8_t)(crc >> (8 * k));
+        n += 4;
+        if (o + n + n / 254 + 3 > cap) break;
+        size_t code_at = o++, run = 0; /* COBS */
+        for (size_t k = 0; k < n; k++) {
+            if (run == 254) { /* a full block: code 255, no implied zero */
+                out[code_at] = 255;
+                code_at = o++;
+                run = 0;
+            }
+            if (body[k] == 0) {
+                out[code_at] = (uint8_t)(run + 1);
+                code_at = o++;
+                run = 0;
+                continue;
+            }
+            out[o++] = body[k];
+            run++;
+        }
+        out[code_at] = (uint8_t)(run + 1);
+        out[o++] = 0;
+    }
+    return o;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    feed = data;
-    feed_len = size;
+    /* first byte: bit 0 selects the mode, raw UART bytes (0) or frame bodies (1) */
+    static uint8_t framed[64 * 1024];
+    if (size == 0) return 0;
+    if (data[0] & 1) {
+        feed = framed;
+        feed_len = frame_bodies(data + 1, size - 1, framed, sizeof(framed));
+    } else {
+        feed = data + 1;
+        feed_len = size - 1;
+    }
     feed_pos = 0;
     reboot();
     if (setjmp(out_of_input)) return 0;

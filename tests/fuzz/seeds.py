@@ -1,6 +1,8 @@
 """Seed inputs for the firmware fuzz harness: well-formed request streams built with the host's own
 encoder (hilc/hil/protocol.py), one per command and conversation. The committed corpus
-(tests/fuzz/corpus) grew from these under libFuzzer and was minimised with -merge=1.
+(tests/fuzz/corpus) grew from these under libFuzzer and was minimised with -merge=1. Each seed is
+written twice: in the harness's raw mode (first byte 0x00, then the UART's bytes) and in its
+structured mode (first byte 0x01, then u16 length + body per frame, framed by the harness).
 
     PYTHONPATH=. python tests/fuzz/seeds.py DIR
 """
@@ -38,9 +40,25 @@ def seeds() -> dict[str, bytes]:
     }
 
 
+def structured(stream: bytes) -> bytes:
+    """The same requests in the harness's structured mode: 0x01, then (u16 length, body) per frame."""
+    from cobs import cobs
+
+    out = bytearray(b"\x01")
+    for raw in stream.split(b"\x00"):
+        if raw:
+            try:
+                body = cobs.decode(raw)[:-4]
+            except cobs.DecodeError:
+                continue
+            out += struct.pack("<H", len(body)) + body
+    return bytes(out)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     for name, data in seeds().items():
-        (out / name).write_bytes(data)
-    print(f"wrote {len(seeds())} seeds to {out}")
+        (out / f"raw_{name}").write_bytes(b"\x00" + data)  # raw mode: the UART's bytes
+        (out / f"framed_{name}").write_bytes(structured(data))
+    print(f"wrote {2 * len(seeds())} seeds to {out}")

@@ -47,9 +47,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
-    write_artifacts(out, result)
+    from hilc.progress import status
+
+    building = result.cpu or (result.board.name if result.board is not None else None)
+    with status(f"building firmware for {building}", quiet=args.quiet or building is None):
+        write_artifacts(out, result)
     if not args.quiet:
         _print_summary(result.report, out)
+        from hilc.report_html.render import short_summary
+
+        print(short_summary(result.report, out))
     return 0
 
 
@@ -173,6 +180,42 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from hilc.api import report
+
+    accuracy = {}
+    for item in args.accuracy or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise HilcError(f"--accuracy {item!r}: expected NAME=VALUE, e.g. 'int8 top-1=96.1%'")
+        accuracy[name.strip()] = value.strip()
+    path = report(args.compiled, args.output, accuracy)
+    if not args.quiet:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from hilc.api import export_onnx
+
+    path = export_onnx(args.compiled, args.output)
+    if not args.quiet:
+        print(f"wrote {path} (QDQ ONNX, opset 17)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hilc.api import inspect
+    from hilc.inspect_onnx import print_inspection
+
+    ins = inspect(args.model)
+    if args.json:
+        print(json.dumps(ins.to_dict(), indent=1))
+    else:
+        print_inspection(ins)
+    return 0
+
+
 def cmd_boards(args: argparse.Namespace) -> int:
     from hilc.hil.boards import list_boards
 
@@ -216,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flash", help="build the board firmware and flash it (QEMU boards: boot check)")
     f.add_argument("compiled")
     f.add_argument("--board", required=True)
+    f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=cmd_flash)
 
     r = sub.add_parser("run", help="run inputs on a board over the serial link")
@@ -234,10 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--board", required=True)
     pr.add_argument("--input", help=".npy input to profile with (default: zeros)")
     pr.add_argument("--port")
+    pr.add_argument("-q", "--quiet", action="store_true")
     pr.set_defaults(func=cmd_profile)
 
     b = sub.add_parser("boards", help="list the boards")
     b.set_defaults(func=cmd_boards)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report (OUT/report.html)")
+    rp.add_argument("compiled", help="directory written by hilc compile")
+    rp.add_argument("-o", "--output", help="HTML file (default: COMPILED/report.html)")
+    rp.add_argument("--accuracy", action="append", metavar="NAME=VALUE",
+                    help="an accuracy figure measured elsewhere, shown in the summary (repeatable)")
+    rp.add_argument("-q", "--quiet", action="store_true")
+    rp.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser("export-onnx", help="write the integer model as a QDQ ONNX graph")
+    ex.add_argument("compiled", help="directory written by hilc compile")
+    ex.add_argument("-o", "--output", required=True, help="output .onnx")
+    ex.add_argument("-q", "--quiet", action="store_true")
+    ex.set_defaults(func=cmd_export_onnx)
+
+    ins = sub.add_parser("inspect", help="operators, parameters, MACs, activation memory and fitting boards")
+    ins.add_argument("model", help="ONNX model")
+    ins.add_argument("--json", action="store_true", help="print the inspection as JSON")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 
@@ -246,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hilc.progress import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))
     try:
         # numpy's RuntimeWarnings on a malformed model would break the one-line error contract;
         # every failure they hint at is caught and reported by hilc itself.

@@ -18,6 +18,7 @@ from hilc.errors import HilcError
 from hilc.hil.boards import Board
 from hilc.hil.protocol import BoardResetError, Link, LinkError
 from hilc.hil.qemu import QemuBoard
+from hilc.progress import status
 from hilc.sim.simulator import run_int_batched, to_logical, to_physical
 
 
@@ -36,7 +37,8 @@ def ensure_firmware(out_dir: Path, board: Board) -> Path:
     elf = firmware_path(out_dir, board)
     if elf.exists() and elf.stat().st_mtime >= src.stat().st_mtime:
         return elf
-    return build_board_firmware(out_dir, board)
+    with status(f"building firmware for {board.name}"):
+        return build_board_firmware(out_dir, board)
 
 
 @contextmanager
@@ -48,7 +50,8 @@ def connect(out_dir: Path, board: Board, graph: Graph, port: str | None = None,
     try:
         if board.is_qemu:
             qemu = QemuBoard(board.run["machine"], elf)
-            ser = qemu.start()
+            with status(f"starting QEMU ({board.run['machine']})"):
+                ser = qemu.start()
         else:
             name = port or board.uart.get("port")
             try:
@@ -83,7 +86,8 @@ def flash(out_dir: Path, board: Board, graph: Graph) -> str:
     else:
         raise HilcError(f"board {board.name}: unknown flashing method '{method}'")
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        with status(f"flashing {board.name} with {cmd[0]}"):
+            r = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
         raise HilcError(f"{cmd[0]} is not installed (needed to flash {board.name})") from None
     if r.returncode != 0:
@@ -173,7 +177,7 @@ def profile_command(out_dir: Path, board: Board, graph: Graph, x: np.ndarray | N
     else:
         q = graph.tensors[name].quant
         sample = quantize_host(to_physical(graph, name, x[:1]), q.scale, q.zero_point).reshape(-1)
-    with connect(out_dir, board, graph, port) as link:
+    with connect(out_dir, board, graph, port) as link, status(f"profiling on {board.name}"):
         info = link.info()
         link.write_input(sample.tobytes())
         total, ticks = link.profile()

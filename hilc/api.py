@@ -1,0 +1,181 @@
+"""The Python API: the command line's verbs as functions returning objects that carry the report.
+
+    import hilc
+    m = hilc.compile("resnet8.onnx", "out/resnet8", calib="calib.npy", board="qemu-mps2-an386")
+    y = m.simulate(x)                      # or hilc.simulate(m, x)
+    r = hilc.run(m, x, board="qemu-mps2-an386", check=True)
+    hilc.profile(m, board="qemu-mps2-an386"); hilc.report(m)
+
+Every keyword ``compile`` does not name itself goes to ``compile_model`` unchanged, so options
+added there (board, cpu, flash_bytes, ...) work here without touching this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hilc.compiler.ir import Graph
+from hilc.errors import HilcError
+
+if TYPE_CHECKING:
+    from hilc.inspect_onnx import Inspection
+
+
+@dataclass
+class Compiled:
+    """A compiled model: its integer graph, its report and (once written) its directory."""
+
+    graph: Graph
+    report: dict[str, Any]
+    path: Path | None = None
+    result: Any = field(default=None, repr=False)  # pipeline.CompileResult of a fresh compile
+
+    def simulate(self, x: np.ndarray, raw: bool = False) -> np.ndarray:
+        return simulate(self, x, raw=raw)
+
+    def reload_report(self) -> dict[str, Any]:
+        """Re-read OUT/report.json (profile results are added to it on disk)."""
+        if self.path is not None and (self.path / "report.json").exists():
+            self.report = json.loads((self.path / "report.json").read_text())
+        return self.report
+
+
+@dataclass
+class RunResult:
+    outputs: np.ndarray
+    board: str
+    mismatches: int | None = None  # with check=True: samples differing from the simulator
+
+
+def _progress(quiet: bool, label: str):
+    from hilc.progress import progress_bar
+
+    return progress_bar(label, quiet)
+
+
+def compile(model: str | Path, output: str | Path | None = None, calib: str | Path | np.ndarray | None = None, *,
+            calib_method: str = "minmax", percentile: float = 99.99, target: str = "sim",
+            quiet: bool = True, **options: Any) -> Compiled:
+    """Compile an ONNX model (``hilc compile``). With ``output`` the artifacts are written there
+    (needed by run/profile/report/export_onnx). ``options`` go to ``compile_model`` as they are."""
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+
+    with _progress(quiet, "calibrating") as update:
+        result = compile_model(model, calib, calib_method, percentile, target, progress=update, **options)
+    path = None
+    if output is not None:
+        path = Path(output)
+        write_artifacts(path, result)
+    return Compiled(result.graph, result.report, path, result)
+
+
+def load(path: str | Path) -> Compiled:
+    """A model compiled earlier (``hilc compile -o PATH``)."""
+    from hilc.compiler.pipeline import load_artifacts
+
+    p = Path(path)
+    graph = load_artifacts(p)
+    report = json.loads((p / "report.json").read_text()) if (p / "report.json").exists() else {}
+    return Compiled(graph, report, p)
+
+
+def _compiled(m: Compiled | str | Path) -> Compiled:
+    return m if isinstance(m, Compiled) else load(m)
+
+
+def _written(m: Compiled | str | Path, what: str) -> Compiled:
+    c = _compiled(m)
+    if c.path is None:
+        raise HilcError(f"{what} needs the compiled model on disk: pass output= to hilc.compile")
+    return c
+
+
+def simulate(m: Compiled | str | Path, x: np.ndarray, raw: bool = False) -> np.ndarray:
+    """Bit-accurate simulation (``hilc simulate``): float32 outputs, or the raw integers."""
+    from hilc.sim.simulator import simulate as sim
+
+    return sim(_compiled(m).graph, np.asarray(x), raw=raw)
+
+
+def run(m: Compiled | str | Path, x: np.ndarray, board: str, check: bool = False, port: str | None = None,
+        raw: bool = False, quiet: bool = True) -> RunResult:
+    """Run inputs on a board over the serial link (``hilc run``); QEMU boards are started here."""
+    from hilc.hil.boards import load_board
+    from hilc.hil.runner import run_command
+    from hilc.sim.simulator import check_shape
+
+    c = _written(m, "run")
+    b = load_board(board)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
+    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    with _progress(quiet, f"running on {b.name}") as update:
+        y, bad = run_command(c.path, b, c.graph, x, check, port, raw, update)
+    return RunResult(y, b.name, bad if check else None)
+
+
+def flash(m: Compiled | str | Path, board: str) -> str:
+    """Build the board firmware and flash it (``hilc flash``); returns what was done."""
+    from hilc.hil.boards import load_board
+    from hilc.hil.runner import flash as do_flash
+
+    c = _written(m, "flash")
+    return do_flash(c.path, load_board(board), c.graph)
+
+
+def profile(m: Compiled | str | Path, board: str, x: np.ndarray | None = None,
+            port: str | None = None) -> dict[str, Any]:
+    """Per-layer ticks of one inference (``hilc profile``); also stored in report.json."""
+    from hilc.hil.boards import load_board
+    from hilc.hil.runner import profile_command
+
+    c = _written(m, "profile")
+    prof = profile_command(c.path, load_board(board), c.graph,
+                           None if x is None else np.asarray(x, np.float32), port)
+    c.reload_report()
+    return prof
+
+
+def report(m: Compiled | str | Path, output: str | Path | None = None,
+           accuracy: dict[str, Any] | None = None) -> Path:
+    """Write the self-contained HTML report (``hilc report``); returns its path."""
+    from hilc.report_html import write_report
+
+    # only report.json is required (graph.json adds the memory timeline), so a path is not loaded
+    path = m.path if isinstance(m, Compiled) else Path(m)
+    if path is None:
+        raise HilcError("report needs the compiled model on disk: pass output= to hilc.compile")
+    if not path.is_dir():
+        raise HilcError(f"{path}: no such compiled model directory")
+    return write_report(path, output, accuracy)
+
+
+def export_onnx(m: Compiled | str | Path, output: str | Path) -> Path:
+    """Write the integer model as a QDQ ONNX graph (``hilc export-onnx``)."""
+    import onnx
+
+    from hilc.targets.onnx_qdq import export_qdq
+
+    model = export_qdq(_compiled(m).graph)
+    out = Path(output)
+    if out.is_dir():
+        raise HilcError(f"{out}: is a directory, expected an .onnx file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def inspect(model: str | Path) -> Inspection:
+    """Operators (supported or not), parameters, MACs, activation memory and fitting boards
+    of an ONNX file (``hilc inspect``); returns an ``Inspection``."""
+    from hilc.inspect_onnx import inspect_model
+
+    return inspect_model(model)

@@ -41,10 +41,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
-                                   board=args.board)
+                                   board=args.board, patch=args.patch, sram_bytes=args.sram)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
-                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board)
+                               args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
+                               patch=args.patch, sram_bytes=args.sram)
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     from hilc.progress import status
@@ -77,6 +78,12 @@ def _print_summary(report: dict, out: Path) -> None:
     if "arena_bytes" in report:
         console.print(f"SRAM: arena {report['arena_bytes']:,} B (lower bound {report['arena_lower_bound_bytes']:,}), "
                       f"peak with I/O {report['peak_sram_bytes']:,} B")
+    if report.get("patch"):
+        p = report["patch"]
+        budget = f" of a {p['budget_bytes']:,} B budget" if p.get("budget_bytes") else ""
+        console.print(f"patches: split after {p['split_node']}, {p['grid'][0]}x{p['grid'][1]} grid: peak SRAM "
+                      f"{p['peak_sram_bytes']:,} B{budget} (layer by layer {p['peak_sram_bytes_layerwise']:,} B), "
+                      f"MACs {p['macs']:,} (+{p['mac_overhead']:.1%})")
     if "flash_bytes" in report:
         console.print(f"{report['cpu']}: flash {report['flash_bytes']:,} B, code {report['code_bytes']:,} B, "
                       f"stack {report['stack_bytes']:,} B")
@@ -177,6 +184,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     Console().print(table)
     if "total_instructions" in prof:
         print(f"{prof['total_instructions']:,} instructions per inference (QEMU -icount)")
+    if "patch" in prof:
+        pp = prof["patch"]
+        print(f"patching: {pp['patched']:,} vs {pp['layerwise']:,} {pp['unit']} layer by layer: "
+              f"{pp['measured_overhead']:+.1%} measured, {pp['predicted_mac_overhead']:+.1%} MACs predicted; "
+              f"patch stage alone {pp['stage_measured_overhead']:+.1%} measured, "
+              f"{pp['stage_predicted_mac_overhead']:+.1%} MACs predicted")
     return 0
 
 
@@ -244,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--flash", type=int, metavar="BYTES",
                    help="with --target c: refuse models whose constants exceed it")
     c.add_argument("--dump-after", action="append", metavar="PASS",
-                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, calibrate, quantize)")
+                   help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, fold_scalars, "
+                        "calibrate, quantize, plan_patches)")
+    c.add_argument("--patch", default="off", metavar="auto|off|SPLIT:N",
+                   help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
+                        "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
+    c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

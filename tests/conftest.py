@@ -36,14 +36,17 @@ def digits() -> dict[str, np.ndarray]:
             "x_test": x[split["test_idx"]], "y_test": y[split["test_idx"]]}
 
 
-def ort_run(model: str | Path | onnx.ModelProto, x: np.ndarray, batched: bool = True) -> np.ndarray:
-    """onnxruntime output for a batch (one sample at a time when the model's batch is fixed)."""
+def ort_run(model: str | Path | onnx.ModelProto, x: np.ndarray, batched: bool = True,
+            fused: bool = False) -> np.ndarray:
+    """onnxruntime output for a batch (one sample at a time when the model's batch is fixed);
+    ``fused`` runs it with its default graph optimizations, as a user's session would."""
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     opts = ort.SessionOptions()
     # Unfused: QDQ models then run as DequantizeLinear -> float op -> QuantizeLinear, the
     # definition. Fused, onnxruntime's u8s8 kernels saturate int16 pair sums on x86 CPUs
     # without VNNI, so its integer answers would depend on the machine.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not fused:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     dim0 = sess.get_inputs()[0].shape[0]

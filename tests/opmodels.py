@@ -20,9 +20,12 @@ class OpCase:
     input_shape: tuple[int, ...]  # batch first
     low: float = -3.0
     high: float = 3.0
+    integer: bool = False  # whole numbers in [low, high] (token ids)
 
     def inputs(self, n: int, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng(seed)
+        if self.integer:
+            return rng.integers(int(self.low), int(self.high) + 1, size=(n, *self.input_shape[1:])).astype(np.float32)
         return rng.uniform(self.low, self.high, size=(n, *self.input_shape[1:])).astype(np.float32)
 
 
@@ -161,4 +164,55 @@ def cases() -> list[OpCase]:
         OpCase("conv1d", _model([helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3], pads=[1, 1])],
                                 (1, 4, 10), None, [_w("W", (6, 4, 3), 20)]), (1, 4, 10)),
     ]
-    return c
+    return c + transformer_cases()
+
+
+def _const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def transformer_cases() -> list[OpCase]:
+    """The operators of tiny transformers, alone: MatMul of activations, attention, LayerNorm (one node
+    and decomposed), GELU (one node, Erf and tanh forms), ReduceMean, Gather (embedding and select)."""
+    n = helper.make_node
+    rng = np.random.default_rng(30)
+    gamma, beta = _const("g", rng.uniform(0.5, 1.5, 10)), _const("b", rng.standard_normal(10) * 0.3)
+    ln_decomposed = [
+        n("ReduceMean", ["x"], ["mu"], axes=[-1]), n("Sub", ["x", "mu"], ["d"]), n("Pow", ["d", "two"], ["d2"]),
+        n("ReduceMean", ["d2"], ["var"], axes=[-1]), n("Add", ["var", "eps"], ["ve"]), n("Sqrt", ["ve"], ["sd"]),
+        n("Div", ["d", "sd"], ["nrm"]), n("Mul", ["nrm", "g"], ["sc"]), n("Add", ["sc", "b"], ["y"])]
+    gelu_erf = [n("Div", ["x", "sqrt2"], ["a"]), n("Erf", ["a"], ["e"]), n("Add", ["e", "one"], ["e1"]),
+                n("Mul", ["x", "e1"], ["m"]), n("Mul", ["m", "half"], ["y"])]
+    gelu_tanh = [n("Pow", ["x", "three"], ["x3"]), n("Mul", ["x3", "c"], ["cx3"]), n("Add", ["x", "cx3"], ["inner"]),
+                 n("Mul", ["inner", "k"], ["ki"]), n("Tanh", ["ki"], ["t"]), n("Add", ["one", "t"], ["t1"]),
+                 n("Mul", ["half", "x"], ["hx"]), n("Mul", ["hx", "t1"], ["y"])]
+    return [
+        OpCase("matmul_activations", _model(
+            [n("Transpose", ["x"], ["xt"], perm=[0, 1, 3, 2]), n("MatMul", ["x", "xt"], ["y"])],
+            (1, 3, 5, 7), (1, 3, 5, 5)), (1, 3, 5, 7)),
+        OpCase("attention_head", _model(
+            [n("Transpose", ["x"], ["xt"], perm=[0, 1, 3, 2]), n("MatMul", ["x", "xt"], ["s"]),
+             n("Mul", ["s", "scale"], ["ss"]), n("Softmax", ["ss"], ["y"], axis=-1)],
+            (1, 2, 6, 8), (1, 2, 6, 6), [_const("scale", 0.2)]), (1, 2, 6, 8), -1.5, 1.5),
+        OpCase("attention_context", _model(
+            [n("Softmax", ["x"], ["p"], axis=-1), n("Transpose", ["x"], ["v"], perm=[0, 1, 3, 2]),
+             n("MatMul", ["p", "v"], ["y"])], (1, 2, 6, 6), (1, 2, 6, 6)), (1, 2, 6, 6)),
+        OpCase("layernorm", _model([n("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
+                                   (1, 6, 10), (1, 6, 10), [gamma, beta], opset=17), (1, 6, 10)),
+        OpCase("layernorm_decomposed", _model(ln_decomposed, (1, 6, 10), (1, 6, 10),
+                                              [gamma, beta, _const("two", 2.0), _const("eps", 1e-5)]), (1, 6, 10)),
+        OpCase("gelu", _model([n("Gelu", ["x"], ["y"])], (1, 5, 12), (1, 5, 12), opset=20), (1, 5, 12), -5, 5),
+        OpCase("gelu_erf", _model(gelu_erf, (1, 5, 12), (1, 5, 12), [_const("sqrt2", 2**0.5), _const("one", 1.0),
+                                                                     _const("half", 0.5)]), (1, 5, 12), -5, 5),
+        OpCase("gelu_tanh", _model(gelu_tanh, (1, 5, 12), (1, 5, 12),
+                                   [_const("three", 3.0), _const("c", 0.044715), _const("k", (2 / np.pi) ** 0.5),
+                                    _const("one", 1.0), _const("half", 0.5)]), (1, 5, 12), -5, 5),
+        OpCase("reduce_mean_tokens", _model([n("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)], (1, 9, 6),
+                                            (1, 6)), (1, 9, 6)),
+        OpCase("gather_embedding", _model(
+            [n("Cast", ["x"], ["ids"], to=TensorProto.INT64), n("Gather", ["table", "ids"], ["y"])],
+            (1, 7), (1, 7, 5), [_w("table", (20, 5), 31, 1.0)]), (1, 7), 0, 19, integer=True),
+        OpCase("gather_first_token", _model(
+            [n("Gather", ["x", "i0"], ["y"], axis=1)], (1, 6, 5), (1, 5),
+            [numpy_helper.from_array(np.array(0, np.int64), "i0")]), (1, 6, 5)),
+    ]

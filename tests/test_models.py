@@ -26,7 +26,7 @@ def test_resnet8_int8_agrees_with_float_at_least_as_well_as_onnxruntime_quantiza
 def test_resnet8_qdq_import_matches_onnxruntime(crops32, tmp_path):
     qdq = ort_quantize_qdq(RESNET8, tmp_path / "r8_qdq.onnx", crops32[:128])
     held_out = crops32[128:]
-    ref = ort_run(qdq, held_out)
+    ref = ort_run(qdq, held_out, fused=True)  # what a user running the QDQ model gets
     result = compile_model(qdq)
     y = simulate(result.graph, held_out)
     q = result.graph.tensors[result.graph.outputs[0]].quant

@@ -157,22 +157,22 @@ def test_inspect_flags_unsupported_operator(tmp_path):
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     g = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Erf", ["c"], ["e"], name="the_erf"),
+         helper.make_node("Sin", ["c"], ["e"], name="the_sin"),
          helper.make_node("Relu", ["e"], ["y"], name="relu")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
     path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "erf.onnx")
     r = hilc_cli("inspect", path)
     assert r.returncode == 0, r.stderr
-    assert "unsupported: the_erf (Erf)" in r.stdout and "✗ unsupported" in r.stdout
+    assert "unsupported: the_sin (Sin)" in r.stdout and "✗ unsupported" in r.stdout
     assert "fits as is: no board" in r.stdout
     ins = hilc.inspect(path)
-    assert not ins.supported and ins.unsupported == ["the_erf (Erf)"]
+    assert not ins.supported and ins.unsupported == ["the_sin (Sin)"]
     assert [lay.supported for lay in ins.layers] == [True, False, True]
     assert ins.macs == 8 * 8 * 4 * 27 and ins.params == 4 * 27
     # and compiling it fails naming the same node
     c = hilc_cli("compile", path, "-o", tmp_path / "o")
-    assert c.returncode == 2 and "'the_erf' (Erf)" in c.stderr
+    assert c.returncode == 2 and "'the_sin' (Sin)" in c.stderr
 
 
 def test_inspect_board_fit_follows_sram(tmp_path):

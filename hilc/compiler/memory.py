@@ -91,13 +91,16 @@ def _lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
 
 
 def _merge_inplace(graph: Graph, lifetimes: dict[str, tuple[int, int]],
-                   sizes: dict[str, int]) -> tuple[list[_Block], dict[str, str]]:
+                   sizes: dict[str, int], depthwise: bool = False) -> tuple[list[_Block], dict[str, str]]:
     block_of: dict[str, _Block] = {}
     blocks: list[_Block] = []
     inplace: dict[str, str] = {}
     for step, node in enumerate(graph.nodes):
         op = OPS.get(node.op)
         can = bool(getattr(op, "inplace_ok", False)) and node.inputs and node.outputs
+        # in-place depthwise (MCUNetV2): the op says how many bytes of one-channel plane it needs
+        plane = op.inplace_plane_bytes(node, graph) if depthwise and hasattr(op, "inplace_plane_bytes") else 0
+        can = can or plane > 0
         for i, t in enumerate(node.outputs):
             if t not in lifetimes:
                 continue
@@ -109,6 +112,11 @@ def _merge_inplace(graph: Graph, lifetimes: dict[str, tuple[int, int]],
                 b.end = lifetimes[t][1]
                 block_of[t] = b
                 inplace[t] = src
+                if plane and i == 0:
+                    name = f"{t}@plane"
+                    lifetimes[name] = (step, step)
+                    blocks.append(_Block([name], plane, step, step))
+                    block_of[name] = blocks[-1]
             else:
                 b = _Block([t], sizes[t], *lifetimes[t])
                 blocks.append(b)
@@ -162,14 +170,16 @@ _ORDERS: list[tuple[str, Callable[[_Block], tuple]]] = [
 ]
 
 
-def plan_memory(graph: Graph, align: int = 4, inplace: bool = True) -> MemoryPlan:
-    """Plan the activation arena of ``graph`` (node order is the schedule)."""
+def plan_memory(graph: Graph, align: int = 4, inplace: bool = True, inplace_depthwise: bool = False) -> MemoryPlan:
+    """Plan the activation arena of ``graph`` (node order is the schedule). ``inplace_depthwise``
+    also lets same-shape depthwise convs write over their input, through a one-channel plane
+    buffer placed in the arena for that step (``OUT@plane``)."""
     if align < 1:
         raise ValueError("memory plan: align must be >= 1")
     lifetimes = _lifetimes(graph)
     sizes = {t: tensor_bytes(graph, t) for t in lifetimes}
     if inplace:
-        blocks, inplace_map = _merge_inplace(graph, lifetimes, sizes)
+        blocks, inplace_map = _merge_inplace(graph, lifetimes, sizes, inplace_depthwise)
     else:
         blocks, inplace_map = [_Block([t], sizes[t], *lifetimes[t]) for t in lifetimes], {}
     lower = _lower_bound(blocks, len(graph.nodes))

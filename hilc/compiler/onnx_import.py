@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hilc.compiler import qdq
+from hilc.compiler import onnx_patterns, qdq
 from hilc.compiler.ir import Graph, Node, Tensor
 from hilc.compiler.ops import ONNX_IMPORTERS, OPS
 from hilc.errors import HilcError, UnsupportedModelError
@@ -204,7 +204,8 @@ def import_model(model: onnx.ModelProto, name: str = "model") -> Graph:
     elif opset > MAX_OPSET:
         raise UnsupportedModelError(f"opset {opset} is newer than the supported {MIN_OPSET}..{MAX_OPSET}")
 
-    unsupported = [(n.name or f"#{i}", n.op_type) for i, n in enumerate(model.graph.node)
+    fused_nodes = onnx_patterns.fuse(model)  # decomposed GELU / LayerNorm as single nodes
+    unsupported = [(n.name or f"#{i}", n.op_type) for i, n in enumerate(fused_nodes)
                    if n.op_type not in ONNX_IMPORTERS or n.domain not in ("", "ai.onnx")]
     if unsupported:
         listing = ", ".join(f"'{nm}' ({op})" for nm, op in unsupported)
@@ -229,7 +230,8 @@ def import_model(model: onnx.ModelProto, name: str = "model") -> Graph:
         dims = vi.type.tensor_type.shape.dim
         ctx.onnx_shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
 
-    nodes = qdq.preprocess(ctx, list(model.graph.node))
+    # nodes of the shape-inferred copy: importers may edit a node in place, never the caller's model
+    nodes = qdq.preprocess(ctx, onnx_patterns.fuse(model))
     ctx.onnx_uses = Counter(i for n in nodes for i in n.input if i)
     ctx.onnx_uses.update(o.name for o in model.graph.output)
 

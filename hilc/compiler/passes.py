@@ -107,4 +107,51 @@ def fold_pad(graph: Graph) -> Graph:
     return g
 
 
-FLOAT_PIPELINE = (cleanup, fold_pad, fuse_activation)
+def fold_scalars(graph: Graph) -> Graph:
+    """Fold a multiply / add by a scalar constant into the op next to it, saving a rounding:
+    * into a ``matmul`` that produces it (attention's 1/sqrt(d)): its dyadic multiplier absorbs c > 0;
+    * into a lookup table that reads it, when the intermediate has no scale of its own (a QDQ
+      model that leaves ``Div -> Erf`` in float between its Q/DQ pairs): the table then computes
+      exactly what onnxruntime does, DQ -> ops -> Q."""
+    g = graph.copy()
+    hints = g.meta.get("quant_hints", {})
+    for node in list(g.nodes):
+        if node.op != "mul" or len(node.inputs) != 1 or "const" not in node.params:
+            continue
+        c = g.constants[node.params["const"]]
+        t = node.inputs[0]
+        prod = g.producer(t)
+        if (c.size != 1 or float(c.reshape(-1)[0]) <= 0 or prod is None or prod.op != "matmul" or t in hints
+                or len(g.consumers(t)) != 1 or t in g.outputs or any(k in a for a in (prod.attrs, node.attrs)
+                                                                      for k in ("act_lo", "act_hi"))):
+            continue
+        prod.attrs["alpha"] = prod.attrs.get("alpha", 1.0) * float(c.reshape(-1)[0])
+        prod.outputs = list(node.outputs)
+        g.nodes.remove(node)
+        del g.tensors[t]
+    if not hints:
+        return g  # float models are calibrated: every tensor has a range
+    for node in list(g.nodes):
+        if node.op != "lut" or node.inputs[0] in hints:
+            continue
+        while True:
+            prod = g.producer(node.inputs[0])
+            t = node.inputs[0]
+            if (prod is None or prod.op not in ("mul", "add") or len(prod.inputs) != 1 or "const" not in prod.params
+                    or g.constants[prod.params["const"]].size != 1 or t in hints or len(g.consumers(t)) != 1
+                    or t in g.outputs or "act_lo" in prod.attrs or "act_hi" in prod.attrs):
+                break
+            c = float(g.constants[prod.params["const"]].reshape(-1)[0])
+            signs = prod.attrs.get("signs", [1, 1])
+            if prod.op == "mul":
+                step = [["mul", c]]
+            else:  # s0 * x + s1 * c
+                step = [["mul", float(signs[0])], ["add", signs[1] * c]] if signs[0] != 1 else [["add", signs[1] * c]]
+            node.attrs["pre"] = step + node.attrs.get("pre", [])
+            node.inputs = list(prod.inputs)
+            g.nodes.remove(prod)
+            del g.tensors[t]
+    return g
+
+
+FLOAT_PIPELINE = (cleanup, fold_pad, fuse_activation, fold_scalars)

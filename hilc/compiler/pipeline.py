@@ -17,14 +17,14 @@ import numpy as np
 from hilc.compiler import calibrate as calib_mod
 from hilc.compiler import passes
 from hilc.compiler.ir import Graph
-from hilc.compiler.memory import tensor_bytes
 from hilc.compiler.onnx_import import import_onnx
+from hilc.compiler.patches import arena_tensor_bytes
 from hilc.compiler.quantize import quantize
 from hilc.compiler.report import build_report
 from hilc.errors import HilcError
 
 TARGETS = ("sim", "c")
-PASS_NAMES = ["import", *[p.__name__ for p in passes.FLOAT_PIPELINE], "calibrate", "quantize"]
+PASS_NAMES = ["import", *[p.__name__ for p in passes.FLOAT_PIPELINE], "calibrate", "quantize", "plan_patches"]
 
 
 @dataclass
@@ -40,9 +40,11 @@ class CompileResult:
 def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
                   percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
                   progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
-                  flash_bytes: int | None = None, board: str | None = None) -> CompileResult:
+                  flash_bytes: int | None = None, board: str | None = None, patch: str = "off",
+                  sram_bytes: int | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
-    ``board`` implies target c for that board's CPU and checks its flash and SRAM)."""
+    ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
+    is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM))."""
     board_obj = None
     if board is not None:
         from hilc.hil.boards import load_board
@@ -58,6 +60,12 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.targets.c.build import cpu as check_cpu
 
         check_cpu(cpu)
+    if patch != "off":
+        from hilc.compiler.patches import parse_mode
+
+        parse_mode(patch)
+    if sram_bytes is not None and sram_bytes <= 0:
+        raise HilcError(f"--sram: expected a positive number of bytes, got {sram_bytes}")
     for name in dump_after or []:
         if name not in PASS_NAMES:
             raise HilcError(f"--dump-after: unknown pass '{name}' (passes: {', '.join(PASS_NAMES)})")
@@ -87,6 +95,26 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if "quantize" in (dump_after or []):
         dumps["quantize"] = q.summary()
     extra: dict[str, Any] = {}
+    budget = sram_bytes if sram_bytes is not None else (board_obj.ram_bytes if board_obj is not None else None)
+    if patch != "off":
+        from hilc.compiler.patches import firmware_ram_reserve, plan_patches, report_fields
+
+        patch_budget = budget
+        if sram_bytes is None and board_obj is not None:  # the firmware's stack and frames share the SRAM
+            patch_budget = budget - firmware_ram_reserve(q)
+            extra["firmware_ram_reserve_bytes"] = budget - patch_budget
+        q = plan_patches(q, patch, patch_budget)
+        if "plan_patches" in (dump_after or []):
+            dumps["plan_patches"] = q.summary() + "\n" + _patch_summary(q)
+        extra.update(report_fields(q))
+        if "patch" not in extra:  # auto: layer by layer already fits the budget
+            from hilc.compiler.memory import plan_memory
+            from hilc.compiler.patches import scratch_bytes
+
+            peak = plan_memory(q).peak_sram_bytes + scratch_bytes(q)
+            extra.update(patch=None, peak_sram_bytes_layerwise=peak, peak_sram_bytes=peak, macs_layerwise=None)
+        else:
+            extra["peak_sram_bytes"] = q.meta["patch"]["peak_sram_bytes"]
     c_model = None
     if target == "c":
         from hilc.targets.c.codegen import generate_c
@@ -97,22 +125,38 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
             where = board_obj.name if board_obj is not None else "the target"
             raise HilcError(f"the model's constants need {c_model.const_bytes} bytes of flash; "
                             f"{where} has {flash_bytes}")
-        if board_obj is not None:
+        if board_obj is not None or sram_bytes is not None:
             need = plan.peak_sram_bytes + c_model.scratch_bytes
-            if need > board_obj.ram_bytes:
+            where = board_obj.name if board_obj is not None else "--sram"
+            if need > budget:
+                hint = " (try --patch auto)" if patch == "off" else ""
                 raise HilcError(f"the model needs {need} bytes of SRAM (arena {plan.arena_bytes} + I/O + scratch); "
-                                f"{board_obj.name} has {board_obj.ram_bytes}")
-            extra["board"] = board_obj.name
+                                f"{where} has {budget}{hint}")
+            if board_obj is not None:
+                extra["board"] = board_obj.name
         extra.update(arena_bytes=plan.arena_bytes, arena_lower_bound_bytes=plan.lower_bound,
                      peak_sram_bytes=plan.peak_sram_bytes + c_model.scratch_bytes,
                      io_bytes=plan.input_bytes + plan.output_bytes, scratch_bytes=c_model.scratch_bytes,
                      constants_flash_bytes=c_model.const_bytes,
-                     memory=[{"tensor": t, "offset": off, "bytes": tensor_bytes(q, t)}
+                     memory=[{"tensor": t, "offset": off, "bytes": arena_tensor_bytes(q, t)}
                              for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
     extra["model_hash"] = f"{q.content_hash():016x}"
     report = build_report(q, str(model), target, extra)
     return CompileResult(q, report, dumps, c_model, cpu, board_obj)
+
+
+def _patch_summary(g: Graph) -> str:
+    p = g.meta.get("patch")
+    if not p:
+        return "patch: none (layer by layer)"
+    lines = [f"patch: split after {p['split_node']} ({p['split']}), {p['grid'][0]}x{p['grid'][1]} patches, "
+             f"MACs +{p['mac_overhead']:.1%}, peak SRAM {p['peak_sram_bytes']} B (layer by layer "
+             f"{p['peak_sram_bytes_layerwise']} B)"]
+    for q in p["patches"]:
+        wins = " ".join(f"{w['node']}:{w['out'][1] - w['out'][0]}x{w['out'][3] - w['out'][2]}" for w in q["layers"])
+        lines.append(f"  tile {q['tile']}: {wins}")
+    return "\n".join(lines)
 
 
 def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:

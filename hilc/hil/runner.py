@@ -148,6 +148,41 @@ def _run_one(link, sample: np.ndarray, out_size: int, resets: int = 3) -> np.nda
             restarted = True
 
 
+def layerwise_build(out_dir: Path, graph: Graph) -> tuple[Path, Graph]:
+    """OUT/layerwise: the same integer graph without its patch schedule, as C sources."""
+    from hilc.targets.c.codegen import generate_c, write_c_project
+
+    lw = graph.copy()
+    lw.meta.pop("patch", None)
+    lw_dir = Path(out_dir) / "layerwise"
+    src = lw_dir / "src" / "model.c"
+    if not src.exists() or src.stat().st_mtime < (Path(out_dir) / "src" / "model.c").stat().st_mtime:
+        write_c_project(lw_dir, generate_c(lw))
+    return lw_dir, lw
+
+
+def _patch_overhead(out_dir: Path, board: Board, graph: Graph, x: np.ndarray | None, port: str | None,
+                    prof: dict) -> dict:
+    lw_dir, lw = layerwise_build(out_dir, graph)
+    base = profile_command(lw_dir, board, lw, x, port, layerwise=True)
+    p = graph.meta["patch"]
+    key = "total_instructions" if "total_instructions" in prof else "total_ticks"
+    # the stage alone (timed as its split node when patched): the halo cost without the rest
+    from hilc.compiler.ops import OPS
+
+    stage = set(p["stage"])
+    stage_lw = sum(x["ticks"] for x in base["layers"] if x["name"] in stage)
+    stage_p = sum(x["ticks"] for x in prof["layers"] if x["name"] in stage)
+    macs_stage_lw = sum(OPS[n.op].macs(n, graph) for n in graph.nodes if n.name in stage)
+    macs_stage_p = p["macs"] - (p["macs_layerwise"] - macs_stage_lw)
+    return {"unit": key.removeprefix("total_"), "patched": prof[key], "layerwise": base[key],
+            "measured_overhead": prof[key] / base[key] - 1, "predicted_mac_overhead": p["mac_overhead"],
+            "macs": p["macs"], "macs_layerwise": p["macs_layerwise"],
+            "stage_ticks_patched": stage_p, "stage_ticks_layerwise": stage_lw,
+            "stage_measured_overhead": stage_p / max(stage_lw, 1) - 1,
+            "stage_predicted_mac_overhead": macs_stage_p / max(macs_stage_lw, 1) - 1}
+
+
 def run_command(out_dir: Path, board: Board, graph: Graph, x: np.ndarray, check: bool, port: str | None = None,
                 raw: bool = False, progress=None) -> tuple[np.ndarray, int]:
     """What `hilc run` does: outputs in the model's layout, and the number of mismatches with the
@@ -168,8 +203,11 @@ def run_command(out_dir: Path, board: Board, graph: Graph, x: np.ndarray, check:
 
 
 def profile_command(out_dir: Path, board: Board, graph: Graph, x: np.ndarray | None = None,
-                    port: str | None = None) -> dict:
-    """Per-layer ticks of one inference; also written into OUT/report.json under 'profile'."""
+                    port: str | None = None, layerwise: bool = False) -> dict:
+    """Per-layer ticks of one inference; also written into OUT/report.json under 'profile'.
+    A patched model is also profiled as its own layer-by-layer build (OUT/layerwise) so the
+    measured cost of patching sits next to the MAC overhead the scheduler predicted
+    (``profile["patch"]``; the whole patch stage is timed as its split node)."""
     name = graph.inputs[0]
     size = int(np.prod(graph.tensors[name].shape[1:]))
     if x is None:
@@ -188,6 +226,8 @@ def profile_command(out_dir: Path, board: Board, graph: Graph, x: np.ndarray | N
         per_tick = 1_000_000_000 // info.tick_hz  # -icount shift=0: one instruction per ns
         prof["instructions_per_tick"] = per_tick
         prof["total_instructions"] = total * per_tick
+    if graph.meta.get("patch") and not layerwise:
+        prof["patch"] = _patch_overhead(out_dir, board, graph, x, port, prof)
     report_path = Path(out_dir) / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     report["profile"] = prof

@@ -105,6 +105,28 @@ void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16
 #endif
 }
 
+void hilc_dwconv_inplace_s8(const hilc_conv_params *p, int8_t *buf, int8_t *plane) {
+    const int32_t hw = p->in_h * p->in_w, c_n = p->in_c;
+    for (int32_t c = 0; c < c_n; c++) {
+        for (int32_t i = 0; i < hw; i++) plane[i] = buf[i * c_n + c];
+        for (int32_t oy = 0; oy < p->out_h; oy++) {
+            for (int32_t ox = 0; ox < p->out_w; ox++) {
+                int32_t acc = p->bias[c];
+                for (int32_t ky = 0; ky < p->k_h; ky++) {
+                    const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                    if (iy < 0 || iy >= p->in_h) continue; /* padding is real 0: x - zp = 0 */
+                    for (int32_t kx = 0; kx < p->k_w; kx++) {
+                        const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                        if (ix < 0 || ix >= p->in_w) continue;
+                        acc += (plane[iy * p->in_w + ix] - p->zp_in) * p->weight[(c * p->k_h + ky) * p->k_w + kx];
+                    }
+                }
+                buf[(oy * p->out_w + ox) * c_n + c] = hilc_requant(acc, p->mult[c], p->shift[c], p->zp_out, p->lo, p->hi);
+            }
+        }
+    }
+}
+
 void hilc_maxpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out) {
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         for (int32_t ox = 0; ox < p->out_w; ox++) {
@@ -296,4 +318,130 @@ void hilc_pad_s8(const hilc_pad_params *p, const int8_t *in, int8_t *out) {
 void hilc_copy_s8(int32_t n, const int8_t *in, int8_t *out) {
     if (in == out) return;
     for (int32_t i = 0; i < n; i++) out[i] = in[i];
+}
+
+/* --- transformers -------------------------------------------------------------------------- */
+
+void hilc_matmul_s8(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out) {
+    for (int32_t t = 0; t < p->batch; t++) {
+        const int8_t *at = a + t * p->m * p->k, *bt = b + t * p->n * p->k;
+        int8_t *ot = out + t * p->m * p->n;
+        for (int32_t i = 0; i < p->m; i++) {
+            for (int32_t j = 0; j < p->n; j++) {
+                int32_t acc = 0;
+                for (int32_t k = 0; k < p->k; k++) acc += (at[i * p->k + k] - p->zp_a) * (bt[j * p->k + k] - p->zp_b);
+                ot[i * p->n + j] = hilc_requant(acc, p->mult, p->shift, p->zp_out, p->lo, p->hi);
+            }
+        }
+    }
+}
+
+/* sum_k (a - zp_a)(b - zp_b) = sum_k (a - zp_a) * b - zp_b * sum_k (a - zp_a): the raw int8 rows of b
+ * go through SXTB16 like weights, two multiply-accumulates per SMLAD. */
+void hilc_matmul_s8_dsp(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out, int16_t *col) {
+    const int32_t k = p->k, k4 = k & ~3;
+    for (int32_t t = 0; t < p->batch; t++) {
+        const int8_t *at = a + t * p->m * k, *bt = b + t * p->n * k;
+        int8_t *ot = out + t * p->m * p->n;
+        for (int32_t i = 0; i < p->m; i++) {
+            int32_t sum_a = 0;
+            for (int32_t q = 0; q < k; q++) {
+                const int32_t d = at[i * k + q] - p->zp_a;
+                col[hilc_col_slot(q, k4)] = (int16_t)d;
+                sum_a += d;
+            }
+            const int32_t offset = -p->zp_b * sum_a;
+            for (int32_t j = 0; j < p->n; j++) {
+                const int32_t acc = hilc_dot_s16_s8(col, bt + j * k, k, offset);
+                ot[i * p->n + j] = hilc_requant(acc, p->mult, p->shift, p->zp_out, p->lo, p->hi);
+            }
+        }
+    }
+}
+
+void hilc_matmul(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out, int16_t *col) {
+#if HILC_DSP
+    hilc_matmul_s8_dsp(p, a, b, out, col);
+#else
+    (void)col;
+    hilc_matmul_s8(p, a, b, out);
+#endif
+}
+
+static int32_t hilc_bit_length64(uint64_t v) {
+    const uint32_t hi = (uint32_t)(v >> 32);
+    return hi ? 32 + hilc_bit_length(hi) : hilc_bit_length((uint32_t)v);
+}
+
+/* floor(sqrt(v)) for 0 <= v < 2^62, digit by digit: shifts, adds and compares only. */
+static int64_t hilc_isqrt62(int64_t v) {
+    int64_t res = 0, bit = (int64_t)1 << 60;
+    for (int32_t i = 0; i < 31; i++) {
+        const int64_t t = res + bit;
+        if (v >= t) {
+            v -= t;
+            res = (res >> 1) + bit;
+        } else {
+            res >>= 1;
+        }
+        bit >>= 2;
+    }
+    return res;
+}
+
+/* LayerNorm (hilc/compiler/ops/layernorm.py): c_i = n*d_i - sum d, V = sum c^2 + eps,
+ * 1/sqrt(V) by isqrt of V normalised to [2^60, 2^62) and the Newton-Raphson reciprocal. */
+void hilc_layernorm_s8(const hilc_layernorm_params *p, const int8_t *in, int8_t *out) {
+    const int32_t n = p->n;
+    for (int32_t r = 0; r < p->rows; r++) {
+        const int8_t *x = in + r * n;
+        int8_t *y = out + r * n;
+        int32_t s = 0;
+        for (int32_t i = 0; i < n; i++) s += x[i] - p->zp_in;
+        int64_t v = p->eps;
+        for (int32_t i = 0; i < n; i++) {
+            const int64_t c = (int64_t)n * (x[i] - p->zp_in) - s;
+            v += c * c;
+        }
+        const int32_t k = (62 - hilc_bit_length64((uint64_t)v)) >> 1;
+        const int64_t a = hilc_isqrt62(v << (2 * k)); /* in [2^30, 2^31) */
+        int64_t inv = HILC_NR_C1 - ((HILC_NR_C2 * a) >> 31);
+        for (int32_t step = 0; step < 3; step++) {
+            const int64_t t = (a * inv) >> 31;
+            inv = (inv * (((int64_t)1 << 31) - t)) >> 30;
+        }
+        for (int32_t i = 0; i < n; i++) {
+            const int64_t c = (int64_t)n * (x[i] - p->zp_in) - s;
+            const int64_t z = hilc_round_shift(c * inv, 37 - k); /* Q24 of c / sqrt(V) */
+            const int64_t q = hilc_round_shift(z * p->mult[i] + p->bias[i], p->shift[i]) + p->zp_out;
+            y[i] = (int8_t)hilc_clamp(q, p->lo, p->hi);
+        }
+    }
+}
+
+void hilc_reduce_mean_s8(const hilc_reduce_params *p, const int8_t *in, int8_t *out) {
+    for (int32_t o = 0; o < p->outer; o++) {
+        for (int32_t i = 0; i < p->inner; i++) {
+            const int8_t *x = in + o * p->len * p->inner + i;
+            int32_t acc = 0;
+            for (int32_t k = 0; k < p->len; k++) acc += x[k * p->inner] - p->zp_in;
+            out[o * p->inner + i] = hilc_requant(acc, p->mult, p->shift, p->zp_out, p->lo, p->hi);
+        }
+    }
+}
+
+void hilc_embedding_s8(int32_t n_tokens, int32_t d, const int32_t *index, const int8_t *table, const int8_t *in,
+                       int8_t *out) {
+    for (int32_t t = 0; t < n_tokens; t++) {
+        const int8_t *row = table + index[in[t] + 128] * d;
+        for (int32_t i = 0; i < d; i++) out[t * d + i] = row[i];
+    }
+}
+
+void hilc_gather_s8(int32_t outer, int32_t len, int32_t inner, int32_t n_idx, const int32_t *indices, const int8_t *in,
+                    int8_t *out) {
+    for (int32_t o = 0; o < outer; o++)
+        for (int32_t j = 0; j < n_idx; j++)
+            for (int32_t i = 0; i < inner; i++)
+                *out++ = in[(o * len + indices[j]) * inner + i];
 }

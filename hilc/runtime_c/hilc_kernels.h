@@ -95,6 +95,9 @@ void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out
 /* The kernel the build selects (HILC_DSP); the portable ones ignore `col`. */
 void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
+/* In-place depthwise conv (out shape == in shape, groups == channels): channel by channel, the input
+ * plane is saved to `plane` (in_h * in_w bytes) and the output channel written over it in `buf`. */
+void hilc_dwconv_inplace_s8(const hilc_conv_params *p, int8_t *buf, int8_t *plane);
 void hilc_maxpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out);
 void hilc_avgpool_s8(const hilc_pool_params *p, const int8_t *in, int8_t *out);
 void hilc_add_s8(const hilc_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out);
@@ -108,5 +111,38 @@ void hilc_concat_s8(const hilc_concat_params *p, int8_t *out);
 void hilc_transpose_s8(const hilc_transpose_params *p, const int8_t *in, int8_t *out);
 void hilc_pad_s8(const hilc_pad_params *p, const int8_t *in, int8_t *out);
 void hilc_copy_s8(int32_t n, const int8_t *in, int8_t *out);
+
+/* --- transformers (hilc/compiler/ops/matmul.py, layernorm.py, reduce.py) --- */
+typedef struct {
+    int32_t batch, m, k, n;      /* a [batch][m][k] times b^T, b stored [batch][n][k] */
+    int32_t zp_a, zp_b, zp_out, mult, shift, lo, hi;
+} hilc_matmul_params;
+
+typedef struct {
+    int32_t rows, n;             /* normalise each row of n values */
+    int32_t zp_in, zp_out, lo, hi;
+    int64_t eps;                 /* max(1, round(n^3 * epsilon / s_in^2)) */
+    const int32_t *mult;         /* [n] signed dyadic b of gamma * sqrt(n) / (s_out * 2^24) */
+    const int8_t *shift;         /* [n] dyadic c */
+    const int64_t *bias;         /* [n] round(beta / s_out * 2^shift) */
+} hilc_layernorm_params;
+
+typedef struct {
+    int32_t outer, len, inner;   /* mean over the middle axis */
+    int32_t zp_in, zp_out, mult, shift, lo, hi;
+} hilc_reduce_params;
+
+void hilc_matmul_s8(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out);
+/* DSP variant: `col` holds one int16 row of a - zp_a (k elements). */
+void hilc_matmul_s8_dsp(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out, int16_t *col);
+void hilc_matmul(const hilc_matmul_params *p, const int8_t *a, const int8_t *b, int8_t *out, int16_t *col);
+void hilc_layernorm_s8(const hilc_layernorm_params *p, const int8_t *in, int8_t *out);
+void hilc_reduce_mean_s8(const hilc_reduce_params *p, const int8_t *in, int8_t *out);
+
+/* embedding: y[t] = table[index[in[t] + 128]] (rows of d); gather: copy the selected slices */
+void hilc_embedding_s8(int32_t n_tokens, int32_t d, const int32_t *index, const int8_t *table, const int8_t *in,
+                       int8_t *out);
+void hilc_gather_s8(int32_t outer, int32_t len, int32_t inner, int32_t n_idx, const int32_t *indices, const int8_t *in,
+                    int8_t *out);
 
 #endif

@@ -33,7 +33,14 @@ def _execute(graph: Graph, feeds: dict[str, np.ndarray], integer: bool,
     if observe is not None:
         for name, v in feeds.items():
             observe(name, v)
+    start = 0
+    if integer and graph.meta.get("patch"):  # the patch stage first (hilc/compiler/patches.py)
+        from hilc.compiler.patches import run_patch_stage
+
+        start = run_patch_stage(graph, env)
     for i, node in enumerate(graph.nodes):
+        if i < start:
+            continue
         op = OPS[node.op]
         xs = [env[t] for t in node.inputs]
         ys = op.eval_int(node, graph, xs) if integer else op.eval_float(node, graph, xs)

@@ -374,7 +374,120 @@ def _emit(b: _Builder, node: Node) -> str | None:
     if op == "softmax":
         _emit_softmax(b, node)
         return None
+    if op in TRANSFORMER_EXPORTS:
+        return TRANSFORMER_EXPORTS[op](b, node)
     raise HilcError(f"export-onnx: {node.name}: operator '{op}' has no QDQ ONNX export")
+
+
+# --- transformers (hilc/compiler/ops/matmul.py, reduce.py, gather.py, layernorm.py) ---------------
+
+def _emit_matmul(b: _Builder, node: Node) -> str:
+    """MatMul of two activations' units (the second stored transposed), exact in float32 below
+    2^24 and in float64 otherwise, then the dyadic requantization."""
+    a = node.attrs
+    ua, ub = b.dq_units(node.inputs[0]), b.dq_units(node.inputs[1])
+    if a["acc_bound"] >= F32_EXACT:
+        ua = b.node("Cast", [ua], b.uid(f"{node.name}_a_f64"), to=TensorProto.DOUBLE)
+        ub = b.node("Cast", [ub], b.uid(f"{node.name}_b_f64"), to=TensorProto.DOUBLE)
+    rank = len(b.g.tensors[node.inputs[1]].shape)
+    bt = b.node("Transpose", [ub], b.uid(f"{node.name}_bt"), perm=[*range(rank - 2), rank - 1, rank - 2])
+    y = b.node("MatMul", [ua, bt], b.uid(node.name), name=node.name)
+    return b.requant(y, _dyadic(a["mult"], a["shift"]), node.name)
+
+
+def _emit_reduce_mean(b: _Builder, node: Node) -> str:
+    a = node.attrs
+    axes = b.const(b.uid(f"{node.name}.axes"), np.array([a["axis"]], np.int64))
+    y = b.node("ReduceSum", [b.dq_units(node.inputs[0]), axes], b.uid(node.name), name=node.name,
+               keepdims=int(a.get("keepdims", 1)))  # |sum| <= len * 255: exact
+    return b.requant(y, _dyadic(a["mult"], a["shift"]), node.name)
+
+
+def _emit_gather(b: _Builder, node: Node) -> None:
+    a = node.attrs
+    idx = b.const(b.uid(f"{node.name}.indices"), np.array(a["indices"], np.int64).reshape(a["index_shape"]))
+    b.node("Gather", [b.tn(node.inputs[0]), idx], b.tn(node.outputs[0]), name=node.name, axis=a["axis"])
+
+
+def _emit_embedding(b: _Builder, node: Node) -> None:
+    """Two Gathers, as the kernel: code -> row (index table), row -> int8 table row."""
+    g, nm = b.g, node.name
+    code = b.node("Add", [_int64(b, node.inputs[0], nm),
+                          b.const(b.uid(f"{nm}.offset"), np.array(node.attrs["index_offset"], np.int64))],
+                  b.uid(f"{nm}_code"))
+    rows = b.node("Gather", [b.const(b.uid(f"{nm}.index"), g.param(node, "index").astype(np.int64)), code],
+                  b.uid(f"{nm}_rows"), axis=0)
+    b.node("Gather", [b.const(f"{nm}.table", g.param(node, "table").astype(np.int8)), rows],
+           b.tn(node.outputs[0]), name=nm, axis=0)
+
+
+def _round_shift_i64(b: _Builder, p: str, div: str, half: str, tag: str) -> str:
+    """round(p / div), ties to even, for int64 p of either sign and div a power of two >= 2:
+    on |p| (ONNX integer Div truncates, which is the floor there), then the sign back."""
+    op = lambda kind, ins, t, **kw: b.node(kind, ins, b.uid(f"{tag}_{t}"), **kw)  # noqa: E731
+    ap = op("Abs", [p], "abs")
+    q = op("Div", [ap, div], "q")
+    r = op("Sub", [ap, op("Mul", [q, div], "qd")], "r")
+    two, one = b.const(b.uid(f"{tag}.2"), np.array(2, np.int64)), b.const(b.uid(f"{tag}.1"), np.array(1, np.int64))
+    odd = op("Equal", [op("Mod", [q, two], "q2"), one], "odd")
+    up = op("Or", [op("Greater", [r, half], "gt"), op("And", [op("Equal", [r, half], "tie"), odd], "tie_odd")], "up")
+    q = op("Add", [q, op("Cast", [up], "up_i64", to=TensorProto.INT64)], "rounded")
+    return op("Mul", [q, op("Sign", [p], "sign")], "signed")
+
+
+def _emit_layernorm(b: _Builder, node: Node) -> None:
+    """hilc's integer LayerNorm (hilc.compiler.ops.layernorm) in int64 ONNX operators: exact
+    centring, int64 variance, bit length, digit-by-digit square root, Newton-Raphson reciprocal and
+    the two rounding shifts. Values that are divided are non-negative or rounded on their magnitude."""
+    from hilc.compiler.ops.layernorm import Z_BITS
+    from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
+
+    a, g, nm = node.attrs, b.g, node.name
+    n = g.tensors[node.inputs[0]].shape[-1]
+
+    def c(value, tag: str) -> str:
+        return b.const(b.uid(f"{nm}.{tag}"), np.asarray(value, np.int64))
+
+    def op(kind: str, ins: list[str], tag: str, **kw) -> str:
+        return b.node(kind, ins, b.uid(f"{nm}_{tag}"), **kw)
+
+    pow2 = np.array([1 << k for k in range(63)], np.int64)
+    last = c([-1], "last")
+    d = op("Sub", [_int64(b, node.inputs[0], nm), c(a["zp_in"], "zp_in")], "d")
+    cc = op("Sub", [op("Mul", [d, c(n, "n")], "nd"), op("ReduceSum", [d, last], "s", keepdims=1)], "c")
+    v = op("Add", [op("ReduceSum", [op("Mul", [cc, cc], "c2"), last], "v0", keepdims=1), c(a["eps_int"], "eps")], "v")
+    ge = op("GreaterOrEqual", [op("Unsqueeze", [v, last], "v1"), c(pow2, "pow2_ge")], "ge")
+    bl = op("ReduceSum", [op("Cast", [ge], "ge_i64", to=TensorProto.INT64), last], "bl", keepdims=0)
+    k = op("Div", [op("Sub", [c(62, "62"), bl], "62_bl"), c(2, "2")], "k")
+    table = c(pow2, "pow2")
+    rem = op("Mul", [v, op("Gather", [table, op("Mul", [k, c(2, "2b")], "2k")], "p2k", axis=0)], "vn")
+    res = op("Mul", [rem, c(0, "0")], "res0")
+    for i in range(31):  # digit-by-digit square root, the bit a constant per step
+        bit = c(1 << (60 - 2 * i), f"bit{i}")
+        t = op("Add", [res, bit], f"t{i}")
+        ok = op("GreaterOrEqual", [rem, t], f"ge{i}")
+        rem = op("Where", [ok, op("Sub", [rem, t], f"rt{i}"), rem], f"rem{i}")
+        half = op("Div", [res, c(2, f"h{i}")], f"half{i}")
+        res = op("Where", [ok, op("Add", [half, bit], f"hb{i}"), half], f"res{i}")
+    y = op("Sub", [c(NR_C1, "c1"), op("Div", [op("Mul", [c(NR_C2, "c2"), res], "c2a"), c(1 << 31, "2p31")], "y0s")],
+           "y0")
+    for i in range(NR_STEPS):
+        t = op("Div", [op("Mul", [res, y], f"ay{i}"), c(1 << 31, f"2p31_{i}")], f"nt{i}")
+        y = op("Div", [op("Mul", [y, op("Sub", [c(1 << 31, f"2p31b_{i}"), t], f"2t{i}")], f"yt{i}"),
+                       c(1 << 30, f"2p30_{i}")], f"y{i + 1}")
+    sh = op("Sub", [c(61 - Z_BITS, "sh0"), k], "sh")
+    z = _round_shift_i64(b, op("Mul", [cc, y], "cy"), op("Gather", [table, sh], "2sh", axis=0),
+                         op("Gather", [table, op("Sub", [sh, c(1, "1")], "sh1")], "2sh1", axis=0), f"{nm}_z")
+    shift = g.param(node, "shift").astype(np.int64)
+    w = op("Add", [op("Mul", [z, c(g.param(node, "mult").astype(np.int64), "mult")], "zm"),
+                   c(g.param(node, "bias").astype(np.int64), "bias")], "w")
+    q = _round_shift_i64(b, w, c(pow2[shift], "div"), c(pow2[shift - 1], "half"), f"{nm}_q")
+    q = op("Clip", [op("Add", [q, c(a["zp_out"], "zp")], "qz"), c(a["lo"], "lo"), c(a["hi"], "hi")], "clip")
+    b.node("Cast", [q], b.tn(node.outputs[0]), name=nm, to=TensorProto.INT8)
+
+
+TRANSFORMER_EXPORTS = {"matmul": _emit_matmul, "reduce_mean": _emit_reduce_mean, "gather": _emit_gather,
+                       "embedding": _emit_embedding, "layernorm": _emit_layernorm}
 
 
 def _quantize_input(b: _Builder, ext: str, name: str) -> str:

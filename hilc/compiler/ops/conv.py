@@ -138,6 +138,15 @@ class Conv2D(Op):
         o = graph.tensors[node.outputs[0]].shape
         return int(np.prod(o[1:3])) * int(w.size)
 
+    def inplace_plane_bytes(self, node, graph) -> int:
+        """Bytes of the one-channel plane an in-place depthwise conv needs (0: cannot run in place).
+        Only a depthwise conv whose output has its input's shape qualifies: channel c of the
+        output then overwrites exactly channel c of the input, saved in the plane first."""
+        x, y = graph.tensors[node.inputs[0]].shape, graph.tensors[node.outputs[0]].shape
+        if len(x) != 4 or x != y or node.attrs["group"] != x[3]:
+            return 0
+        return x[1] * x[2]
+
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs
         _, h, w, c = graph.tensors[node.inputs[0]].shape
@@ -149,6 +158,9 @@ class Conv2D(Op):
             group_out=oc // a["group"], zp_in=a["zp_in"], zp_out=a["zp_out"],
             lo=a["lo"], hi=a["hi"], weight=em.param(node, "weight"), bias=em.param(node, "bias"),
             mult=em.param(node, "mult"), shift=em.param(node, "shift")))
+        plane = f"{node.outputs[0]}@plane"
+        if plane in em.plan.offsets and em.plan.inplace.get(node.outputs[0]) == node.inputs[0]:
+            return f"hilc_dwconv_inplace_s8({p}, {em.tensor(node.outputs[0])}, (arena + {em.plan.offsets[plane]}));"
         em.need_scratch(a["kernel"][0] * a["kernel"][1] * (c // a["group"]))
         return f"hilc_conv2d({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
 

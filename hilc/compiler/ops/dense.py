@@ -93,7 +93,10 @@ def import_gemm(ctx, node) -> None:
 def import_matmul(ctx, node) -> None:
     b = ctx.const(node.input[1])
     if b is None:
-        raise ctx.fail("MatMul of two activations is not supported yet (the second input must be a constant)")
+        from hilc.compiler.ops.matmul import import_matmul_activations
+
+        import_matmul_activations(ctx, node)  # attention: q @ k^T, p @ v
+        return
     if b.ndim != 2:
         raise ctx.fail(f"MatMul with a {b.ndim}-D constant is not supported (2-D weights only)")
     x = ctx.to_logical(ctx.value(node.input[0]))

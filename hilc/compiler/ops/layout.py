@@ -249,6 +249,11 @@ def import_identity(ctx, node) -> None:
 def import_cast(ctx, node) -> None:
     import onnx
 
+    if int(ctx.attr("to")) in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        from hilc.compiler.ops.gather import cast_to_indices
+
+        cast_to_indices(ctx, node)  # token ids for an embedding
+        return
     if int(ctx.attr("to")) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
         raise ctx.fail("Cast of an activation to a non-float type is not supported")
     ctx.bind(node.output[0], ctx.value(node.input[0]))

@@ -1,4 +1,4 @@
-"""Unary nonlinearities as lookup tables: Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu.
+"""Unary nonlinearities as lookup tables: Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, Gelu.
 
 With int8 activations any unary function is exactly a 256-entry table built at compile time
 (``params['table']``, indexed by ``x + 128``): the inference path is one load per element.
@@ -7,6 +7,8 @@ does); the others are calibrated.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -19,13 +21,31 @@ def _hardsigmoid(x, alpha=0.2, beta=0.5):
     return np.clip(alpha * x + beta, 0.0, 1.0)
 
 
+def _gelu(x, a):
+    if a.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / np.sqrt(2.0)))
+
+
 FUNCTIONS = {
     "sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
     "tanh": lambda x, a: np.tanh(x),
     "hardsigmoid": lambda x, a: _hardsigmoid(x, a.get("alpha", 0.2), a.get("beta", 0.5)),
     "hardswish": lambda x, a: x * _hardsigmoid(x, 1.0 / 6.0, 0.5),
     "leakyrelu": lambda x, a: np.where(x >= 0, x, x * a.get("alpha", 0.01)),
+    "gelu": _gelu,  # exact (Erf) or tanh approximation: with int8 inputs the table is exact either way
+    # Pieces of decomposed blocks that a QDQ model quantizes one by one (float models fuse them first).
+    "erf": lambda x, a: np.vectorize(math.erf, otypes=[np.float64])(x),
+    "sqrt": lambda x, a: np.sqrt(np.maximum(x, 0.0)),
+    "pow": lambda x, a: np.power(x, a["exponent"]),
 }
+def _pre(x: np.ndarray, attrs: dict) -> np.ndarray:
+    """Scalar multiplies / adds folded in front of the function (``passes.fold_scalars``)."""
+    for op, c in attrs.get("pre", []):
+        x = x * c if op == "mul" else x + c
+    return x
+
+
 FIXED_RANGES = {"sigmoid": (1.0 / 256, -128), "hardsigmoid": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
 
 
@@ -43,12 +63,13 @@ class Lut(Op):
 
     def eval_float(self, node, graph, xs):
         f = FUNCTIONS[node.attrs["fn"]]
-        return [f(xs[0].astype(np.float64), node.attrs).astype(np.float32)]
+        return [f(_pre(xs[0].astype(np.float64), node.attrs), node.attrs).astype(np.float32)]
 
     def quantize(self, node, graph):
         qi, qo = in_quant(graph, node), out_quant(graph, node)
         codes = np.arange(qi.qmin, qi.qmax + 1)
-        real = FUNCTIONS[node.attrs["fn"]](qi.scale * (codes - qi.zero_point).astype(np.float64), node.attrs)
+        real = FUNCTIONS[node.attrs["fn"]](_pre(qi.scale * (codes - qi.zero_point).astype(np.float64), node.attrs),
+                                           node.attrs)
         table = arith.quantize_host(real, qo.scale, qo.zero_point, qo.bits)
         node.params["table"] = graph.add_constant(f"{node.name}.table", table)
         node.attrs["table_offset"] = -qi.qmin  # index = x + 128 for int8
@@ -64,6 +85,10 @@ class Lut(Op):
 def _lut_importer(fn: str):
     def imp(ctx, node) -> None:
         attrs = {"fn": fn}
+        if fn == "gelu":
+            attrs["approximate"] = str(ctx.attr("approximate", "none"))
+            if attrs["approximate"] not in ("none", "tanh"):
+                raise ctx.fail(f"Gelu approximate='{attrs['approximate']}' is not supported")
         for name in ("alpha", "beta"):
             v = ctx.attr(name)
             if v is not None:
@@ -74,5 +99,18 @@ def _lut_importer(fn: str):
 
 
 for _op, _fn in (("Sigmoid", "sigmoid"), ("Tanh", "tanh"), ("HardSigmoid", "hardsigmoid"),
-                 ("HardSwish", "hardswish"), ("LeakyRelu", "leakyrelu")):
+                 ("HardSwish", "hardswish"), ("LeakyRelu", "leakyrelu"), ("Gelu", "gelu")):
     onnx_importer(_op)(_lut_importer(_fn))
+
+
+for _op, _fn in (("Erf", "erf"), ("Sqrt", "sqrt")):
+    onnx_importer(_op)(_lut_importer(_fn))
+
+
+@onnx_importer("Pow")
+def import_pow(ctx, node) -> None:
+    e = ctx.const(node.input[1])
+    if e is None or e.size != 1 or float(e.reshape(-1)[0]) != round(float(e.reshape(-1)[0])):
+        raise ctx.fail("Pow is supported only with a constant integer exponent")
+    ctx.emit("lut", [ctx.value(node.input[0])], {"fn": "pow", "exponent": float(e.reshape(-1)[0])},
+             onnx_out=node.output[0])

@@ -25,7 +25,7 @@ from hilc.errors import HilcError
 
 RUNTIME_FILES = ("hilc_arith.h", "hilc_dsp.h", "hilc_kernels.h", "hilc_kernels.c")
 C_TYPES = {np.dtype(np.int8): "int8_t", np.dtype(np.int32): "int32_t", np.dtype(np.int16): "int16_t",
-           np.dtype(np.uint8): "uint8_t"}
+           np.dtype(np.uint8): "uint8_t", np.dtype(np.int64): "int64_t"}
 
 
 def runtime_dir() -> Path:
@@ -133,11 +133,23 @@ def generate_c(graph: Graph, model_name: str = "model") -> CModel:
                         f"(this one has {len(graph.inputs)} and {len(graph.outputs)})")
     if not graph.is_quantized:
         raise HilcError("the C target needs a quantized graph")
-    plan = plan_memory(graph)
+    patch = graph.meta.get("patch")
+    if patch:  # patch-based schedule (hilc/compiler/patches.py, targets/c/patch_lower.py)
+        from hilc.compiler.patches import plan_patch_memory
+
+        plan = plan_patch_memory(graph)
+    else:
+        plan = plan_memory(graph)
     em = CEmitter(graph, plan)
     layers = []
-    for node in graph.nodes:
+    for i, node in enumerate(graph.nodes):
         op = OPS[node.op]
+        if patch and i <= patch["split_index"]:  # the whole stage runs (and is profiled) as the split node
+            from hilc.targets.c.patch_lower import lower_patch_stage
+
+            call = lower_patch_stage(graph, em) if i == patch["split_index"] else "/* in the patch stage */"
+            layers.append({"name": node.name, "op": node.op, "call": call})
+            continue
         lower = getattr(op, "lower_c", None)
         if lower is None:
             raise HilcError(f"node '{node.onnx_name or node.name}' ({node.op}): no C lowering for this operator yet")

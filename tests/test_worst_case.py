@@ -71,6 +71,27 @@ def _taps(node: Node, g: Graph, oy: int, ox: int):
                 yield ky, kx, iy, ix
 
 
+def matmul_worst_cases(node: Node, g: Graph, rng):
+    """Activation x activation matmul: row i of A and row j of B^T at the corner of the box of
+    int8 values whose product (x_a - zp_a)(x_b - zp_b) is largest (or most negative), every k."""
+    ta, tb = (g.tensors[i] for i in node.inputs)
+    qa, qb = ta.quant, tb.quant
+    m, n = ta.shape[-2], tb.shape[-2]
+    corners = [(va, vb) for va in (qa.qmin, qa.qmax) for vb in (qb.qmin, qb.qmax)]
+    prods = [(va - qa.zero_point) * (vb - qb.zero_point) for va, vb in corners]
+    for i, j in {(0, 0), (m - 1, n - 1), (m // 2, 0)}:
+        for pick in (int(np.argmax(prods)), int(np.argmin(prods))):
+            xa = rng.choice([qa.qmin, qa.qmax], size=ta.shape).astype(np.int8)
+            xb = rng.choice([qb.qmin, qb.qmax], size=tb.shape).astype(np.int8)
+            lead = (0,) * (len(ta.shape) - 2)
+            xa[(*lead, i)] = corners[pick][0]
+            xb[(*lead, j)] = corners[pick][1]
+            row_a = xa[(*lead, i)].astype(np.int64) - qa.zero_point
+            acc = int(row_a @ (xb[(*lead, j)].astype(np.int64) - qb.zero_point))
+            assert acc == ta.shape[-1] * prods[pick]
+            yield [xa, xb], (*lead, i, j), acc
+
+
 def worst_cases(node: Node, g: Graph, rng, max_channels: int = 6):
     """Inputs that drive single accumulators to their extremes, one per (channel, pixel, sign):
     every input value the accumulator sees is qmax where its weight's sign helps and qmin where
@@ -119,15 +140,20 @@ def check_every_layer(g: Graph, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     reached = 0
     for node in g.nodes:
-        if node.op in ("conv2d", "dense"):
+        if node.op in ("conv2d", "dense", "matmul"):
             bound = node.attrs["acc_bound"]
             assert bound <= arith.INT32_MAX
-            for x, idx, acc in worst_cases(node, g, rng):
+            cases_ = (matmul_worst_cases(node, g, rng) if node.op == "matmul"
+                      else (([x], idx, acc) for x, idx, acc in worst_cases(node, g, rng)))
+            for xs, idx, acc in cases_:
                 assert abs(acc) <= bound, f"{node.name}: accumulator {acc} beyond its static bound {bound}"
-                y = OPS[node.op].eval_int(node, g, [x])[0]
-                assert np.array_equal(y, int64_eval(node, g, [x])), node.name
+                y = OPS[node.op].eval_int(node, g, xs)[0]
+                assert np.array_equal(y, int64_eval(node, g, xs)), node.name
                 o = idx[-1]
-                mult, shift = g.param(node, "mult")[o:o + 1], g.param(node, "shift")[o:o + 1]
+                if node.op == "matmul":
+                    mult, shift = np.array([node.attrs["mult"]]), np.array([node.attrs["shift"]])
+                else:
+                    mult, shift = g.param(node, "mult")[o:o + 1], g.param(node, "shift")[o:o + 1]
                 want = arith.requantize(np.array([acc]), mult, shift, node.attrs["zp_out"], node.attrs["lo"],
                                         node.attrs["hi"])[0]
                 assert y[idx] == want, f"{node.name}: output {y[idx]} for accumulator {acc}, expected {want}"

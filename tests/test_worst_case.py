@@ -30,6 +30,11 @@ from hilc.targets.c.codegen import generate_c, write_c_project
 CASES = {c.name: c for c in cases()}
 LINEAR = [n for n, c in CASES.items() if any(x.op_type in ("Conv", "Gemm", "MatMul", "BatchNormalization")
                                              for x in c.model.graph.node)]
+# the cases with weights (where 4- and 2-bit weights make a difference)
+WEIGHTED = [n for n, c in CASES.items()
+            if any(x.op_type in ("Conv", "Gemm", "BatchNormalization")
+                   or (x.op_type == "MatMul" and x.input[1] in {i.name for i in c.model.graph.initializer})
+                   for x in c.model.graph.node)]
 TERM = 127 * 255  # largest |w * (x - zp)| with 8-bit weights and int8 activations
 
 
@@ -170,7 +175,7 @@ def check_every_layer(g: Graph, seed: int = 0) -> int:
 
 
 def _bits_params():
-    return [(n, b) for n in CASES for b in (8, 4, 2) if b == 8 or n in LINEAR]
+    return [(n, b) for n in CASES for b in (8, 4, 2) if b == 8 or n in WEIGHTED]
 
 
 @pytest.mark.parametrize("name,bits", _bits_params(), ids=lambda v: str(v))

@@ -37,15 +37,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise HilcError(f"{out}: exists and is not a directory")
     prog, update = _progress_factory(args.quiet)
+    ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
-                                   board=args.board, patch=args.patch, sram_bytes=args.sram)
+                                   board=args.board, patch=args.patch, sram_bytes=args.sram, **ptq_args)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
-                               patch=args.patch, sram_bytes=args.sram)
+                               patch=args.patch, sram_bytes=args.sram, **ptq_args)
+    data_free = result.report.get("calibration", {}).get("data_free")
+    if data_free is not None and not args.quiet:
+        print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
+    ptq_layers = result.report.get("ptq", {}).get("layers")
+    if ptq_layers and not args.quiet:
+        ran = ", ".join(f"{m['name']} ({m['seconds']:.1f} s)" for m in result.report["ptq"]["methods"])
+        before = float(np.mean([la["error_before"] for la in ptq_layers]))
+        after = float(np.mean([la["error_after"] for la in ptq_layers]))
+        print(f"ptq: {ran}; mean layer output error {before:.4f} -> {after:.4f}")
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     from hilc.progress import status
@@ -59,6 +69,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         print(short_summary(result.report, out))
     return 0
+
+
+def _input_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise HilcError(f"--input-range: expected LO,HI (two numbers), got '{text}'") from None
+    if not lo < hi:
+        raise HilcError(f"--input-range: LO must be below HI, got '{text}'")
+    return lo, hi
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -94,12 +116,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from hilc.compiler.pipeline import load_artifacts
     from hilc.sim.simulator import simulate
 
+    if args.engine == "tvm":  # before any work: a missing extra is one line, not a wrapped input error
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()
     graph = load_artifacts(args.compiled)
     x = load_samples(args.input)
     if not np.issubdtype(x.dtype, np.floating):
         raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
     try:
-        y = simulate(graph, x, raw=args.raw)
+        y = simulate(graph, x, raw=args.raw, engine=args.engine)
     except HilcError as e:
         raise HilcError(f"{args.input}: {e}") from None
     out = Path(args.output)
@@ -263,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
                         "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
     c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
+    c.add_argument("--ptq", metavar="METHODS",
+                   help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
+                        "(default auto: all three when some weights are below 8 bits, none otherwise)")
+    c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
+                   help="time AdaRound may take over all layers (default 30)")
+    c.add_argument("--input-range", metavar="LO,HI",
+                   help="without --calib, for a model without BatchNorm statistics: the input value range "
+                        "of the synthesised calibration inputs (default 0,1)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -271,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
     s.add_argument("-o", "--output", required=True, help="output .npy")
     s.add_argument("--raw", action="store_true", help="write the integer output tensor instead of float")
+    s.add_argument("--engine", default="numpy", choices=["numpy", "tvm"],
+                   help="numpy: the golden simulator; tvm: the same integers from a TVM-built module (hilc[tvm])")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_simulate)
 

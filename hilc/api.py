@@ -35,8 +35,8 @@ class Compiled:
     path: Path | None = None
     result: Any = field(default=None, repr=False)  # pipeline.CompileResult of a fresh compile
 
-    def simulate(self, x: np.ndarray, raw: bool = False) -> np.ndarray:
-        return simulate(self, x, raw=raw)
+    def simulate(self, x: np.ndarray, raw: bool = False, engine: str = "numpy") -> np.ndarray:
+        return simulate(self, x, raw=raw, engine=engine)
 
     def reload_report(self) -> dict[str, Any]:
         """Re-read OUT/report.json (profile results are added to it on disk)."""
@@ -95,11 +95,17 @@ def _written(m: Compiled | str | Path, what: str) -> Compiled:
     return c
 
 
-def simulate(m: Compiled | str | Path, x: np.ndarray, raw: bool = False) -> np.ndarray:
-    """Bit-accurate simulation (``hilc simulate``): float32 outputs, or the raw integers."""
+def simulate(m: Compiled | str | Path, x: np.ndarray, raw: bool = False, engine: str = "numpy") -> np.ndarray:
+    """Bit-accurate simulation (``hilc simulate``): float32 outputs, or the raw integers.
+    ``engine="tvm"``: the same integers from a TVM-built module (``hilc[tvm]``);
+    ``engine="hls-csim"``: the C-simulated HLS design of a ``target="hls"`` compile."""
     from hilc.sim.simulator import simulate as sim
 
-    return sim(_compiled(m).graph, np.asarray(x), raw=raw)
+    if engine == "hls-csim":
+        from hilc.targets.hls.build import csim
+
+        return csim(_written(m, "simulate with engine hls-csim").path, _compiled(m).graph, np.asarray(x), raw=raw)
+    return sim(_compiled(m).graph, np.asarray(x), raw=raw, engine=engine)
 
 
 def run(m: Compiled | str | Path, x: np.ndarray, board: str, check: bool = False, port: str | None = None,

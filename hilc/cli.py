@@ -36,17 +36,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise HilcError(f"{out}: exists and is not a directory")
+    parallel = _parse_parallel(args.parallel) if getattr(args, "parallel", None) else None
+    if parallel and args.target != "hls":
+        raise HilcError("--parallel needs --target hls")
     prog, update = _progress_factory(args.quiet)
     mixed_kw = _mixed_options(args, out)
+    ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
-                                   board=args.board, patch=args.patch, sram_bytes=args.sram, **mixed_kw)
+                                   board=args.board, patch=args.patch, sram_bytes=args.sram, parallel=parallel,
+                                   **ptq_args, **mixed_kw)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
-                               patch=args.patch, sram_bytes=args.sram, **mixed_kw)
+                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, **ptq_args, **mixed_kw)
+    data_free = result.report.get("calibration", {}).get("data_free")
+    if data_free is not None and not args.quiet:
+        print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
+    ptq_layers = result.report.get("ptq", {}).get("layers")
+    if ptq_layers and not args.quiet:
+        ran = ", ".join(f"{m['name']} ({m['seconds']:.1f} s)" for m in result.report["ptq"]["methods"])
+        before = float(np.mean([la["error_before"] for la in ptq_layers]))
+        after = float(np.mean([la["error_after"] for la in ptq_layers]))
+        print(f"ptq: {ran}; mean layer output error {before:.4f} -> {after:.4f}")
     for name, text in result.dumps.items():
         print(f"--- after {name} ---\n{text}")
     from hilc.progress import status
@@ -75,6 +89,30 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json"}
 
 
+def _input_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise HilcError(f"--input-range: expected LO,HI (two numbers), got '{text}'") from None
+    if not lo < hi:
+        raise HilcError(f"--input-range: LO must be below HI, got '{text}'")
+    return lo, hi
+
+
+def _parse_parallel(items: list[str]) -> dict[str, tuple[int, int]]:
+    """--parallel LAYER=PExSIMD (repeatable) -> {layer: (pe, simd)}."""
+    out = {}
+    for item in items:
+        name, _, val = item.partition("=")
+        pe, _, simd = val.lower().partition("x")
+        if not name or not pe.isdigit() or not simd.isdigit() or int(pe) < 1 or int(simd) < 1:
+            raise HilcError(f"--parallel {item}: expected LAYER=PExSIMD, e.g. conv2d_1=4x8")
+        out[name] = (int(pe), int(simd))
+    return out
+
+
 def _print_summary(report: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -97,6 +135,12 @@ def _print_summary(report: dict, out: Path) -> None:
         console.print(f"mixed precision: {report['bitops_int8'] / max(1, report['bitops']):.2f}x fewer BitOps than "
                       f"int8, predicted perturbation {m['predicted_perturbation']:.3g} "
                       f"(measured {m['measured_perturbation']:.3g}), search {m['search_seconds']} s")
+    if "fpga" in report:
+        f = report["fpga"]
+        t = f["total"]
+        console.print(f"{f['board']} ({f['part']}, {f['clock_mhz']} MHz), estimate: {t['dsp']} DSP, "
+                      f"{t['bram18']} BRAM18, {t['lut']:,} LUT; interval {f['interval_cycles']:,} cycles, "
+                      f"latency <= {f['latency_cycles_upper_bound']:,} cycles ({f['latency_us_upper_bound']} us)")
     if report.get("patch"):
         p = report["patch"]
         budget = f" of a {p['budget_bytes']:,} B budget" if p.get("budget_bytes") else ""
@@ -113,12 +157,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from hilc.compiler.pipeline import load_artifacts
     from hilc.sim.simulator import simulate
 
+    if args.engine == "tvm":  # before any work: a missing extra is one line, not a wrapped input error
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()
     graph = load_artifacts(args.compiled)
     x = load_samples(args.input)
     if not np.issubdtype(x.dtype, np.floating):
         raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
     try:
-        y = simulate(graph, x, raw=args.raw)
+        if args.engine == "hls-csim":
+            from hilc.targets.hls.build import csim
+
+            y = csim(args.compiled, graph, x, raw=args.raw)
+        else:
+            y = simulate(graph, x, raw=args.raw, engine=args.engine)
     except HilcError as e:
         raise HilcError(f"{args.input}: {e}") from None
     out = Path(args.output)
@@ -255,6 +308,11 @@ def cmd_boards(args: argparse.Namespace) -> int:
         kind = "QEMU" if b.is_qemu else b.run.get("method", "?")
         print(f"{b.name:20s} {b.cpu:10s} flash {b.flash_bytes // 1024:5d} KiB  SRAM {b.ram_bytes // 1024:5d} KiB  "
               f"{kind:8s} {b.description}")
+    from hilc.targets.hls.boards import list_fpga_boards
+
+    for f in list_fpga_boards():
+        print(f"{f.name:20s} {f.part:20s} {f.clock_mhz:g} MHz  DSP {f.dsp}  BRAM18 {f.bram18}  LUT {f.lut}  FF {f.ff}  "
+              f"FPGA     {f.description}")
     return 0
 
 
@@ -269,12 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration inputs: .npy (first axis = samples) or single-array .npz")
     c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "mse"])
     c.add_argument("--percentile", type=float, default=99.99, help="with --calib-method percentile")
-    c.add_argument("--target", default="sim", choices=["sim", "c"],
-                   help="sim: integer graph only; c: also MCU C sources (OUT/src) and a host Makefile")
+    c.add_argument("--target", default="sim", choices=["sim", "c", "hls"],
+                   help="sim: integer graph only; c: also MCU C sources (OUT/src) and a host Makefile; "
+                        "hls: also a Vitis HLS design (OUT/hls) for an FPGA board (--board, default pynq-z2)")
     c.add_argument("--cpu", help="with --target c: cross-compile for cortex-m3|cortex-m4|cortex-m7 and report sizes")
     c.add_argument("--board", help="compile for a board (implies --target c; see hilc boards)")
     c.add_argument("--flash", type=int, metavar="BYTES",
                    help="with --target c: refuse models whose constants exceed it")
+    c.add_argument("--parallel", action="append", metavar="LAYER=PExSIMD",
+                   help="with --target hls: a conv/dense layer's parallelism (output channels x inputs per cycle); "
+                        "default: from the board's resource budget")
     c.add_argument("--dump-after", action="append", metavar="PASS",
                    help="print the IR after a pass (import, cleanup, fold_pad, fuse_activation, fold_scalars, "
                         "calibrate, quantize, plan_patches)")
@@ -289,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
+    c.add_argument("--ptq", metavar="METHODS",
+                   help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
+                        "(default auto: all three when some weights are below 8 bits, none otherwise)")
+    c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
+                   help="time AdaRound may take over all layers (default 30)")
+    c.add_argument("--input-range", metavar="LO,HI",
+                   help="without --calib, for a model without BatchNorm statistics: the input value range "
+                        "of the synthesised calibration inputs (default 0,1)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -297,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
     s.add_argument("-o", "--output", required=True, help="output .npy")
     s.add_argument("--raw", action="store_true", help="write the integer output tensor instead of float")
+    s.add_argument("--engine", default="numpy", choices=["numpy", "tvm", "hls-csim"],
+                   help="numpy: the golden simulator; tvm: the same integers from a TVM-built module (hilc[tvm]); "
+                        "hls-csim: the C-simulated HLS design (--target hls)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_simulate)
 

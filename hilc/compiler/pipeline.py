@@ -23,7 +23,7 @@ from hilc.compiler.quantize import quantize
 from hilc.compiler.report import build_report
 from hilc.errors import HilcError
 
-TARGETS = ("sim", "c")
+TARGETS = ("sim", "c", "hls")
 PASS_NAMES = ["import", *[p.__name__ for p in passes.FLOAT_PIPELINE], "calibrate", "quantize", "plan_patches"]
 
 
@@ -35,6 +35,7 @@ class CompileResult:
     c_model: Any = None  # targets.c.codegen.CModel for --target c
     cpu: str | None = None
     board: Any = None  # hil.boards.Board
+    hls_design: Any = None  # targets.hls.codegen.HlsDesign for --target hls
     files: dict[str, str] | None = None  # extra files for OUT (mixed precision: sensitivity.json)
 
 
@@ -42,15 +43,32 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   percentile: float = 99.99, target: str = "sim", dump_after: list[str] | None = None,
                   progress: Callable[[int, int], None] | None = None, cpu: str | None = None,
                   flash_bytes: int | None = None, board: str | None = None, patch: str = "off",
-                  sram_bytes: int | None = None, precision: str = "int8",
+                  sram_bytes: int | None = None, parallel: dict[str, tuple[int, int]] | None = None,
+                  ptq: str | list[str] | None = None, ptq_budget: float = 30.0,
+                  graph_hook: Callable[[Graph], Graph] | None = None,
+                  input_range: tuple[float, float] | None = None, precision: str = "int8",
                   budgets: Any = None, weight_bits: dict[str, int] | None = None,
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
                   extended_bits: bool = False) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
-    is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM))."""
+    is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
+    hls ``board`` names an FPGA board and ``parallel`` maps conv/dense layers to their PE x SIMD).
+
+    ``ptq``: post-training quantization methods (``hilc.compiler.ptq``: "equalize",
+    "bias-correct", "adaround", "all", "none"; default "auto" = all when some weights are below
+    8 bits), AdaRound sharing ``ptq_budget`` seconds. ``graph_hook`` edits the float graph after
+    the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
+    calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm)."""
     board_obj = None
-    if board is not None:
+    fpga_board = None
+    if target == "hls":  # an FPGA board: checked here, before any work
+        from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD, load_fpga_board
+
+        fpga_board = load_fpga_board(board or DEFAULT_FPGA_BOARD)
+        if patch != "off":
+            raise HilcError("--patch schedules MCU memory; the HLS design streams every layer (use --patch off)")
+    elif board is not None:
         from hilc.hil.boards import load_board
 
         board_obj = load_board(board)
@@ -86,13 +104,18 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         g = p(g)
         if p.__name__ in (dump_after or []):
             dumps[p.__name__] = g.summary()
+    if graph_hook is not None:
+        g = graph_hook(g)
     has_hints = bool(g.meta.get("quant_hints"))
+    source = "calibration data" if isinstance(calib, np.ndarray) or calib is None else str(calib)
+    g, samples, ptq_report = _post_training(g, samples, ptq, ptq_budget, input_range, has_hints, Path(model).name,
+                                            source)
     if samples is not None:
-        source = "calibration data" if isinstance(calib, np.ndarray) else str(calib)
+        if calib is None:
+            source = "synthesised inputs"
         g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source)
-    elif not has_hints:
-        raise HilcError(f"{Path(model).name} is a float model: give calibration inputs with --calib FILE "
-                        "(.npy, first axis = samples)")
+        if calib is None:
+            g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
     mixed_info, files = {}, {}
@@ -156,12 +179,49 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                      constants_flash_bytes=c_model.const_bytes,
                      memory=[{"tensor": t, "offset": off, "bytes": arena_tensor_bytes(q, t)}
                              for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
+    extra["ptq"] = ptq_report
+    hls_design = None
+    if target == "hls":
+        from hilc.targets.hls.codegen import generate_hls
+
+        tb = None
+        if samples is not None:  # a few calibration samples become the Vitis testbench's check data
+            from hilc.compiler.arith import quantize_host
+            from hilc.sim.simulator import to_physical
+
+            qi = q.tensors[q.inputs[0]].quant
+            tb = quantize_host(to_physical(q, q.inputs[0], samples[:4]), qi.scale, qi.zero_point, qi.bits)
+        hls_design = generate_hls(q, fpga_board, parallel, tb)
+        extra.update(board=fpga_board.name, fpga=hls_design.estimate)
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
     extra["model_hash"] = f"{q.content_hash():016x}"
     if mixed_info:
         extra["mixed_precision"] = mixed_info
     report = build_report(q, str(model), target, extra)
-    return CompileResult(q, report, dumps, c_model, cpu, board_obj, files)
+    return CompileResult(q, report, dumps, c_model, cpu, board_obj, hls_design, files)
+
+
+def _post_training(g: Graph, samples: np.ndarray | None, ptq: str | list[str] | None, budget: float,
+                   input_range: tuple[float, float] | None, has_hints: bool, model_name: str, source: str):
+    """Data-free inputs when there is no calibration data, then the chosen PTQ passes."""
+    from hilc.compiler import ptq as ptq_mod
+
+    report: dict[str, Any] = {"methods": [], "layers": []}
+    if has_hints:  # a QDQ model brings its own scales, which these passes would invalidate
+        if ptq_mod.parse_methods(ptq, None):
+            raise HilcError(f"{model_name} is a QDQ-quantized model: --ptq applies to float models only")
+        return g, samples, report
+    methods = ptq_mod.parse_methods(ptq, g)
+    if samples is None:
+        samples, info = ptq_mod.synthesize_inputs(g, input_range=input_range or (0.0, 1.0))
+        report["methods"].append({"name": "data-free", "seconds": info["seconds"]})
+        report["data_free"] = info
+    if methods:
+        samples = calib_mod.check_samples(g, samples, source)
+        g, done = ptq_mod.run_ptq(g, samples, methods, budget)
+        report["methods"] += done["methods"]
+        report["layers"] = done["layers"]
+    return g, samples, report
 
 
 def _patch_summary(g: Graph) -> str:
@@ -213,6 +273,11 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
                 result.report.update(cpu=result.board.cpu, **build.elf_sizes(elf),
                                      stack_bytes=build.stack_bytes(elf.parent))
                 names.append("build")
+        if result.hls_design is not None:
+            from hilc.targets.hls.codegen import write_hls_project
+
+            write_hls_project(tmp, result.hls_design)
+            names.append("hls")
         for fname, text in (result.files or {}).items():
             (tmp / fname).write_text(text)
             names.append(fname)

@@ -46,8 +46,13 @@ def boards_dir() -> Path:
     return Path(str(resources.files("hilc") / "boards"))
 
 
+def _is_fpga(path: Path) -> bool:
+    return tomllib.loads(path.read_text()).get("kind") == "fpga"
+
+
 def list_boards() -> list[Board]:
-    return [load_board(p.stem) for p in sorted(boards_dir().glob("*.toml"))]
+    """The MCU boards (FPGA boards: hilc.targets.hls.boards)."""
+    return [load_board(p.stem) for p in sorted(boards_dir().glob("*.toml")) if not _is_fpga(p)]
 
 
 def load_board(name: str) -> Board:
@@ -56,5 +61,7 @@ def load_board(name: str) -> Board:
         names = ", ".join(p.stem for p in sorted(boards_dir().glob("*.toml")))
         raise HilcError(f"unknown board '{name}' (boards: {names})")
     data = tomllib.loads(path.read_text())
+    if data.get("kind") == "fpga":
+        raise HilcError(f"'{name}' is an FPGA board ({data.get('part')}): use hilc compile --target hls --board {name}")
     keys = set(Board.__dataclass_fields__)
     return Board(**{k: v for k, v in data.items() if k in keys})

@@ -96,11 +96,20 @@ def to_logical(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(y.transpose(inv))
 
 
-def run_int_batched(graph: Graph, qx: np.ndarray, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
+def run_int_batched(graph: Graph, qx: np.ndarray, batch_size: int = 32, workers: int | None = None,
+                    engine: str = "numpy") -> np.ndarray:
     """The first output of the integer graph for int8 physical inputs, in batches run on all
     cores: one thread per core with single-threaded BLAS beats one multi-threaded BLAS call on
-    these small matrices (measured in benchmarks/spine.py)."""
+    these small matrices (measured in benchmarks/spine.py). ``engine="tvm"`` runs the same
+    arithmetic as a TVM-built module (hilc[tvm]; bit for bit the same result)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from hilc.targets.tvm import check_engine
+
+    if check_engine(engine) == "tvm":
+        from hilc.targets.tvm.engine import run_int as tvm_run_int
+
+        return tvm_run_int(graph, {graph.inputs[0]: qx})[graph.outputs[0]]
 
     from threadpoolctl import threadpool_limits
 
@@ -120,9 +129,10 @@ def run_int_batched(graph: Graph, qx: np.ndarray, batch_size: int = 32, workers:
     return np.concatenate(parts, axis=0)
 
 
-def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 32) -> np.ndarray:
+def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 32, engine: str = "numpy") -> np.ndarray:
     """Run the integer graph on real inputs in the model's own layout; returns the first output,
-    dequantized to float32 (or the raw integer tensor with ``raw``)."""
+    dequantized to float32 (or the raw integer tensor with ``raw``). ``engine``: "numpy" (the
+    golden simulator) or "tvm" (the same integers from a TVM-built module, much faster)."""
     if len(graph.inputs) != 1:
         raise HilcError(f"simulate takes one input array; the model has {len(graph.inputs)} inputs")
     name = graph.inputs[0]
@@ -136,7 +146,7 @@ def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 3
     if len(qx) == 0:
         raise HilcError("input array holds no samples")
     out_name = graph.outputs[0]
-    y = to_logical(graph, out_name, run_int_batched(graph, qx, batch_size))
+    y = to_logical(graph, out_name, run_int_batched(graph, qx, batch_size, engine=engine))
     if raw:
         return y
     qo = graph.tensors[out_name].quant

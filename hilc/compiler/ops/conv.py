@@ -84,7 +84,7 @@ def _conv(x: np.ndarray, w: np.ndarray, node: Node, out_shape: tuple[int, ...], 
 
 class _FloatProduct:
     def __call__(self, a, b):
-        return a.astype(np.float32) @ b.astype(np.float32)
+        return a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)
 
     def depthwise(self, xs, wt):
         return np.einsum("nhwijc,ijc->nhwc", xs.astype(np.float32), wt.astype(np.float32), optimize=True)
@@ -132,6 +132,34 @@ class Conv2D(Op):
         acc = acc + offset if acc.dtype == np.int64 else acc.astype(np.float64) + offset
         return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
                                  a["lo"], a["hi"], acc_bound=a["acc_bound"], scratch=True)]
+
+    def lower_tvm(self, node, graph, tb):
+        """eval_int in TE: sum over raw x (borders hold zp_in) plus the per-channel constant
+        ``bias - zp_in * sum(w)``, then the dyadic requantization."""
+        te = tb.te
+        a = node.attrs
+        _, _, _, c = graph.tensors[node.inputs[0]].shape
+        _, oh, ow, oc = graph.tensors[node.outputs[0]].shape
+        (kh, kw), (sh, sw), (dh, dw), g = a["kernel"], a["strides"], a["dilations"], a["group"]
+        cg, og = c // g, oc // g
+        w = graph.param(node, "weight")
+        offset = linear_offset(node, graph)
+        dtype = tb.acc_dtype(a["raw_bound"])
+        wt = tb.const(node, "w", w.transpose(1, 2, 3, 0).astype(dtype))  # [KH, KW, C/g, O]: O innermost
+        xp = tb.pad_cast(node, tb.input(node), a["pads"], a["zp_in"], dtype)
+        rh, rw, rc = (te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cg), "rc"))
+
+        def channel(o):
+            return rc if g == 1 else (o // og) * cg + rc
+
+        acc = te.compute((tb.n, oh, ow, oc), lambda b, i, j, o: te.sum(
+            xp[b, i * sh + rh * dh, j * sw + rw * dw, channel(o)] * wt[rh, rw, rc, o], axis=[rh, rw, rc]),
+            name=tb.name(node, "acc"))
+        rq = tb.requantizer(node, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"], a["lo"],
+                            a["hi"], a["acc_bound"], offset=offset)
+        y = te.compute((tb.n, oh, ow, oc), lambda b, i, j, o: rq(acc[b, i, j, o], o), name=tb.name(node))
+        tb.tile_conv(acc, y)
+        return [y]
 
     def macs(self, node, graph):
         w = graph.param(node, "weight")
@@ -188,6 +216,13 @@ def _prepared(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     return w, offset
 
 
+def linear_offset(node: Node, graph: Graph) -> np.ndarray:
+    """``bias - zp_in * sum(w)`` per output channel, int64 (what ``_prepared`` caches)."""
+    w = graph.param(node, "weight")
+    wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
+    return graph.param(node, "bias").astype(np.int64) - node.attrs["zp_in"] * wsum
+
+
 def quantize_linear_layer(node: Node, graph: Graph) -> None:
     """Shared by conv2d and dense: per-channel int8 weights, int32 bias, dyadic requantization."""
     qi, qo = in_quant(graph, node), out_quant(graph, node)
@@ -197,6 +232,8 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
     if bits not in range(2, 9):
         raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): weight_bits={bits} (supported: 2 to 8)")
     preset = node.attrs.pop("w_scale", None)
+    if node.attrs.pop("w_scale_bits", bits) != bits:  # a grid chosen for another bit-width (ptq)
+        preset = None
     if preset is not None:
         s_w = np.asarray(preset, np.float64)
         qmax = 2 ** (bits - 1) - 1
@@ -326,6 +363,9 @@ def import_batchnorm(ctx, node) -> None:
         raise ctx.fail("variance + epsilon must be positive")
     scale = gamma / np.sqrt(var + eps)
     shift = beta - mean * scale
+    # The statistics the BN output was trained to have (mean beta, std |scale|*sqrt(var)), kept
+    # for data-free calibration (hilc.compiler.ptq) under the node that will produce it.
+    out_stats = {"mean": beta.tolist(), "std": (np.abs(scale) * np.sqrt(var)).tolist()}
     prod = ctx.graph.producer(x)
     channel_axis = ctx.phys_axis(x, 1)
     if (prod is not None and prod.op in ("conv2d", "dense") and "act_lo" not in prod.attrs
@@ -337,6 +377,7 @@ def import_batchnorm(ctx, node) -> None:
         ctx.graph.constants[prod.params["bias"]] = (b * scale + shift).astype(np.float32)
         prod.attrs.pop("w_scale", None)
         prod.attrs.setdefault("folded", []).append(node.name)
+        ctx.graph.meta.setdefault("bn_stats", {})[prod.name] = out_stats
         ctx.bind(node.output[0], x)
         return
     if len(ctx.logical_shape(x)) != 4:
@@ -345,5 +386,6 @@ def import_batchnorm(ctx, node) -> None:
     c = ctx.graph.tensors[x].shape[3]
     attrs = {"kernel": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": c}
     w = scale.reshape(c, 1, 1, 1).astype(np.float32)
-    ctx.emit("conv2d", [x], attrs, {"weight": w, "bias": shift.astype(np.float32)}, layout=NHWC,
-             onnx_out=node.output[0])
+    y = ctx.emit("conv2d", [x], attrs, {"weight": w, "bias": shift.astype(np.float32)}, layout=NHWC,
+                 onnx_out=node.output[0])
+    ctx.graph.meta.setdefault("bn_stats", {})[y] = out_stats

@@ -10,7 +10,7 @@ import numpy as np
 
 from hilc.compiler import arith
 from hilc.compiler.ops.base import Op, apply_float_activation, exact_matmul, onnx_importer, register
-from hilc.compiler.ops.conv import _prepared, quantize_linear_layer
+from hilc.compiler.ops.conv import _prepared, linear_offset, quantize_linear_layer
 
 
 @register
@@ -37,6 +37,24 @@ class Dense(Op):
         acc = acc + offset if acc.dtype == np.int64 else acc.astype(np.float64) + offset
         return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
                                  a["lo"], a["hi"], acc_bound=a["acc_bound"], scratch=True)]
+
+    def lower_tvm(self, node, graph, tb):
+        te = tb.te
+        a = node.attrs
+        x = tb.input(node)
+        w = graph.param(node, "weight")
+        o_n, k_n = w.shape
+        dtype = tb.acc_dtype(a["raw_bound"])
+        wt = tb.const(node, "w", np.ascontiguousarray(w.T).astype(dtype))  # [K, O]
+        k = te.reduce_axis((0, k_n), "k")
+        out_shape = tb.shape(node.outputs[0])
+        acc = te.compute(out_shape, lambda *i: te.sum(x[(*i[:-1], k)].astype(dtype) * wt[k, i[-1]], axis=k),
+                         name=tb.name(node, "acc"))
+        rq = tb.requantizer(node, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"], a["lo"],
+                            a["hi"], a["acc_bound"], offset=linear_offset(node, graph))
+        y = te.compute(out_shape, lambda *i: rq(acc[i], i[-1]), name=tb.name(node))
+        tb.tile_conv(acc, y)
+        return [y]
 
     def macs(self, node, graph):
         w = graph.param(node, "weight")

@@ -60,6 +60,28 @@ class _Binary(Op):
             xs.append(graph.param(node, "const"))
         return [x.astype(np.int64) - zp for x, zp in zip(xs, node.attrs["zp_in"], strict=True)]
 
+    def _tvm_operands(self, node, graph, tb) -> list:
+        """Each operand as a function of the output index, broadcast as numpy does (constants have
+        a batch axis of 1; activations always carry the batch)."""
+        out_rank = len(graph.tensors[node.outputs[0]].shape)
+        ops = [(tb.input(node, i), graph.tensors[t].shape, True) for i, t in enumerate(node.inputs)]
+        if "const" in node.params:
+            c = graph.param(node, "const")
+            ops.append((tb.const(node, "const", c), c.shape, False))
+        out_shape = graph.tensors[node.outputs[0]].shape
+
+        def at(t, shape, batched):
+            lead = out_rank - len(shape)
+
+            # the graph's batch is 1: axis 0 follows the output's only for an activation
+            follow = [batched if lead + k == 0 else shape[k] == out_shape[lead + k] for k in range(len(shape))]
+
+            def f(idx):
+                return t[tuple(idx[lead + k] if follow[k] else 0 for k in range(len(shape)))]
+            return f
+
+        return [at(*o) for o in ops]
+
     def _c_binary(self, node, graph, em, extra: dict) -> tuple[str, str, str]:
         from hilc.targets.c.codegen import broadcast_strides, dims4
 
@@ -109,6 +131,23 @@ class Add(_Binary):
         # |acc| <= 2 * 255 * 2**31 < 2**53: float64 requantization is exact.
         return [arith.requantize(acc, 1, a["shift"], a["zp_out"], a["lo"], a["hi"], acc_bound=2**41)]
 
+    def lower_tvm(self, node, graph, tb):
+        a = node.attrs
+        f0, f1 = self._tvm_operands(node, graph, tb)
+        s0, s1 = a.get("signs", [1, 1])
+        k0, k1 = s0 * a["mults"][0], s1 * a["mults"][1]
+        z0, z1 = a["zp_in"]
+        dt = "float64" if tb.fast else "int64"  # |acc| < 2**41: exact in float64
+        tx = tb.tirx
+        rq = tb.requantizer(node, 1, a["shift"], a["zp_out"], a["lo"], a["hi"], bound=2**41)
+
+        def f(*i):
+            d0 = (f0(i).astype("int32") - z0).astype(dt)
+            d1 = (f1(i).astype("int32") - z1).astype(dt)
+            return rq(d0 * tx.const(k0, dt) + d1 * tx.const(k1, dt))
+
+        return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs
         s0, s1 = a.get("signs", [1, 1])
@@ -142,6 +181,15 @@ class Mul(_Binary):
         d0, d1 = self._operands_int(node, graph, xs)
         return [arith.requantize(d0 * d1, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"])]
 
+    def lower_tvm(self, node, graph, tb):
+        a = node.attrs
+        f0, f1 = self._tvm_operands(node, graph, tb)
+        z0, z1 = a["zp_in"]
+        rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=256 * 256)
+        return [tb.te.compute(tb.shape(node.outputs[0]),
+                              lambda *i: rq((f0(i).astype("int32") - z0) * (f1(i).astype("int32") - z1)),
+                              name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs
         p, x, y = self._c_binary(node, graph, em, dict(mult_a=0, mult_b=0, sign_a=1, sign_b=1, mult=a["mult"],
@@ -167,6 +215,11 @@ class Clamp(Op):
 
     def eval_int(self, node, graph, xs):
         return [np.clip(xs[0], node.attrs["lo"], node.attrs["hi"]).astype(np.int8)]
+
+    def lower_tvm(self, node, graph, tb):
+        x, tx = tb.input(node), tb.tirx
+        lo, hi = tx.const(node.attrs["lo"], "int8"), tx.const(node.attrs["hi"], "int8")
+        return [tb.te.compute(x.shape, lambda *i: tx.max(tx.min(x(*i), hi), lo), name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         x, y = node.inputs[0], node.outputs[0]
@@ -194,6 +247,12 @@ class Requant(Op):
         a = node.attrs
         return [arith.requantize(xs[0].astype(np.int64) - a["zp_in"], a["mult"], a["shift"], a["zp_out"],
                                  a["lo"], a["hi"], acc_bound=256)]
+
+    def lower_tvm(self, node, graph, tb):
+        a = node.attrs
+        x = tb.input(node)
+        rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=256)
+        return [tb.te.compute(x.shape, lambda *i: rq(x(*i).astype("int32") - a["zp_in"]), name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs

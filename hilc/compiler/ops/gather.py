@@ -52,6 +52,14 @@ class Embedding(Op):
         rows = graph.param(node, "index")[xs[0].astype(np.int32) + node.attrs["index_offset"]]
         return [graph.param(node, "table")[rows]]
 
+    def lower_tvm(self, node, graph, tb):
+        x = tb.input(node)
+        index = tb.const(node, "index", graph.param(node, "index").astype(np.int32))
+        table = tb.const(node, "table", graph.param(node, "table"))
+        off = node.attrs["index_offset"]
+        return [tb.te.compute(tb.shape(node.outputs[0]),
+                              lambda *i: table[index[x[i[:-1]].astype("int32") + off], i[-1]], name=tb.name(node))]
+
     def weight_count(self, node, graph):
         return int(graph.param(node, "table").size)
 
@@ -77,6 +85,19 @@ class Gather(Op):
         return [y.reshape(*xs[0].shape[:ax], *node.attrs["index_shape"], *xs[0].shape[ax + 1:])]
 
     eval_int = eval_float
+
+    def lower_tvm(self, node, graph, tb):
+        x = tb.input(node)
+        ax, ishape = node.attrs["axis"], [int(d) for d in node.attrs["index_shape"]]
+        indices = tb.const(node, "indices", np.asarray(node.attrs["indices"], np.int32).reshape(-1))
+
+        def f(*i):
+            k = 0
+            for j, d in zip(i[ax:ax + len(ishape)], ishape, strict=True):
+                k = k * d + j
+            return x[(*i[:ax], indices[k], *i[ax + len(ishape):])]
+
+        return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         shape = graph.tensors[node.inputs[0]].shape

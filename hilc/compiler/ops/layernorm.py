@@ -26,7 +26,7 @@ import numpy as np
 from hilc.compiler import arith
 from hilc.compiler.arith import rounding_shift
 from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, register
-from hilc.compiler.ops.softmax import bit_length, reciprocal_q30
+from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS, bit_length, reciprocal_q30
 from hilc.errors import UnsupportedModelError
 
 Z_BITS = 24
@@ -105,6 +105,83 @@ class LayerNorm(Op):
         q = rounding_shift(z * mult + graph.param(node, "bias"), graph.param(node, "shift").astype(np.int64))
         q = q + a["zp_out"]
         return [np.clip(q, a["lo"], a["hi"]).astype(np.int8)]
+
+    def lower_tvm(self, node, graph, tb):
+        """eval_int in TE, one row (all axes but the last) at a time: the sums, the variance V, k
+        from V's bit length, r = isqrt(V << 2k), the softmax's Newton-Raphson reciprocal, then
+        the two rounding shifts. With the exact fast paths isqrt is float64 sqrt corrected by at
+        most one either way with integer compares (the unique floor(sqrt), which isqrt62 yields);
+        without them, isqrt62's digit steps."""
+        from hilc.targets.tvm.engine import rounding_shift
+
+        te, tx = tb.te, tb.tirx
+        a = node.attrs
+        x = tb.input(node)
+        shape = tb.shape(node.inputs[0])
+        n = int(shape[-1])
+        rows = shape[:-1]
+        i64 = "int64"
+
+        def one(v):
+            return tx.const(v, i64)
+
+        def d(idx):
+            return x[idx].astype(i64) - one(a["zp_in"])
+
+        r1, r2 = te.reduce_axis((0, n), "r1"), te.reduce_axis((0, n), "r2")
+        s = te.compute(rows, lambda *row: te.sum(d((*row, r1)), axis=r1), name=tb.name(node, "sum"))
+
+        def c(idx):
+            return one(n) * d(idx) - s[idx[:-1]]
+
+        sq = te.compute(rows, lambda *row: te.sum(c((*row, r2)) * c((*row, r2)), axis=r2), name=tb.name(node, "sq"))
+        var = te.compute(rows, lambda *row: sq[row] + one(a["eps_int"]), name=tb.name(node, "var"))
+
+        def bits(v):
+            return one(64) - tx.clz(v).astype(i64)
+
+        k = te.compute(rows, lambda *row: (one(62) - bits(var[row])) >> one(1), name=tb.name(node, "k"))
+        vn = te.compute(rows, lambda *row: var[row] << (one(2) * k[row]), name=tb.name(node, "vn"))
+        if tb.fast:
+            r0 = te.compute(rows, lambda *row: tx.sqrt(vn[row].astype("float64")).astype(i64),
+                            name=tb.name(node, "r0"))
+            r_lo = te.compute(rows, lambda *row: r0[row] - (r0[row] * r0[row] > vn[row]).astype(i64),
+                              name=tb.name(node, "r1"))
+            r = te.compute(rows, lambda *row: r_lo[row] + ((r_lo[row] + one(1)) * (r_lo[row] + one(1)) <= vn[row])
+                           .astype(i64), name=tb.name(node, "isqrt"))
+        else:  # plain integers: isqrt62's 31 digit steps, one stage each
+            def digit(v, r, bit):  # TE compute functions take positional indices only
+                nv = te.compute(rows, lambda *row: tx.if_then_else(v[row] >= r[row] + bit, v[row] - (r[row] + bit),
+                                                                   v[row]), name=tb.name(node, "isqrt_v"))
+                nr = te.compute(rows, lambda *row: tx.if_then_else(v[row] >= r[row] + bit, (r[row] >> one(1)) + bit,
+                                                                   r[row] >> one(1)), name=tb.name(node, "isqrt_r"))
+                return nv, nr
+
+            v, r = vn, te.compute(rows, lambda *row: one(0), name=tb.name(node, "isqrt0"))
+            for step in range(31):
+                v, r = digit(v, r, one(1 << (60 - 2 * step)))
+
+        def recip(*row):  # softmax.reciprocal_q30 on r in [2^30, 2^31)
+            rr = r[row]
+            aa = rr << (one(31) - bits(rr))
+            y = one(NR_C1) - ((one(NR_C2) * aa) >> one(31))
+            for _ in range(NR_STEPS):
+                t = (aa * y) >> one(31)
+                y = (y * (one(1 << 31) - t)) >> one(30)
+            return y
+
+        y = te.compute(rows, recip, name=tb.name(node, "recip"))
+        mult = tb.const(node, "mult", graph.param(node, "mult").astype(np.int64))
+        bias = tb.const(node, "bias", graph.param(node, "bias").astype(np.int64))
+        shift = tb.const(node, "shift", graph.param(node, "shift").astype(np.int64))
+
+        def out(*idx):
+            row, ch = idx[:-1], idx[-1]
+            z = rounding_shift(tx, c(idx) * y[row], one(61 - Z_BITS) - k[row])
+            q = rounding_shift(tx, z * mult[ch] + bias[ch], shift[ch]) + one(a["zp_out"])
+            return tx.max(tx.min(q, one(a["hi"])), one(a["lo"])).astype("int8")
+
+        return [te.compute(shape, out, name=tb.name(node))]
 
     def macs(self, node, graph):
         return int(np.prod(graph.tensors[node.inputs[0]].shape[1:], dtype=np.int64))

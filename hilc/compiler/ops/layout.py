@@ -31,6 +31,23 @@ class Reshape(Op):
 
     eval_int = eval_float
 
+    def lower_tvm(self, node, graph, tb):
+        x = tb.input(node)
+        in_dims = [int(d) for d in graph.tensors[node.inputs[0]].shape[1:]]
+        out_dims = [int(d) for d in node.attrs["shape"][1:]]
+
+        def f(b, *i):
+            flat = 0
+            for k, d in zip(i, out_dims, strict=True):
+                flat = flat * d + k
+            src = []
+            for d in reversed(in_dims):
+                src.append(flat % d)
+                flat = flat // d
+            return x[(b, *reversed(src))]
+
+        return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         x, y = node.inputs[0], node.outputs[0]
         return f"hilc_copy_s8({em.size(y)}, {em.tensor(x)}, {em.tensor(y)});"
@@ -48,6 +65,18 @@ class Transpose(Op):
         return [np.ascontiguousarray(xs[0].transpose(node.attrs["perm"]))]
 
     eval_int = eval_float
+
+    def lower_tvm(self, node, graph, tb):
+        x = tb.input(node)
+        perm = node.attrs["perm"]
+
+        def f(*i):
+            src = [None] * len(perm)
+            for k, p in enumerate(perm):
+                src[p] = i[k]
+            return x[tuple(src)]
+
+        return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         from hilc.targets.c.codegen import dims4
@@ -91,6 +120,28 @@ class Concat(Op):
             parts.append(np.clip(y, a["lo"], a["hi"]).astype(np.int8))
         return [np.concatenate(parts, axis=a["axis"])]
 
+    def lower_tvm(self, node, graph, tb):
+        tx = tb.tirx
+        a = node.attrs
+        ax = a["axis"]
+        parts, start = [], 0
+        for i, t in enumerate(node.inputs):
+            rq = tb.requantizer(node, a["mults"][i], a["shifts"][i], a["zp_out"], a["lo"], a["hi"], bound=256,
+                                label=f"rq{i}")
+            ext = graph.tensors[t].shape[ax]
+            parts.append((tb.input(node, i), start, ext, a["zp_in"][i], rq))
+            start += ext
+
+        def f(*idx):
+            val = None
+            for x, s0, ext, zp, rq in reversed(parts):
+                src = (*idx[:ax], idx[ax] - s0, *idx[ax + 1:])
+                v = rq(x[src].astype("int32") - zp)
+                val = v if val is None else tx.if_then_else(idx[ax] < s0 + ext, v, val)
+            return val
+
+        return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         # Built on the stack: an input may be the caller's buffer, not a link-time constant.
         a = node.attrs
@@ -129,6 +180,31 @@ class Pad(Op):
 
     def eval_int(self, node, graph, xs):
         return [self._pad(xs[0], node, node.attrs["value_q"])]
+
+    def lower_tvm(self, node, graph, tb):
+        tx = tb.tirx
+        x = tb.input(node)
+        dims = graph.tensors[node.inputs[0]].shape
+        pads, mode = node.attrs["pads"], node.attrs["mode"]
+
+        def f(*i):
+            src, inside = [i[0]], []
+            for k in range(1, len(dims)):
+                j, d = i[k] - pads[k][0], int(dims[k])
+                if mode == "constant":
+                    inside += [j >= 0, j < d]
+                elif mode == "edge":
+                    j = tx.max(tx.min(j, d - 1), 0)
+                else:  # reflect (numpy's, pads below the axis length)
+                    j = tx.if_then_else(j < 0, -j, j)
+                    j = tx.if_then_else(j >= d, 2 * (d - 1) - j, j)
+                src.append(j)
+            v = x[tuple(src)]
+            if inside:
+                v = tx.if_then_else(tx.all(*inside), v, tx.const(node.attrs["value_q"], "int8"))
+            return v
+
+        return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         from hilc.targets.c.codegen import dims4

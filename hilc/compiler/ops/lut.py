@@ -77,6 +77,12 @@ class Lut(Op):
     def eval_int(self, node, graph, xs):
         return [graph.param(node, "table")[xs[0].astype(np.int32) + node.attrs["table_offset"]]]
 
+    def lower_tvm(self, node, graph, tb):
+        x = tb.input(node)
+        table = tb.const(node, "table", graph.param(node, "table"))
+        off = node.attrs["table_offset"]
+        return [tb.te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + off], name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         x, y = node.inputs[0], node.outputs[0]
         return f"hilc_lut_s8({em.size(y)}, {em.param(node, 'table')}, {em.tensor(x)}, {em.tensor(y)});"

@@ -69,6 +69,23 @@ class MatMul(Op):
         return [arith.requantize(acc, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"],
                                  acc_bound=a["acc_bound"], scratch=acc.dtype == np.float64)]
 
+    def lower_tvm(self, node, graph, tb):
+        te = tb.te
+        a = node.attrs
+        x, bt = tb.input(node, 0), tb.input(node, 1)
+        k_n = int(graph.tensors[node.inputs[0]].shape[-1])
+        dtype = tb.acc_dtype(a["acc_bound"])  # float32 only where every partial sum is an exact integer
+        k = te.reduce_axis((0, k_n), "k")
+
+        def f(*i):
+            da = x[(*i[:-1], k)].astype("int32") - a["zp_a"]
+            db = bt[(*i[:-2], i[-1], k)].astype("int32") - a["zp_b"]
+            return te.sum(da.astype(dtype) * db.astype(dtype), axis=k)
+
+        acc = te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node, "acc"))
+        rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=a["acc_bound"])
+        return [te.compute(tb.shape(node.outputs[0]), lambda *i: rq(acc[i]), name=tb.name(node))]
+
     def macs(self, node, graph):
         out = graph.tensors[node.outputs[0]].shape
         return int(np.prod(out[1:], dtype=np.int64)) * graph.tensors[node.inputs[0]].shape[-1]

@@ -23,6 +23,7 @@ from hilc.compiler.ops.base import (
     register,
 )
 from hilc.compiler.ops.conv import conv_out_size, windows
+from hilc.errors import UnsupportedModelError
 
 
 def _full_pads(a) -> list[int]:
@@ -89,6 +90,24 @@ class MaxPool(_Pool):
     def eval_int(self, node, graph, xs):
         return [self._run(node, xs[0], np.iinfo(xs[0].dtype).min)]
 
+    def lower_tvm(self, node, graph, tb):
+        te, tx = tb.te, tb.tirx
+        a = node.attrs
+        x = tb.input(node)
+        _, h, w, _ = graph.tensors[node.inputs[0]].shape
+        (kh, kw), (sh, sw) = a["kernel"], a["strides"]
+        dh, dw = a.get("dilations", [1, 1])
+        t, left = a["pads"][0], a["pads"][1]
+        rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+
+        def f(b, i, j, c):
+            y, xx = i * sh + rh * dh - t, j * sw + rw * dw - left
+            inside = tx.all(y >= 0, y < h, xx >= 0, xx < w)
+            # the simulator pads with the int8 minimum, which never wins a max
+            return te.max(tx.if_then_else(inside, x[b, y, xx, c], tx.const(-128, "int8")), axis=[rh, rw])
+
+        return [te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         p = em.struct("hilc_pool_params", node.name, self._c_fields(node, graph))
         return f"hilc_maxpool_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
@@ -113,13 +132,21 @@ class AvgPool(_Pool):
         qi, qo = in_quant(graph, node), out_quant(graph, node)
         _, h, w, _ = graph.tensors[node.inputs[0]].shape
         counts = sorted({int(c) for c in np.unique(count_map(node.attrs, h, w))})
+        # The C kernel sums x - zp over a window in int32: prove it cannot overflow.
+        in_absmax = max(qi.qmax - qi.zero_point, qi.zero_point - qi.qmin)
+        bound = int(np.prod(node.attrs["kernel"], dtype=np.int64)) * in_absmax
+        if bound > arith.INT32_MAX:
+            raise UnsupportedModelError(
+                f"{node.name} ({node.onnx_name}): int32 accumulator could overflow (a {node.attrs['kernel'][0]}x"
+                f"{node.attrs['kernel'][1]} window of int8 values: static bound {bound} > 2^31-1); "
+                "pool in two steps")
         mult, shift = arith.dyadic(qi.scale / (qo.scale * np.asarray(counts, np.float64)))
         node.params["mult"] = graph.add_constant(f"{node.name}.mult", mult.astype(np.int32))
         node.params["shift"] = graph.add_constant(f"{node.name}.shift", shift.astype(np.int8))
         lo, hi = clamp_bounds(node, qo)
         node.attrs.pop("act_lo", None)
         node.attrs.pop("act_hi", None)
-        node.attrs.update(counts=counts, zp_in=qi.zero_point, zp_out=qo.zero_point, lo=lo, hi=hi)
+        node.attrs.update(counts=counts, zp_in=qi.zero_point, zp_out=qo.zero_point, lo=lo, hi=hi, acc_bound=bound)
 
     def eval_int(self, node, graph, xs):
         a = node.attrs
@@ -132,6 +159,31 @@ class AvgPool(_Pool):
         c = graph.param(node, "shift").astype(np.int64)[idx][None, :, :, None]
         y = arith.rounding_shift(acc * b, c) + a["zp_out"]
         return [np.clip(y, a["lo"], a["hi"]).astype(np.int8)]
+
+    def lower_tvm(self, node, graph, tb):
+        """Window sums of x - zp_in (padding counts as 0), then the dyadic pair of each output
+        position's element count, looked up at compile time."""
+        te, tx = tb.te, tb.tirx
+        a = node.attrs
+        x = tb.input(node)
+        _, h, w, _ = graph.tensors[node.inputs[0]].shape
+        _, oh, ow, _ = graph.tensors[node.outputs[0]].shape
+        (kh, kw), (sh, sw) = a["kernel"], a["strides"]
+        t, left = a["pads"][0], a["pads"][1]
+        idx = np.searchsorted(a["counts"], count_map(a, h, w)).reshape(-1)
+        mult = graph.param(node, "mult").astype(np.int64)[idx]
+        shift = graph.param(node, "shift").astype(np.int64)[idx]
+        rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+
+        def sums(b, i, j, c):
+            y, xx = i * sh + rh - t, j * sw + rw - left
+            inside = tx.all(y >= 0, y < h, xx >= 0, xx < w)
+            return te.sum(tx.if_then_else(inside, x[b, y, xx, c].astype("int32") - a["zp_in"], 0), axis=[rh, rw])
+
+        acc = te.compute(tb.shape(node.outputs[0]), sums, name=tb.name(node, "sum"))
+        rq = tb.requantizer(node, mult, shift, a["zp_out"], a["lo"], a["hi"], bound=256 * kh * kw)
+        return [te.compute(tb.shape(node.outputs[0]), lambda b, i, j, c: rq(acc[b, i, j, c], i * ow + j),
+                           name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs

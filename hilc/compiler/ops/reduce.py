@@ -48,6 +48,22 @@ class ReduceMean(Op):
         y = arith.requantize(acc, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"])
         return [y.reshape(self._out_shape(xs[0], node))]
 
+    def lower_tvm(self, node, graph, tb):
+        te = tb.te
+        a = node.attrs
+        x = tb.input(node)
+        ax, keep = a["axis"], a.get("keepdims", 1)
+        length = int(graph.tensors[node.inputs[0]].shape[ax])
+        r = te.reduce_axis((0, length), "r")
+
+        def src(i):
+            return (*i[:ax], r, *i[ax + 1:]) if keep else (*i[:ax], r, *i[ax:])
+
+        acc = te.compute(tb.shape(node.outputs[0]), lambda *i: te.sum(x[src(i)].astype("int32") - a["zp_in"], axis=r),
+                         name=tb.name(node, "sum"))
+        rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=256 * length)
+        return [te.compute(tb.shape(node.outputs[0]), lambda *i: rq(acc[i]), name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs
         shape = graph.tensors[node.inputs[0]].shape

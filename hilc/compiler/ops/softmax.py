@@ -88,6 +88,57 @@ class Softmax(Op):
         q = rounding_shift(e * y * node.attrs["k"], sh) + node.attrs["zp_out"]
         return [np.clip(q, -128, 127).astype(np.int8)]
 
+    def lower_tvm(self, node, graph, tb):
+        """eval_int in TE: row max, exp table, int64 sum, the same Newton-Raphson reciprocal
+        (bit length by count-leading-zeros), rounding shift, clamp."""
+        te, tx = tb.te, tb.tirx
+        ax = node.attrs["axis"]
+        x = tb.input(node)
+        shape = tb.shape(node.inputs[0])
+        length = int(shape[ax])
+        row_shape = shape[:ax] + shape[ax + 1:]
+        table = tb.const(node, "exp", graph.param(node, "exp_table").astype(np.int32))
+        i64 = "int64"
+
+        def at(row, r):
+            return (*row[:ax], r, *row[ax:])
+
+        r = te.reduce_axis((0, length), "r")
+        mx = te.compute(row_shape, lambda *row: te.max(x[at(row, r)], axis=r), name=tb.name(node, "max"))
+
+        def e(idx):
+            row = idx[:ax] + idx[ax + 1:]
+            return table[mx[row].astype("int32") - x[idx].astype("int32")]
+
+        r2 = te.reduce_axis((0, length), "r2")
+        ssum = te.compute(row_shape, lambda *row: te.sum(e(at(row, r2)).astype(i64), axis=r2),
+                          name=tb.name(node, "sum"))
+
+        def bits(s):
+            return tx.const(64, i64) - tx.clz(s).astype(i64)
+
+        def recip(*row):
+            s = ssum[row]
+            a = s << (tx.const(31, i64) - bits(s))
+            y = tx.const(NR_C1, i64) - ((tx.const(NR_C2, i64) * a) >> tx.const(31, i64))
+            for _ in range(NR_STEPS):
+                t = (a * y) >> tx.const(31, i64)
+                y = (y * (tx.const(1 << 31, i64) - t)) >> tx.const(30, i64)
+            return y
+
+        y = te.compute(row_shape, recip, name=tb.name(node, "recip"))
+        k, zp = node.attrs["k"], node.attrs["zp_out"]
+
+        def out(*idx):
+            from hilc.targets.tvm.engine import rounding_shift
+
+            row = idx[:ax] + idx[ax + 1:]
+            q = rounding_shift(tx, e(idx).astype(i64) * y[row] * tx.const(k, i64), bits(ssum[row]) + 30)
+            q = q + tx.const(zp, i64)
+            return tx.max(tx.min(q, tx.const(127, i64)), tx.const(-128, i64)).astype("int8")
+
+        return [te.compute(shape, out, name=tb.name(node))]
+
     def lower_c(self, node, graph, em) -> str:
         shape = graph.tensors[node.inputs[0]].shape
         axis = node.attrs["axis"]

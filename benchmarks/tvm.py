@@ -1,0 +1,119 @@
+"""TVM engine benchmark: TVM-built module vs the numpy simulator vs onnxruntime float on resnet8,
+512 natural-image crops, all in one run; also the module's build time and a bit-exactness check.
+
+Prints a table and writes benchmarks/results/tvm.json. Run from the repository root:
+
+    python benchmarks/tvm.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+# This file is named tvm.py: drop its folder from the path, or `import tvm` would import it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import DATA, RESNET8  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("spine", ROOT / "benchmarks" / "spine.py")
+spine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(spine)
+batched_resnet8 = spine.batched_resnet8
+
+from hilc.compiler.arith import quantize_host  # noqa: E402
+from hilc.compiler.pipeline import compile_model  # noqa: E402
+from hilc.sim.simulator import run_int_batched, simulate, to_physical  # noqa: E402
+from hilc.targets.tvm import engine  # noqa: E402
+
+
+def main() -> None:
+    import tvm
+    from threadpoolctl import threadpool_info
+
+    crops = np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
+    graph = compile_model(RESNET8, crops[:128]).graph
+    res: dict = {"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                             "tvm": tvm.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+                             "llvm_target": engine.target_spec(), "load_average": os.getloadavg(),
+                             "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture",
+                                                             "num_threads")} for i in threadpool_info()],
+                             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")},
+                 "model": "resnet8 (MLPerf Tiny), int8, calibrated on 128 crops", "batch": len(crops)}
+
+    # build from an empty cache: the real cost of a first run
+    with tempfile.TemporaryDirectory() as cache:
+        t, c = time.perf_counter(), time.process_time()
+        model = engine.build(graph, cache_dir=cache)
+        build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
+        t = time.perf_counter()
+        engine._LOADED.clear()
+        engine.build(graph, cache_dir=cache)
+        load_s = time.perf_counter() - t
+
+    q = graph.tensors[graph.inputs[0]].quant
+    qx = quantize_host(to_physical(graph, graph.inputs[0], crops), q.scale, q.zero_point)
+    exact = bool(np.array_equal(model.run({graph.inputs[0]: qx})[graph.outputs[0]], run_int_batched(graph, qx)))
+    same_floats = bool(np.array_equal(simulate(graph, crops, engine="tvm"), simulate(graph, crops)))
+
+    sess = ort.InferenceSession(batched_resnet8(), providers=["CPUExecutionProvider"])
+    # Interleaved rounds, best of each: the machine is shared, so all three see the same load.
+    # Wall time is the target's measure; CPU time (all threads) is also kept because under
+    # load it is the steadier one.
+    runs = {"ort": lambda: sess.run(None, {"input_1": crops}), "sim": lambda: simulate(graph, crops),
+            "tvm": lambda: simulate(graph, crops, engine="tvm")}
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(5):
+        for k, fn in runs.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    n = len(crops)
+    ort_ips, sim_ips, tvm_ips = (n / min(wall[k]) for k in ("ort", "sim", "tvm"))
+    ort_cpu, sim_cpu, tvm_cpu = (n / min(cpu[k]) for k in ("ort", "sim", "tvm"))
+    res.update(tvm_inferences_per_cpu_s=round(tvm_cpu, 1), sim_inferences_per_cpu_s=round(sim_cpu, 1),
+               ort_float_inferences_per_cpu_s=round(ort_cpu, 1), tvm_over_sim_cpu=round(tvm_cpu / sim_cpu, 2),
+               tvm_over_ort_float_cpu=round(tvm_cpu / ort_cpu, 3), load_average_after=os.getloadavg(),
+               tvm_build_cpu_seconds=round(build_cpu, 2))
+    res.update(tvm_build_seconds=round(build_s, 2), tvm_cached_load_seconds=round(load_s, 3),
+               tvm_inferences_per_s=round(tvm_ips, 1), sim_inferences_per_s=round(sim_ips, 1),
+               ort_float_inferences_per_s=round(ort_ips, 1), tvm_over_sim=round(tvm_ips / sim_ips, 2),
+               tvm_over_ort_float=round(tvm_ips / ort_ips, 3), tvm_bit_exact_with_sim=exact,
+               tvm_simulate_equals_numpy_simulate=same_floats)
+    rows = [
+        ("TVM module build (empty cache), wall / CPU", f"{build_s:.1f} / {build_cpu:.1f} s", ""),
+        ("TVM module load (disk cache)", f"{load_s:.2f} s", ""),
+        ("TVM engine throughput (512 crops)", f"{tvm_ips:.0f} inf/s", ""),
+        ("numpy simulator throughput", f"{sim_ips:.0f} inf/s", ""),
+        ("onnxruntime float throughput (batch 512)", f"{ort_ips:.0f} inf/s", ""),
+        ("TVM / numpy simulator", f"{tvm_ips / sim_ips:.2f}x", ">= 2x"),
+        ("TVM / onnxruntime float", f"{tvm_ips / ort_ips:.2f}x", ">= 0.5x"),
+        ("  the same per CPU second (all threads)", f"{tvm_cpu / sim_cpu:.2f}x / {tvm_cpu / ort_cpu:.2f}x", ""),
+        ("TVM bit-exact with the simulator (512 crops)", str(exact and same_floats), "True"),
+        ("load average (1 min) before / after", f"{res['machine']['load_average'][0]:.1f} / "
+                                                f"{os.getloadavg()[0]:.1f}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':>14}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>14}  {target}")
+    out = ROOT / "benchmarks" / "results" / "tvm.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

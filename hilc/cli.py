@@ -84,9 +84,10 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
     budgets = Budgets(bitops_ratio=args.bitops_ratio, weights_bytes=args.weights_bytes,
                       latency_ratio=args.latency_ratio, sram_bytes=sram)
+    pp = {"patch_precision": args.patch_precision} if args.patch_precision != "off" else {}
     if args.precision == "int8" and not budgets.any():
-        return {}
-    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json"}
+        return pp
+    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp}
 
 
 def _input_range(text: str | None) -> tuple[float, float] | None:
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
+    c.add_argument("--patch-precision", default="off", choices=["off", "value"],
+                   help="value: QuantMCU patch-branch precision; patches without input outliers run the patch stage "
+                        "at lower activation widths (value-driven search; needs a patch schedule and --calib)")
     c.add_argument("--ptq", metavar="METHODS",
                    help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")

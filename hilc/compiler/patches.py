@@ -240,22 +240,39 @@ def run_patch_stage(graph: Graph, env: dict[str, np.ndarray]) -> int:
     key = "patch:sim-views"
     if key not in graph.cache:
         graph.cache[key] = [patch_view(graph, p, c_pads=False) for p in plan["patches"]]
-    for patch, view in zip(plan["patches"], graph.cache[key], strict=True):
-        bufs: dict[str, tuple[np.ndarray, list[int]]] = {x_name: (env[x_name], patch["buffers"][x_name])}
-        for node, layer in zip(view.nodes, patch["layers"], strict=True):
-            xs = []
-            for t, r in zip(node.inputs, layer["in"], strict=True):
-                arr, b = bufs[t]
-                xs.append(arr[:, r[0] - b[0]:r[1] - b[0], r[2] - b[2]:r[3] - b[2]])
-            (y,) = OPS[node.op].eval_int(node, view, xs)
-            bufs[node.outputs[0]] = (y, layer["out"])
-        y, _ = bufs[split]
+    hot = low_views = None
+    if graph.meta.get("patch_precision"):  # per patch and sample: high or low-bit branch (patch_precision.py)
+        from hilc.compiler.patch_precision import hot_flags, low_graph
+
+        hot = hot_flags(graph, env[x_name])
+        if "patch:sim-low-views" not in graph.cache:
+            graph.cache["patch:sim-low-views"] = [patch_view(low_graph(graph), p, c_pads=False)
+                                                  for p in plan["patches"]]
+        low_views = graph.cache["patch:sim-low-views"]
+    for i, (patch, view) in enumerate(zip(plan["patches"], graph.cache[key], strict=True)):
         t = patch["tile"]
-        out[:, t[0]:t[1], t[2]:t[3]] = y
+        if hot is None:
+            out[:, t[0]:t[1], t[2]:t[3]] = _run_patch(view, patch, env[x_name], x_name, split)
+            continue
+        for v, rows in ((view, hot[:, i]), (low_views[i], ~hot[:, i])):
+            if rows.any():
+                out[rows, t[0]:t[1], t[2]:t[3]] = _run_patch(v, patch, env[x_name][rows], x_name, split)
     env[split] = out
     if not any(x_name in n.inputs for n in graph.nodes[k + 1:]) and x_name not in graph.outputs:
         env.pop(x_name, None)
     return k + 1
+
+
+def _run_patch(view: Graph, patch: dict[str, Any], x: np.ndarray, x_name: str, split: str) -> np.ndarray:
+    bufs: dict[str, tuple[np.ndarray, list[int]]] = {x_name: (x, patch["buffers"][x_name])}
+    for node, layer in zip(view.nodes, patch["layers"], strict=True):
+        xs = []
+        for t, r in zip(node.inputs, layer["in"], strict=True):
+            arr, b = bufs[t]
+            xs.append(arr[:, r[0] - b[0]:r[1] - b[0], r[2] - b[2]:r[3] - b[2]])
+        (y,) = OPS[node.op].eval_int(node, view, xs)
+        bufs[node.outputs[0]] = (y, layer["out"])
+    return bufs[split][0]
 
 
 # --- memory ----------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   input_range: tuple[float, float] | None = None, precision: str = "int8",
                   budgets: Any = None, weight_bits: dict[str, int] | None = None,
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
-                  extended_bits: bool = False) -> CompileResult:
+                  extended_bits: bool = False, patch_precision: str = "off") -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -154,6 +154,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
             extra.update(patch=None, peak_sram_bytes_layerwise=peak, peak_sram_bytes=peak, macs_layerwise=None)
         else:
             extra["peak_sram_bytes"] = q.meta["patch"]["peak_sram_bytes"]
+    if patch_precision != "off":  # QuantMCU patch-branch precision (hilc/compiler/patch_precision.py)
+        from hilc.compiler.patch_precision import apply_patch_precision
+
+        q, extra["patch_precision"] = apply_patch_precision(q, g, samples, patch_precision)
     c_model = None
     if target == "c":
         from hilc.targets.c.codegen import generate_c

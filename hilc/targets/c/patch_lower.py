@@ -49,7 +49,7 @@ class _PatchEmitter:
         return _SIZE
 
     def param(self, node: Node, role: str, dtype: type | None = None) -> str:
-        key = (node.name, role)
+        key = (node.params.get(role, node.name), role, dtype)  # one array per constant
         if key not in self._params:
             self._params[key] = self.em.param(node, role, dtype)
         return self._params[key]
@@ -61,14 +61,73 @@ class _PatchEmitter:
 
 def lower_patch_stage(graph: Graph, em: Any) -> str:
     """The C statements that run the whole patch stage and assemble the split tensor."""
-    from hilc.targets.c.codegen import _c_value
 
     plan = graph.meta["patch"]
     patches = plan["patches"]
     n_p = len(patches)
     k = plan["split_index"]
-    views = [patch_view(graph, p, c_pads=True) for p in patches]
     pem = _PatchEmitter(em, graph)
+    body = _stage_calls(graph, em, pem, patches, k)
+    pp = graph.meta.get("patch_precision")
+    if pp:  # QuantMCU patch-branch precision (hilc/compiler/patch_precision.py)
+        body = _branches(graph, em, pem, patches, k, pp, body)
+    # the split node's window -> its tile of the split tensor
+    split = plan["split"]
+    _, _, w, c = graph.tensors[split].shape
+    tiles = [p["tile"] for p in patches]
+    off = em.array("patch_store_offset", np.asarray([(t[0] * w + t[2]) * c for t in tiles], np.int32))
+    rows = em.array("patch_store_rows", np.asarray([t[1] - t[0] for t in tiles], np.int32))
+    length = em.array("patch_store_len", np.asarray([(t[3] - t[2]) * c for t in tiles], np.int32))
+    src = pem.tensor(split)
+    body.append(f"for (int32_t r = 0; r < {rows}[p]; r++) "
+                f"hilc_copy_s8({length}[p], {src} + r * {length}[p], {em.tensor(split)} + {off}[p] + r * {w * c});")
+    inner = "\n        ".join(body)
+    return f"for (int32_t p = 0; p < {n_p}; p++) {{  /* patch stage: {plan['grid'][0]}x{plan['grid'][1]} patches */\n" \
+           f"        {inner}\n    }}"
+
+
+def _branches(graph: Graph, em: Any, pem: _PatchEmitter, patches: list[dict], k: int, pp: dict[str, Any],
+              high: list[str]) -> list[str]:
+    """Both branches of the stage behind the outlier test: ``max |x - zp| > threshold`` over the
+    patch's input window, integer compares only (the simulator's ``hot_flags``)."""
+    from hilc.compiler.patch_precision import low_graph
+
+    low = low_graph(graph)
+    # the low branch shares weight arrays with the high one where its integers are the same
+    fields = em.__dict__.setdefault("_weight_fields", {})
+    for hi, lo in zip(graph.nodes[: k + 1], low.nodes[: k + 1], strict=True):
+        if hi.name in fields and hi.params.get("weight") == lo.params.get("weight"):
+            fields[lo.name] = fields[hi.name]
+    body_low = _stage_calls(low, em, pem, patches, k)
+    _, _, w, c = graph.tensors[graph.inputs[0]].shape
+    win = np.asarray(pp["windows"], np.int32)
+    y0 = em.array("patch_win_y0", win[:, 0])
+    y1 = em.array("patch_win_y1", win[:, 1])
+    x0 = em.array("patch_win_x0", win[:, 2])
+    n = em.array("patch_win_len", (win[:, 3] - win[:, 2]) * c)
+    zp, thr = int(pp["input_zero_point"]), int(pp["threshold"])
+    nl = "\n        "
+    test = nl.join([
+        "int32_t hot = 0;  /* does this patch's input window hold an outlier? */",
+        f"for (int32_t y = {y0}[p]; y < {y1}[p] && !hot; y++) {{",
+        f"    const int8_t *row = input + (y * {w} + {x0}[p]) * {c};",
+        f"    for (int32_t i = 0; i < {n}[p]; i++) {{",
+        f"        int32_t d = (int32_t)row[i] - ({zp});",
+        f"        if (d > {thr} || -d > {thr}) {{ hot = 1; break; }}",
+        "    }",
+        "}"])
+    hi_s = (nl + "    ").join(high)
+    lo_s = (nl + "    ").join(body_low)
+    return [test, f"if (hot) {{  /* layer-wise widths */{nl}    {hi_s}{nl}}} else {{  /* low-bit branch */"
+                  f"{nl}    {lo_s}{nl}}}"]
+
+
+def _stage_calls(graph: Graph, em: Any, pem: _PatchEmitter, patches: list[dict], k: int) -> list[str]:
+    """One call per stage node of ``graph``, with per-patch parameters indexed by ``p``."""
+    from hilc.targets.c.codegen import _c_value
+
+    n_p = len(patches)
+    views = [patch_view(graph, p, c_pads=True) for p in patches]
     body: list[str] = []
     for i, node in enumerate(graph.nodes[: k + 1]):
         if node.op == "add":
@@ -97,19 +156,7 @@ def lower_patch_stage(graph: Graph, em: Any) -> str:
             ident = em.array(f"{node.name}_patch_size", np.asarray([s[0] for s in sizes], np.int32))
             call = call.replace(_SIZE, f"{ident}[p]")
         body.append(call)
-    # the split node's window -> its tile of the split tensor
-    split = plan["split"]
-    _, _, w, c = graph.tensors[split].shape
-    tiles = [p["tile"] for p in patches]
-    off = em.array("patch_store_offset", np.asarray([(t[0] * w + t[2]) * c for t in tiles], np.int32))
-    rows = em.array("patch_store_rows", np.asarray([t[1] - t[0] for t in tiles], np.int32))
-    length = em.array("patch_store_len", np.asarray([(t[3] - t[2]) * c for t in tiles], np.int32))
-    src = pem.tensor(split)
-    body.append(f"for (int32_t r = 0; r < {rows}[p]; r++) "
-                f"hilc_copy_s8({length}[p], {src} + r * {length}[p], {em.tensor(split)} + {off}[p] + r * {w * c});")
-    inner = "\n        ".join(body)
-    return f"for (int32_t p = 0; p < {n_p}; p++) {{  /* patch stage: {plan['grid'][0]}x{plan['grid'][1]} patches */\n" \
-           f"        {inner}\n    }}"
+    return body
 
 
 def _lower_add(graph: Graph, em: Any, pem: _PatchEmitter, node: Node, i: int, patches: list[dict]) -> str:

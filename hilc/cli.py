@@ -148,6 +148,12 @@ def _print_summary(report: dict, out: Path) -> None:
         console.print(f"patches: split after {p['split_node']}, {p['grid'][0]}x{p['grid'][1]} grid: peak SRAM "
                       f"{p['peak_sram_bytes']:,} B{budget} (layer by layer {p['peak_sram_bytes_layerwise']:,} B), "
                       f"MACs {p['macs']:,} (+{p['mac_overhead']:.1%})")
+    if report.get("patch_precision"):
+        pp = report["patch_precision"]
+        console.print(f"patch precision: outlier test max|x - zp| > {pp['threshold']} "
+                      f"({pp['calibration_hot_fraction']:.0%} of calibration patches keep layer-wise widths); "
+                      f"BitOps {pp['bitops_layerwise']:,} -> {pp['bitops_expected']:,} expected "
+                      f"({pp['reduction_over_layerwise']:.3f}x)")
     if "flash_bytes" in report:
         console.print(f"{report['cpu']}: flash {report['flash_bytes']:,} B, code {report['code_bytes']:,} B, "
                       f"stack {report['stack_bytes']:,} B")

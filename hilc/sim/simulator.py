@@ -106,7 +106,10 @@ def run_int_batched(graph: Graph, qx: np.ndarray, batch_size: int = 32, workers:
 
     from hilc.targets.tvm import check_engine
 
-    if check_engine(engine) == "tvm":
+    if check_engine(engine) == "tvm" and graph.meta.get("patch_precision"):
+        raise HilcError("--engine tvm runs the layers one by one; a model with --patch-precision value dispatches "
+                        "per patch (use --engine numpy)")
+    if engine == "tvm":
         from hilc.targets.tvm.engine import run_int as tvm_run_int
 
         return tvm_run_int(graph, {graph.inputs[0]: qx})[graph.outputs[0]]

@@ -93,12 +93,16 @@ def test_patch_branches_bit_exact_host_and_dispatch(small_model, tmp_path):
         assert np.array_equal(host, sim)
 
 
-def test_patch_precision_errors(small_model):
+def test_patch_precision_errors(small_model, tmp_path, capsys):
     x = blobs(4, 0)
     with pytest.raises(HilcError, match="needs a patch schedule"):
         compile_model(small_model, x, patch_precision="value")
     with pytest.raises(HilcError, match="expected off or value"):
         compile_model(small_model, x, patch="auto", sram_bytes=60000, patch_precision="bits")
+    np.save(tmp_path / "c.npy", x)
+    assert main(["compile", str(small_model), "--calib", str(tmp_path / "c.npy"), "-o", str(tmp_path / "o"), "-q",
+                 "--patch-precision", "value"]) == 2
+    assert "needs a patch schedule" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -148,6 +148,13 @@ def _codes(v: np.ndarray, lo: float, hi: float, bits: int) -> np.ndarray:
     return np.clip(np.rint(v / s) + zp, qmin, qmax)
 
 
+def check_options(mode: str, patch: str) -> None:
+    if mode not in MODES:
+        raise HilcError(f"--patch-precision: expected off or value, got '{mode}'")
+    if mode != "off" and patch == "off":
+        raise HilcError("--patch-precision value needs a patch schedule (--patch auto or SPLIT:N) with a patch stage")
+
+
 def apply_patch_precision(q: Graph, g: Graph, samples: np.ndarray | None, mode: str = "value",
                           outlier_rate: float = 0.2, entropy_budget: float = 1.0,
                           max_samples: int = 64) -> tuple[Graph, dict[str, Any]]:

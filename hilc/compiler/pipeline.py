@@ -86,6 +86,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.patches import parse_mode
 
         parse_mode(patch)
+    if patch_precision != "off":  # checked before any work
+        from hilc.compiler.patch_precision import check_options
+
+        check_options(patch_precision, patch)
     if sram_bytes is not None and sram_bytes <= 0:
         raise HilcError(f"--sram: expected a positive number of bytes, got {sram_bytes}")
     for name in dump_after or []:

@@ -1,0 +1,298 @@
+"""Minifloat (ExMy) formats beside integers, for the FPGA path.
+
+A format has a sign bit, ``e`` exponent bits, ``m`` mantissa bits, an exponent ``bias``, whether
+subnormals exist and which codes are special (``special``):
+
+* ``"none"``: every code is finite (OCP FP6/FP4 style: E3M2, E2M1);
+* ``"fn"``: only the all-ones code of each sign is NaN, no infinities (OCP E4M3);
+* ``"ieee"``: the top exponent holds infinities and NaNs (E5M2).
+
+Rounding is to nearest, ties to even (the code whose mantissa is even), and **saturating**: any
+finite input beyond the largest finite value becomes that value, so a finite input never gives
+an infinity or a NaN.
+
+Fixed-point view (what the arithmetic uses). With subnormals, every value is an integer multiple
+of the smallest subnormal ``2**emin`` (``emin = 1 - bias - m``): a code ``s|E|M`` is
+``(-1)**s * sig << sh`` units, ``sig = E ? 2**m + M : M`` (an (m+1)-bit significand) and
+``sh = E ? E - 1 : 0``. The magnitude bits ``E << m | M`` equal ``sh * 2**m + sig``, so codes are
+ordered like their values and saturation is a comparison of magnitudes. A product of two codes is
+``sig_a * sig_w << (sh_a + sh_w)``: an (m+1)x(m+1)-bit multiplier, an exponent adder and a shifter,
+exact in a wide integer accumulator (``accumulator_bits``). The simulator (numpy, below) and the
+HLS header (targets/hls/templates/hilc_hls.h.j2) implement exactly these integer steps.
+
+Layers: a conv2d/dense with ``attrs['format']`` (e.g. ``"E4M3"``) stores its weights as codes
+(uint8 containers) with a per-output-channel scale chosen by search; ``attrs['act_format']``
+(optional) casts the layer's integer input ``x - zp_in`` to a minifloat on entry, ``d * 2**-q``
+rounded by ``cast_int`` (the same rounding), so the MAC is minifloat x minifloat. Tensors between
+layers stay integer (int8 affine): the layer's output is requantized by the dyadic multiplier
+(ties to even), and the next layer casts it to its own format. MCU C kernels are not provided.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from hilc.errors import HilcError
+
+SPECIALS = ("none", "fn", "ieee")
+
+
+@dataclass(frozen=True)
+class MiniFloat:
+    e: int
+    m: int
+    bias: int | None = None
+    subnormals: bool = True
+    special: str = "none"
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.e <= 5 and 0 <= self.m <= 6 and 3 <= self.bits <= 8):
+            raise HilcError(f"minifloat E{self.e}M{self.m}: need 1..5 exponent bits and 3..8 bits in all")
+        if self.special not in SPECIALS:
+            raise HilcError(f"minifloat special values must be one of {SPECIALS}, got '{self.special}'")
+        if self.special == "ieee" and self.e < 2:
+            raise HilcError(f"{self.name}: IEEE-style infinities need at least 2 exponent bits")
+
+    @property
+    def name(self) -> str:
+        return f"E{self.e}M{self.m}"
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.e + self.m
+
+    @property
+    def b(self) -> int:
+        return (2 ** (self.e - 1) - 1) if self.bias is None else self.bias
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the fixed-point unit: the smallest subnormal (or, without subnormals, the
+        spacing of the lowest binade)."""
+        return 1 - self.b - self.m
+
+    @property
+    def max_mag(self) -> int:
+        """Magnitude bits (E << m | M) of the largest finite value."""
+        top = 2 ** self.e - 1
+        if self.special == "ieee":
+            return ((top - 1) << self.m) | (2 ** self.m - 1)
+        if self.special == "fn":
+            return (top << self.m) | (2 ** self.m - 2) if self.m > 0 else ((top - 1) << self.m)
+        return (top << self.m) | (2 ** self.m - 1)
+
+    @property
+    def max_fix(self) -> int:
+        return int(mag_to_fix(np.int64(self.max_mag), self.m))
+
+    @property
+    def max_value(self) -> float:
+        return math.ldexp(self.max_fix, self.emin)
+
+    def valid_codes(self) -> np.ndarray:
+        """Every canonical code of a finite value (-0 and, without subnormals, the e=0 codes
+        other than zero are left out)."""
+        mags = np.arange(self.max_mag + 1, dtype=np.int64)
+        if not self.subnormals:
+            mags = mags[(mags == 0) | (mags >= 2 ** self.m)]
+        neg = mags[mags > 0] | (1 << (self.bits - 1))
+        return np.concatenate([mags, neg])
+
+
+def mag_to_fix(mag: np.ndarray, m: int) -> np.ndarray:
+    sig, sh = _sig_sh(np.asarray(mag, np.int64), m)
+    return sig << sh
+
+
+def _sig_sh(mag: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    ex = mag >> m
+    man = mag & ((1 << m) - 1)
+    sig = np.where(ex > 0, man | (1 << m), man)
+    sh = np.maximum(ex - 1, 0)
+    return sig, sh
+
+
+PRESETS = {
+    "E4M3": MiniFloat(4, 3, special="fn"),
+    "E5M2": MiniFloat(5, 2, special="ieee"),
+}
+
+
+@functools.cache
+def parse(name: str) -> MiniFloat:
+    """``"E4M3"`` (OCP FP8, no infinities), ``"E5M2"`` (IEEE-style), any other ``"ExMy"`` of 3..8
+    bits (all codes finite, bias 2**(x-1)-1, subnormals)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    mt = re.fullmatch(r"E(\d)M(\d)", str(name).upper())
+    if mt is None:
+        raise HilcError(f"minifloat format '{name}': expected ExMy, e.g. E4M3, E3M2, E2M1")
+    return MiniFloat(int(mt.group(1)), int(mt.group(2)))
+
+
+def for_bits(bits: int) -> MiniFloat:
+    """The format the comparisons use at a given width: E2M1, E2M2, E3M2, E3M3, E4M3."""
+    table = {3: "E1M1", 4: "E2M1", 5: "E2M2", 6: "E3M2", 7: "E3M3", 8: "E4M3"}
+    if bits not in table:
+        raise HilcError(f"no minifloat format of {bits} bits (3..8)")
+    return parse(table[bits])
+
+
+# --- codes <-> values ---------------------------------------------------------------------------
+
+def decode(fmt: MiniFloat, code: np.ndarray) -> np.ndarray:
+    """Codes -> float64 values (NaN/inf for the special codes of the format)."""
+    code = np.asarray(code, np.int64)
+    mag = code & ((1 << (fmt.bits - 1)) - 1)
+    neg = (code >> (fmt.bits - 1)) & 1
+    fix = mag_to_fix(mag, fmt.m).astype(np.float64)
+    if not fmt.subnormals:
+        fix = np.where(mag < (1 << fmt.m), 0.0, fix)
+    v = np.ldexp(fix, fmt.emin)
+    v = np.where(neg == 1, -v, v)
+    top = 2 ** fmt.e - 1
+    if fmt.special == "ieee":
+        ex = mag >> fmt.m
+        man = mag & ((1 << fmt.m) - 1)
+        v = np.where((ex == top) & (man == 0), np.where(neg == 1, -np.inf, np.inf), v)
+        v = np.where((ex == top) & (man != 0), np.nan, v)
+    elif fmt.special == "fn":
+        v = np.where(mag == (1 << (fmt.bits - 1)) - 1, np.nan, v)
+    return v
+
+
+@functools.cache
+def _table(fmt: MiniFloat) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative finite values ascending and their magnitude codes."""
+    mags = fmt.valid_codes()
+    mags = mags[mags < (1 << (fmt.bits - 1))]
+    return decode(fmt, mags), mags
+
+
+def encode(fmt: MiniFloat, x: np.ndarray) -> np.ndarray:
+    """Float values -> codes (uint8): nearest, ties to the even code, saturating. NaN -> the
+    format's NaN code when it has one, else an error (a finite input never gives NaN)."""
+    x = np.asarray(x, np.float64)
+    vals, mags = _table(fmt)
+    a = np.abs(x)
+    if np.any(np.isnan(x)):
+        if fmt.special == "none":
+            raise HilcError(f"{fmt.name} has no NaN: cannot encode NaN")
+    a_c = np.minimum(np.nan_to_num(a, nan=0.0, posinf=vals[-1]), vals[-1])  # saturate (and inf)
+    hi = np.clip(np.searchsorted(vals, a_c, side="left"), 0, len(vals) - 1)
+    lo = np.maximum(hi - 1, 0)
+    d_lo, d_hi = a_c - vals[lo], vals[hi] - a_c
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & ((mags[hi] & 1) == 0) & (hi != lo))
+    mag = np.where(pick_hi, mags[hi], mags[lo])
+    neg = (np.signbit(x) & (mag != 0)).astype(np.int64)
+    code = mag | (neg << (fmt.bits - 1))
+    if np.any(np.isnan(x)):
+        nan_code = (1 << fmt.bits) - 1 if fmt.special == "fn" else ((2 ** fmt.e - 1) << fmt.m) | 1
+        code = np.where(np.isnan(x), nan_code, code)
+    return code.astype(np.uint8)
+
+
+def quantize_values(fmt: MiniFloat, x: np.ndarray) -> np.ndarray:
+    return decode(fmt, encode(fmt, x))
+
+
+# --- the integer arithmetic (mirrored in hilc_hls.h.j2) ------------------------------------------
+
+def code_sig_sh(fmt: MiniFloat, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed significand and shift of codes: value = sig << sh units of 2**emin."""
+    code = np.asarray(code, np.int64)
+    mag = code & ((1 << (fmt.bits - 1)) - 1)
+    sig, sh = _sig_sh(mag, fmt.m)
+    if not fmt.subnormals:
+        sig = np.where(mag < (1 << fmt.m), 0, sig)
+    sig = np.where((code >> (fmt.bits - 1)) & 1, -sig, sig)
+    return sig, sh
+
+
+def code_to_fix(fmt: MiniFloat, code: np.ndarray) -> np.ndarray:
+    sig, sh = code_sig_sh(fmt, code)
+    return sig << sh
+
+
+def _round_shift(t: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """t / 2**c, nearest, ties to even, for t >= 0 and c >= 1 (arith.rounding_shift's formula)."""
+    return (t + ((np.int64(1) << (c - 1)) - 1) + ((t >> c) & 1)) >> c
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    out = np.zeros(v.shape, np.int64)
+    for i in range(63):
+        out = np.where((v >> i) > 0, i + 1, out)
+    return out
+
+
+def cast_int(fmt: MiniFloat, d: np.ndarray, q: int) -> np.ndarray:
+    """Codes of the integers ``d * 2**-q`` (in units of 2**emin): nearest, ties to even,
+    saturating; integer steps only (``hilc_mf_cast`` in the HLS header does the same).
+
+    The binade comes from the bit length of ``floor(|d| / 2**q)``; the significand is |d|
+    shifted right by ``q + sh`` with rounding; a carry out of the significand moves it up one
+    binade; the magnitude bits ``sh * 2**m + sig`` saturate at the largest finite code.
+    """
+    if not fmt.subnormals:
+        raise HilcError(f"{fmt.name} without subnormals: the integer cast needs subnormals")
+    d = np.asarray(d, np.int64)
+    t = np.abs(d)
+    fl = t >> q if q >= 0 else t << -q
+    sh = np.maximum(_bit_length(fl) - (fmt.m + 1), 0)
+    total = q + sh
+    sig = np.where(total > 0, _round_shift(t, np.maximum(total, 1)), t << np.maximum(-total, 0))
+    carry = sig == (1 << (fmt.m + 1))
+    sig = np.where(carry, sig >> 1, sig)
+    sh = np.where(carry, sh + 1, sh)
+    mag = np.minimum(sh * (1 << fmt.m) + sig, fmt.max_mag)
+    neg = ((d < 0) & (mag != 0)).astype(np.int64)
+    return (mag | (neg << (fmt.bits - 1))).astype(np.uint8)
+
+
+def act_shift(fmt: MiniFloat, in_absmax: int) -> int:
+    """q with in_absmax * 2**-q <= the largest finite value (in units), as small as that allows:
+    the integer input range is mapped onto the top of the format's range."""
+    return max(math.ceil(math.log2(in_absmax / fmt.max_fix)), -(62 - int(in_absmax).bit_length()))
+
+
+# --- weight quantizer: per-channel scale search -------------------------------------------------
+
+SHRINKS = np.linspace(0.5, 1.0, 26)
+
+
+def quantize_weights(fmt: MiniFloat, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (uint8, w's shape) and per-output-channel scales s (real = s * decode(code)).
+
+    Each channel's scale maps max|w| onto ``shrink * max_value``; the shrink among SHRINKS with
+    the least squared weight error wins (clipping a few large weights buys finer steps)."""
+    w = np.asarray(w, np.float64)
+    flat = w.reshape(w.shape[0], -1)
+    amax = np.abs(flat).max(axis=1)
+    amax = np.where(amax > 0, amax, 1.0)
+    best_s = amax / fmt.max_value
+    best_err = np.full(len(flat), np.inf)
+    for k in SHRINKS:
+        s = amax * k / fmt.max_value
+        err = ((quantize_values(fmt, flat / s[:, None]) * s[:, None] - flat) ** 2).sum(axis=1)
+        better = err < best_err
+        best_s, best_err = np.where(better, s, best_s), np.where(better, err, best_err)
+    codes = encode(fmt, flat / best_s[:, None]).reshape(w.shape)
+    return codes, best_s
+
+
+def grid_values(fmt: MiniFloat, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Decoded grid values (float64, w's shape) of w on per-channel scales s (no scale applied)."""
+    flat = np.asarray(w, np.float64).reshape(w.shape[0], -1)
+    return quantize_values(fmt, flat / s[:, None]).reshape(w.shape)
+
+
+def accumulator_bits(wfmt: MiniFloat, afmt: MiniFloat | None, k: int, in_absmax: int = 256) -> int:
+    """Width of the exact accumulator of k products: (|a| max) * (|w| max) * k, plus a sign."""
+    amax = afmt.max_fix if afmt is not None else in_absmax
+    return int(amax * wfmt.max_fix * k).bit_length() + 1

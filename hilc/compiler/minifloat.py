@@ -225,10 +225,10 @@ def _round_shift(t: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
-    out = np.zeros(v.shape, np.int64)
-    for i in range(63):
-        out = np.where((v >> i) > 0, i + 1, out)
-    return out
+    """Bit length of non-negative int64 values below 2**53 (frexp of an exact float64)."""
+    if np.any(v >= 2**53):
+        raise HilcError("minifloat cast: integer input beyond 2**53")
+    return np.frexp(v.astype(np.float64))[1].astype(np.int64)
 
 
 def cast_int(fmt: MiniFloat, d: np.ndarray, q: int) -> np.ndarray:
@@ -296,3 +296,99 @@ def accumulator_bits(wfmt: MiniFloat, afmt: MiniFloat | None, k: int, in_absmax:
     """Width of the exact accumulator of k products: (|a| max) * (|w| max) * k, plus a sign."""
     amax = afmt.max_fix if afmt is not None else in_absmax
     return int(amax * wfmt.max_fix * k).bit_length() + 1
+
+
+# --- conv2d / dense with a minifloat format -------------------------------------------------------
+
+def layer_formats(node) -> tuple[MiniFloat, MiniFloat | None]:
+    a = node.attrs
+    return parse(a["format"]), (parse(a["act_format"]) if a.get("act_format") else None)
+
+
+def quantize_layer(node, graph) -> None:
+    """quantize_linear_layer for a conv2d/dense with ``attrs['format']``: weight codes (uint8) on
+    per-channel scales, int64 bias at the accumulator's scale, dyadic requantization whose
+    multiplier is narrowed so that ``acc_bound * b < 2**62``."""
+    from hilc.compiler import arith
+    from hilc.compiler.ops.base import clamp_bounds, in_quant, out_quant
+    from hilc.errors import UnsupportedModelError
+
+    fmt, afmt = layer_formats(node)
+    qi, qo = in_quant(graph, node), out_quant(graph, node)
+    w = graph.param(node, "weight").astype(np.float64)
+    b = graph.param(node, "bias").astype(np.float64)
+    preset = node.attrs.pop("w_scale", None)
+    if node.attrs.pop("w_scale_bits", None) != fmt.name:  # a grid chosen for another format (ptq)
+        preset = None
+    if preset is not None:
+        s_w = np.asarray(preset, np.float64)
+        codes = encode(fmt, w.reshape(len(w), -1) / s_w[:, None]).reshape(w.shape)
+    else:
+        codes, s_w = quantize_weights(fmt, w)
+    in_absmax = max(qi.qmax - qi.zero_point, qi.zero_point - qi.qmin)
+    q = act_shift(afmt, in_absmax) if afmt is not None else 0
+    a_unit = math.ldexp(1.0, q)  # cast_int: fix_a ~ d * 2**-q units, so real = s_in * 2**q * fix_a
+    s_acc = qi.scale * a_unit * s_w * math.ldexp(1.0, fmt.emin)
+    b_int = np.rint(b / s_acc)
+    wfix = code_to_fix(fmt, codes).reshape(len(w), -1)
+    amax = afmt.max_fix if afmt is not None else in_absmax
+    if np.any(np.abs(b_int) > 2.0**60):
+        raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): bias does not fit the {fmt.name} accumulator")
+    b_int = b_int.astype(np.int64)
+    bound = int((np.abs(wfix).sum(axis=1) * amax + np.abs(b_int)).max())
+    mult_bits = min(arith.MULT_BITS, 62 - bound.bit_length())
+    if mult_bits < 8:
+        raise UnsupportedModelError(
+            f"{node.name} ({node.onnx_name}): the {fmt.name} accumulator needs {bound.bit_length()} bits, "
+            "too wide for a 63-bit requantization product")
+    mult, shift = arith.dyadic(s_acc / qo.scale, mult_bits)
+    lo, hi = clamp_bounds(node, qo)
+    node.params["weight"] = graph.add_constant(f"{node.name}.weight", codes.astype(np.uint8))
+    node.params["bias"] = graph.add_constant(f"{node.name}.bias", b_int)
+    node.params["mult"] = graph.add_constant(f"{node.name}.mult", mult.astype(np.int32))
+    node.params["shift"] = graph.add_constant(f"{node.name}.shift", shift.astype(np.int8))
+    node.attrs.pop("act_lo", None)
+    node.attrs.pop("act_hi", None)
+    node.attrs.update(zp_in=qi.zero_point, zp_out=qo.zero_point, lo=lo, hi=hi, acc_bound=bound, raw_bound=bound,
+                      weight_bits=fmt.bits, act_q=q, mult_bits=mult_bits)
+
+
+def layer_inputs(node, graph, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(activation in fixed units, weights in fixed units): what the accumulator multiplies."""
+    fmt, afmt = layer_formats(node)
+    key = f"{node.name}:minifloat"
+    if key not in graph.cache:
+        graph.cache[key] = code_to_fix(fmt, graph.param(node, "weight"))
+    d = x.astype(np.int64) - node.attrs["zp_in"]
+    a = code_to_fix(afmt, cast_int(afmt, d, node.attrs["act_q"])) if afmt is not None else d
+    return a, graph.cache[key]
+
+
+def requantize_layer(node, graph, acc: np.ndarray) -> np.ndarray:
+    from hilc.compiler import arith
+
+    a = node.attrs
+    bias = graph.param(node, "bias")
+    acc = acc + bias if acc.dtype == np.int64 else acc.astype(np.float64) + bias.astype(np.float64)
+    return arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"], a["lo"],
+                            a["hi"], acc_bound=a["acc_bound"], scratch=True)
+
+
+def set_formats(graph, formats: str | dict | None, act_formats: str | dict | None = None):
+    """A copy with ``attrs['format']`` / ``attrs['act_format']`` on every conv/dense (a name) or on
+    the named nodes (a dict node name -> format name, None for integer), before ``quantize``.
+    ``weight_bits`` follows the format's width (the PTQ passes read it)."""
+    g = graph.copy()
+    for n in g.nodes:
+        if n.op not in ("conv2d", "dense") or "weight" not in n.params:
+            continue
+        f = formats.get(n.name) if isinstance(formats, dict) else formats
+        af = act_formats.get(n.name) if isinstance(act_formats, dict) else act_formats
+        for key, val in (("format", f), ("act_format", af)):
+            if val:
+                n.attrs[key] = parse(val).name
+            else:
+                n.attrs.pop(key, None)
+        if f:
+            n.attrs["weight_bits"] = parse(f).bits
+    return g

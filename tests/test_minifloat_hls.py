@@ -91,3 +91,20 @@ def test_minifloat_accumulator_is_exact_against_float64(digits_float, digits):
     vals = mf.decode(afmt, mf.cast_int(afmt, qx.astype(np.int64) - n.attrs["zp_in"], n.attrs["act_q"]))
     assert np.array_equal(np.ldexp(xa.astype(np.float64), afmt.emin), vals)
     assert np.array_equal(np.ldexp(wf.astype(np.float64), fmt.emin), mf.decode(fmt, g.param(n, "weight")))
+
+
+def test_ptq_passes_run_on_minifloat_layers_and_quantize_keeps_their_grid(digits_float, digits):
+    from hilc.compiler import ptq
+
+    g = mf.set_formats(digits_float, "E2M1")
+    x = digits["x_train"][:64]
+    g2, rep = ptq.run_ptq(g, x, ["equalize", "bias-correct", "adaround"], budget_s=2.0)
+    assert all(n.attrs["w_scale_bits"] == "E2M1" for n in ptq.linear_nodes(g2))
+    # quantize reproduces the pinned grid exactly: decoded codes x scale == the pinned float weights
+    gq = quantize(calib_mod.calibrate(g2, x))
+    for fn, qn in zip(ptq.linear_nodes(g2), ptq.linear_nodes(gq), strict=True):
+        s = np.asarray(fn.attrs["w_scale"])
+        w = g2.param(fn, "weight").astype(np.float64).reshape(len(s), -1)
+        wq = mf.decode(mf.parse("E2M1"), gq.param(qn, "weight")).reshape(len(s), -1) * s[:, None]
+        assert np.allclose(wq, w, rtol=1e-6, atol=0)
+    assert sum(r["error_after"] for r in rep["layers"]) < sum(r["error_before"] for r in rep["layers"])

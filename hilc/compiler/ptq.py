@@ -200,7 +200,18 @@ def _weights_by_group(graph: Graph, node: Node, w: np.ndarray) -> list[np.ndarra
 
 
 def _grid(node: Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The weight grid ``quantize`` will use: (per-channel scale, integer weights nearest, qmax)."""
+    """The weight grid ``quantize`` will use: (per-channel scale, integer weights nearest, qmax).
+    A minifloat layer (``attrs['format']``): the decoded grid values instead of integers."""
+    if node.attrs.get("format"):
+        from hilc.compiler import minifloat as mf
+
+        fmt = mf.parse(node.attrs["format"])
+        preset = node.attrs.get("w_scale")
+        if preset is not None and node.attrs.get("w_scale_bits") == fmt.name:
+            s = np.asarray(preset, np.float64)
+        else:
+            _, s = mf.quantize_weights(fmt, w)
+        return s, mf.grid_values(fmt, w, s), fmt.max_value
     bits = node.attrs.get("weight_bits", 8)
     qmax = 2 ** (bits - 1) - 1
     preset = node.attrs.get("w_scale")
@@ -229,7 +240,7 @@ def _pin(graph: Graph, node: Node, q: np.ndarray, s: np.ndarray, bias: np.ndarra
     graph.constants[node.params["weight"]] = (q * s.reshape(shape)).astype(np.float32)
     graph.constants[node.params["bias"]] = bias.astype(np.float32)
     node.attrs["w_scale"] = [float(v) for v in s]
-    node.attrs["w_scale_bits"] = node.attrs.get("weight_bits", 8)
+    node.attrs["w_scale_bits"] = node.attrs.get("format") or node.attrs.get("weight_bits", 8)
 
 
 def _walk(reference: Graph, current: Graph, x: np.ndarray,
@@ -395,7 +406,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             m += len(y)
         share = max(0.0, end - time.perf_counter()) * costs[node.name] / remaining[0]
         remaining[0] -= costs[node.name]
-        if adaround:
+        if adaround and not node.attrs.get("format"):  # minifloat grids: nearest (+ bias correction)
             q_groups, s_groups = [], []
             for gi, wg in enumerate(w_groups):
                 sl = slice(gi * og, (gi + 1) * og)

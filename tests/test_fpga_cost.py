@@ -1,0 +1,44 @@
+"""The FPGA MAC cost model (known answers from its stated rules) and the per-layer picker."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import DIGITS_CNN
+from test_minifloat_hls import float_graph
+
+from hilc.compiler.quantize import quantize
+from hilc.targets.hls import cost
+
+
+def test_mac_cost_known_answers():
+    # int8 x (8+1)-bit: one DSP, the 24-bit accumulator in LUTs
+    assert cost.mac_cost(8, 8, acc_bits=24)["lut"] == 24 and cost.mac_cost(8, 8, acc_bits=24)["dsp"] == 1
+    # int4 weights: a 4x9 LUT multiplier
+    assert cost.mac_cost(4, 8, acc_bits=20) == {**cost.mac_cost(4, 8, acc_bits=20), "lut": 36 + 20, "dsp": 0}
+    # E2M1 x E2M1: 2x2 significands, exponent adder 3, two hidden-bit LUTs, shift range 2+2=4
+    # (3 mux stages -> 2 LUT levels) over a 4+4 = 8-bit word: 16 LUTs, plus the accumulator
+    e2m1 = cost.mac_cost("E2M1", "E2M1", acc_bits=14)
+    assert (e2m1["lut"], e2m1["dsp"], e2m1["parts"]["shifter"]) == (4 + 3 + 2 + 16 + 14, 0, 16)
+    # E4M3 x E4M3: 4x4 significands, shift range 14+14=28 (5 stages -> 3 levels) over 8+28 bits
+    e4m3 = cost.mac_cost("E4M3", "E4M3", acc_bits=44)
+    assert e4m3["parts"]["shifter"] == 36 * 3 and e4m3["lut"] == 16 + 5 + 2 + 108 + 44
+    # a wider format never costs less at the same accumulator width
+    assert cost.mac_cost("E3M2", "E3M2", acc_bits=30)["lut"] > cost.mac_cost("E2M1", "E2M1", acc_bits=30)["lut"]
+
+
+def test_picker_respects_the_error_budget_and_minimises_cost(digits):
+    g = float_graph(DIGITS_CNN, digits["x_train"][:64])
+    cands = cost.candidates([4, 8])
+    errs = cost.layer_errors(g, digits["x_train"][:32], cands)
+    costs = cost.candidate_costs(g, cands)
+    assert set(errs) == set(costs) and all(set(errs[n]) == {"int:4", "mf:E2M1", "int:8", "mf:E4M3"} for n in errs)
+    # int8 is more accurate than int4 on every layer
+    assert all(errs[n]["int:8"] < errs[n]["int:4"] for n in errs)
+    loose = cost.pick(g, errs, costs, budget=1e9)
+    tight = cost.pick(g, errs, costs, budget=sum(min(e.values()) for e in errs.values()) * 1.0001)
+    lut = {n: {k: c["lut"] + 100 * c["dsp"] for k, c in v.items()} for n, v in costs.items()}
+    assert all(loose[n] == min(lut[n], key=lut[n].get) for n in loose)  # no budget: the cheapest each
+    assert all(tight[n] == min(errs[n], key=errs[n].get) for n in tight)  # tight: the most accurate each
+    gq = quantize(cost.apply_choice(g, tight))
+    total = cost.graph_cost(gq)["total"]
+    assert total["lut"] > 0 and np.isfinite(total["dsp"])

@@ -42,3 +42,22 @@ def test_picker_respects_the_error_budget_and_minimises_cost(digits):
     gq = quantize(cost.apply_choice(g, tight))
     total = cost.graph_cost(gq)["total"]
     assert total["lut"] > 0 and np.isfinite(total["dsp"])
+
+
+def test_report_plots_the_minifloat_comparison_when_report_json_carries_it(tmp_path, digits):
+    import json
+
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+    from hilc.report_html.render import build_context
+
+    out = tmp_path / "o"
+    write_artifacts(out, compile_model(DIGITS_CNN, digits["x_train"][:64]))
+    assert "pareto" not in [p[0] for p in build_context(out)["plots"]]
+    report = json.loads((out / "report.json").read_text())
+    report["minifloat"] = {"metric": "accuracy", "pareto": ["int8", "E2M1"], "points": [
+        {"label": "int8", "kind": "int", "accuracy": 0.99, "lut": 3600, "dsp": 150},
+        {"label": "E2M1", "kind": "mf", "accuracy": 0.98, "lut": 7000, "dsp": 10},
+        {"label": "E4M3xE4M3", "kind": "mfxmf", "accuracy": 0.97, "lut": 25000, "dsp": 12}]}
+    (out / "report.json").write_text(json.dumps(report))
+    plots = {p[0]: p[2] for p in build_context(out)["plots"]}
+    assert plots["pareto"].startswith("data:image/png;base64,") and len(plots["pareto"]) > 5000

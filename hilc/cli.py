@@ -41,6 +41,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise HilcError("--parallel needs --target hls")
     prog, update = _progress_factory(args.quiet)
     ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
+    if getattr(args, "minifloat", None):  # minifloat conv/dense layers (FPGA path: --target hls)
+        from hilc.compiler.minifloat import hook_from_spec
+
+        ptq_args["graph_hook"] = hook_from_spec(args.minifloat)
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
@@ -330,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")
     c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
                    help="time AdaRound may take over all layers (default 30)")
+    c.add_argument("--minifloat", metavar="FORMAT[xACT]|LAYER=FORMAT[xACT],...",
+                   help="minifloat conv/dense layers (E4M3, E3M2, E2M1, any ExMy of 3-8 bits): weights in FORMAT, the "
+                        "layer input cast to ACT; simulator and --target hls only (no MCU kernels)")
     c.add_argument("--input-range", metavar="LO,HI",
                    help="without --calib, for a model without BatchNorm statistics: the input value range "
                         "of the synthesised calibration inputs (default 0,1)")

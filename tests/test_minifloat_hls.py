@@ -108,3 +108,20 @@ def test_ptq_passes_run_on_minifloat_layers_and_quantize_keeps_their_grid(digits
         wq = mf.decode(mf.parse("E2M1"), gq.param(qn, "weight")).reshape(len(s), -1) * s[:, None]
         assert np.allclose(wq, w, rtol=1e-6, atol=0)
     assert sum(r["error_after"] for r in rep["layers"]) < sum(r["error_before"] for r in rep["layers"])
+
+
+def test_cli_minifloat_option_compiles_for_hls_and_the_c_target_refuses(tmp_path):
+    from test_hls_backend import hilc
+
+    calib = tmp_path / "calib.npy"
+    d = np.load(DIGITS_CNN.parent / "digits.npz")["images"].astype(np.float32)[:64, None]
+    np.save(calib, d)
+    r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "o", "--target", "hls",
+             "--minifloat", "conv2d_0=E4M3xE4M3,dense_0=E2M1", "-q")
+    assert r.returncode == 0, r.stderr
+    cpp = (tmp_path / "o" / "hls" / "model.cpp").read_text()
+    assert "hilc_mf_mul<4, 3, 4, 3>" in cpp and "hilc_mfw_mul<2, 1>" in cpp
+    r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "c", "--target", "c", "--minifloat", "E3M2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no minifloat kernels" in r.stderr, r.stderr
+    r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "x", "--minifloat", "nope=E3M2")
+    assert r.returncode == 2 and "no conv/dense layer named nope" in r.stderr

@@ -392,3 +392,32 @@ def set_formats(graph, formats: str | dict | None, act_formats: str | dict | Non
         if f:
             n.attrs["weight_bits"] = parse(f).bits
     return g
+
+
+def hook_from_spec(spec: str):
+    """``--minifloat``: ``FORMAT[xACT]`` for every conv/dense (``E4M3``, ``E2M1xE2M1``), or a comma
+    list of ``LAYER=FORMAT[xACT]`` (layers not named stay integer). A graph hook for compile_model."""
+    def split(s: str) -> tuple[str, str | None]:
+        w, _, a = s.strip().upper().partition("X")
+        parse(w)
+        if a:
+            parse(a)
+        return w, a or None
+
+    if "=" not in spec:
+        w, a = split(spec)
+        return lambda g: set_formats(g, w, a)
+    table = {}
+    for item in spec.split(","):
+        name, eq, val = item.partition("=")
+        if not eq or not name.strip():
+            raise HilcError(f"--minifloat '{item}': expected LAYER=FORMAT[xACT]")
+        table[name.strip()] = split(val)
+
+    def hook(g):
+        known = {n.name for n in g.nodes if n.op in ("conv2d", "dense")}
+        missing = sorted(set(table) - known)
+        if missing:
+            raise HilcError(f"--minifloat: no conv/dense layer named {', '.join(missing)}")
+        return set_formats(g, {k: v[0] for k, v in table.items()}, {k: v[1] for k, v in table.items()})
+    return hook

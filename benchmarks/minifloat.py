@@ -10,11 +10,11 @@ calibration on 256 training digits), at 4, 6 and 8 bits, every conv/dense layer 
 * ``int``: integer weights of that width, int8 activations;
 * ``mf``: minifloat weights of that width (E2M1, E3M2, E4M3), int8 activations;
 * ``mf x mf``: minifloat weights and the layer input cast to the same format on entry.
-All with the same PTQ passes (equalize, bias-correct, AdaRound; AdaRound leaves minifloat layers
-at nearest rounding). Then ``mixed``: the per-layer picker (hilc/targets/hls/cost.py) among
-int/minifloat of 4, 6 and 8 bits at two error budgets. Cost: the analytical model of
-hilc/targets/hls/cost.py for the conv/dense MACs, with the PE x SIMD the HLS backend picks for
-the int8 design on pynq-z2 (the same parallelism for every variant).
+All with the same PTQ passes (equalize, bias-correct, AdaRound; on a minifloat grid AdaRound
+rounds each weight to one of its two neighbouring grid values). Then ``mixed``: the per-layer
+picker (hilc/targets/hls/cost.py) among int/minifloat of 4, 6 and 8 bits at two error
+budgets. Cost: the analytical model of hilc/targets/hls/cost.py for the conv/dense MACs, with
+the PE x SIMD the HLS backend picks for the int8 design on pynq-z2 (the same parallelism for every variant).
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from hilc.compiler.minifloat import hook_from_spec
 
         ptq_args["graph_hook"] = hook_from_spec(args.minifloat)
+    if getattr(args, "precision", None) == "auto-fpga":
+        ptq_args["fpga_error_ratio"] = args.fpga_error_ratio
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
@@ -348,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
                         "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
     c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
-    c.add_argument("--precision", default="int8", choices=["int8", "mixed"],
+    c.add_argument("--precision", default="int8", choices=["int8", "mixed", "auto-fpga"],
                    help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
     c.add_argument("--bitops-ratio", type=float, metavar="R",
                    help="with --precision mixed: R times fewer BitOps than int8")
@@ -360,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")
     c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
                    help="time AdaRound may take over all layers (default 30)")
+    c.add_argument("--fpga-error-ratio", type=float, default=1.0, metavar="R",
+                   help="with --precision auto-fpga (integer or minifloat of 3-8 bits per layer, least FPGA cost): "
+                        "summed layer output error at most R times int8's (default 1)")
     c.add_argument("--minifloat", metavar="FORMAT[xACT]|LAYER=FORMAT[xACT],...",
                    help="minifloat conv/dense layers (E4M3, E3M2, E2M1, any ExMy of 3-8 bits): weights in FORMAT, the "
                         "layer input cast to ACT; simulator and --target hls only (no MCU kernels)")

@@ -61,3 +61,22 @@ def test_report_plots_the_minifloat_comparison_when_report_json_carries_it(tmp_p
     (out / "report.json").write_text(json.dumps(report))
     plots = {p[0]: p[2] for p in build_context(out)["plots"]}
     assert plots["pareto"].startswith("data:image/png;base64,") and len(plots["pareto"]) > 5000
+
+
+def test_precision_auto_fpga_picks_per_layer_and_reports_it(tmp_path, digits):
+    import json
+
+    from test_hls_backend import hilc
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, digits["x_train"][:64])
+    r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "o", "--target", "hls", "--precision",
+             "auto-fpga", "--fpga-error-ratio", "3", "--ptq", "none", "-q")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())["fpga_precision"]
+    assert set(rep["choice"]) == {"conv2d_0", "conv2d_1", "conv2d_2", "dense_0"}
+    assert rep["error"] <= rep["error_budget"] and rep["error_ratio"] == 3
+    # a looser budget than int8's never costs more than int8 everywhere
+    assert rep["cost"]["lut"] + 100 * rep["cost"]["dsp"] <= rep["int8_cost"]["lut"] + 100 * rep["int8_cost"]["dsp"]
+    if any(k.startswith("mf:") for k in rep["choice"].values()):
+        assert "hilc_mf" in (tmp_path / "o" / "hls" / "model.cpp").read_text()

@@ -49,7 +49,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   input_range: tuple[float, float] | None = None, precision: str = "int8",
                   budgets: Any = None, weight_bits: dict[str, int] | None = None,
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
-                  extended_bits: bool = False) -> CompileResult:
+                  extended_bits: bool = False, fpga_error_ratio: float = 1.0) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -119,12 +119,19 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
     mixed_info, files = {}, {}
-    if precision != "int8" or budgets is not None or weight_bits or act_bits:
+    fpga_info = None
+    if precision == "auto-fpga":  # per layer integer or minifloat, by the FPGA cost model
+        from hilc.targets.hls.cost import auto_fpga
+
+        g, fpga_info = auto_fpga(g, samples, fpga_error_ratio)
+    elif precision != "int8" or budgets is not None or weight_bits or act_bits:
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
                                                sensitivity_cache, board, extended_bits)
     q = quantize(g)
+    if fpga_info is not None:
+        q.meta["precision"] = "auto-fpga"
     if mixed_info:
         from hilc.compiler.mixed import pack_subbyte_activations
 
@@ -197,6 +204,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     extra["model_hash"] = f"{q.content_hash():016x}"
     if mixed_info:
         extra["mixed_precision"] = mixed_info
+    if fpga_info is not None:  # --precision auto-fpga: the per-layer integer/minifloat choice
+        extra["fpga_precision"] = fpga_info
     report = build_report(q, str(model), target, extra)
     return CompileResult(q, report, dumps, c_model, cpu, board_obj, hls_design, files)
 

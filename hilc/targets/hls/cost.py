@@ -198,3 +198,24 @@ def candidate_costs(graph: Graph, cands: list[tuple[str, str | int]],
         for r in graph_cost(quantize(g), parallel)["layers"]:
             out.setdefault(r["name"], {})[f"{kind}:{val}"] = r
     return out
+
+
+AUTO_BITS = [3, 4, 5, 6, 7, 8]
+
+
+def auto_fpga(graph: Graph, samples: np.ndarray, error_ratio: float = 1.0,
+              bits: list[int] | None = None) -> tuple[Graph, dict[str, Any]]:
+    """``--precision auto-fpga``: per conv/dense, integer or minifloat weights of 3..8 bits, the
+    cheapest (LUT + 100 DSP per MAC lane, one lane per layer) whose summed output-error proxy is
+    at most ``error_ratio`` times that of int8 everywhere. Returns the float graph with the choice
+    applied and the report entry (choice, budget, per-layer errors and costs)."""
+    cands = candidates(bits or AUTO_BITS)
+    errs = layer_errors(graph, np.asarray(samples)[:64], cands)
+    costs = candidate_costs(graph, cands)
+    budget = error_ratio * sum(e["int:8"] for e in errs.values())
+    choice = pick(graph, errs, costs, budget)
+    info = {"error_budget": budget, "error_ratio": error_ratio, "choice": choice,
+            "error": float(sum(errs[n][k] for n, k in choice.items())),
+            "cost": {k: int(sum(costs[n][choice[n]][k] for n in choice)) for k in ("lut", "dsp", "ff")},
+            "int8_cost": {k: int(sum(costs[n]["int:8"][k] for n in choice)) for k in ("lut", "dsp", "ff")}}
+    return apply_choice(graph, choice), info

@@ -126,6 +126,40 @@ def run(m: Compiled | str | Path, x: np.ndarray, board: str, check: bool = False
     return RunResult(y, b.name, bad if check else None)
 
 
+@dataclass
+class Evaluation:
+    outputs: np.ndarray
+    metrics: dict[str, Any]  # samples, seconds, samples_per_s, top1 / top1_agreement, shards with a cluster
+
+
+def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None = None,
+             reference: np.ndarray | None = None, cluster: str | None = None, shard: int | None = None,
+             raw: bool = False, quiet: bool = True) -> Evaluation:
+    """Accuracy of the compiled model on a dataset (``hilc evaluate``): the simulator's outputs
+    and top-1 against ``labels`` and/or agreement with ``reference`` outputs. ``cluster``
+    (``hilc[ray]``: "local", "auto" or an address) runs shards of ``shard`` samples as Ray tasks;
+    the outputs are bit-identical to a single-process run."""
+    import time
+
+    from hilc.distributed import SHARD_SAMPLES, accuracy, shard_bounds, simulate_sharded
+    from hilc.sim.simulator import check_shape
+
+    c = _compiled(m)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
+    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    shard = shard or SHARD_SAMPLES
+    t0 = time.perf_counter()
+    with _progress(quiet, "evaluating" + (f" on Ray ({cluster})" if cluster else "")) as update:
+        y = simulate_sharded(c.graph, x, raw=raw, cluster=cluster, shard=shard, progress=update)
+    dt = time.perf_counter() - t0
+    metrics = {**accuracy(y, labels, reference), "seconds": dt, "samples_per_s": len(x) / dt}
+    if cluster is not None:
+        metrics["shards"] = len(shard_bounds(len(x), shard))
+    return Evaluation(y, metrics)
+
+
 def flash(m: Compiled | str | Path, board: str) -> str:
     """Build the board firmware and flash it (``hilc flash``); returns what was done."""
     from hilc.hil.boards import load_board

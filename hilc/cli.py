@@ -41,6 +41,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise HilcError("--parallel needs --target hls")
     prog, update = _progress_factory(args.quiet)
     ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
+    if args.cluster is not None:
+        ptq_args["cluster"] = args.cluster
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
@@ -270,6 +272,39 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hilc.api import evaluate
+    from hilc.compiler.calibrate import load_samples
+
+    if args.cluster is not None:
+        from hilc.distributed import require_ray
+
+        require_ray()
+    x = load_samples(args.input)
+    labels = load_samples(args.labels) if args.labels else None
+    reference = load_samples(args.reference) if args.reference else None
+    res = evaluate(args.compiled, x, labels=labels, reference=reference, cluster=args.cluster, shard=args.shard,
+                   quiet=args.quiet)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, res.outputs)
+        os.replace(tmp, out)
+    if args.json:
+        print(json.dumps(res.metrics, indent=1))
+    else:
+        m = res.metrics
+        parts = [f"{m['samples']} samples in {m['seconds']:.2f} s ({m['samples_per_s']:.1f}/s"
+                 + (f", {m['shards']} shards on Ray)" if "shards" in m else ")")]
+        if "top1" in m:
+            parts.append(f"top-1 {m['top1']:.2%}")
+        if "top1_agreement" in m:
+            parts.append(f"top-1 agreement with the reference {m['top1_agreement']:.2%}, "
+                         f"max |diff| {m['max_abs_diff']:.4g}")
+        print("; ".join(parts))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hilc.api import inspect
     from hilc.inspect_onnx import print_inspection
@@ -333,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-range", metavar="LO,HI",
                    help="without --calib, for a model without BatchNorm statistics: the input value range "
                         "of the synthesised calibration inputs (default 0,1)")
+    c.add_argument("--cluster", metavar="auto|local|ADDRESS",
+                   help="compute the calibration statistics in shards on a Ray cluster (hilc[ray])")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -388,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", required=True, help="output .onnx")
     ex.add_argument("-q", "--quiet", action="store_true")
     ex.set_defaults(func=cmd_export_onnx)
+
+    ev = sub.add_parser("evaluate", help="accuracy of a compiled model on a dataset (bit-accurate simulator)")
+    ev.add_argument("compiled", help="directory written by hilc compile")
+    ev.add_argument("input", help=".npy inputs (float32, first axis = samples, the model's own layout)")
+    ev.add_argument("--labels", help=".npy integer class labels: top-1 accuracy")
+    ev.add_argument("--reference", help=".npy reference outputs (e.g. the float model's): top-1 agreement")
+    ev.add_argument("-o", "--output", help="also write the simulator's outputs here (.npy)")
+    ev.add_argument("--cluster", metavar="auto|local|ADDRESS", help="run shards as Ray tasks (hilc[ray])")
+    ev.add_argument("--shard", type=int, default=None, metavar="N", help="samples per shard (default 64)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
 
     ins = sub.add_parser("inspect", help="operators, parameters, MACs, activation memory and fitting boards")
     ins.add_argument("model", help="ONNX model")

@@ -45,7 +45,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   sram_bytes: int | None = None, parallel: dict[str, tuple[int, int]] | None = None,
                   ptq: str | list[str] | None = None, ptq_budget: float = 30.0,
                   graph_hook: Callable[[Graph], Graph] | None = None,
-                  input_range: tuple[float, float] | None = None) -> CompileResult:
+                  input_range: tuple[float, float] | None = None, cluster: str | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -55,7 +55,12 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     "bias-correct", "adaround", "all", "none"; default "auto" = all when some weights are below
     8 bits), AdaRound sharing ``ptq_budget`` seconds. ``graph_hook`` edits the float graph after
     the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
-    calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm)."""
+    calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm).
+    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster."""
+    if cluster is not None:  # a missing extra fails before any work
+        from hilc.distributed import require_ray
+
+        require_ray()
     board_obj = None
     fpga_board = None
     if target == "hls":  # an FPGA board: checked here, before any work
@@ -109,7 +114,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if samples is not None:
         if calib is None:
             source = "synthesised inputs"
-        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source)
+        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source, cluster=cluster)
         if calib is None:
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
     if "calibrate" in (dump_after or []):

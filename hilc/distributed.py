@@ -108,7 +108,8 @@ def map_shards(fn: Callable[..., Any], shared: Any, x: np.ndarray, bounds: Seque
 def _sim_shard(graph, x: np.ndarray, start: int, raw: bool) -> np.ndarray:
     from hilc.sim.simulator import simulate
 
-    return simulate(graph, x, raw=raw)
+    # one thread per task: Ray runs one task per CPU it was given, so more threads would oversubscribe
+    return simulate(graph, x, raw=raw, workers=1)
 
 
 def simulate_sharded(graph, x: np.ndarray, raw: bool = False, cluster: str | None = None,

@@ -188,6 +188,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hilc.compiler.calibrate import load_samples
     from hilc.hil.runner import run_command
 
+    if getattr(args, "farm", None):
+        return _farm_run(args, args.check)
+    if not args.board:
+        raise HilcError("run needs --board NAME (or --farm INVENTORY.toml)")
     board, graph = _board_and_graph(args)
     x = load_samples(args.input)
     if not np.issubdtype(x.dtype, np.floating):
@@ -214,6 +218,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0 if bad == 0 else 1
     if not args.quiet:
         print(f"wrote {out}: {y.dtype} {list(y.shape)} from {board.name}")
+    return 0
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    return _farm_run(args, check=True)
+
+
+def _farm_run(args: argparse.Namespace, check: bool) -> int:
+    """``run --farm`` / ``regress``: inputs spread over the inventory's boards (Ray actors)."""
+    from hilc.compiler.arith import dequantize_host
+    from hilc.compiler.calibrate import load_samples
+    from hilc.compiler.pipeline import load_artifacts
+    from hilc.distributed import require_ray
+    from hilc.hil.farm import farm_command, simulator_raw
+    from hilc.progress import progress_bar
+    from hilc.sim.simulator import check_shape
+
+    require_ray()
+    graph = load_artifacts(args.compiled)
+    x = load_samples(args.input)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
+    try:
+        check_shape(graph, graph.inputs[0], x.shape)
+    except HilcError as e:
+        raise HilcError(f"{args.input}: {e}") from None
+    with progress_bar("running on the board farm", args.quiet) as update:
+        y, res = farm_command(Path(args.compiled), graph, x.astype(np.float32), args.farm, args.kind,
+                              args.cluster or "local", args.chunk, update)
+    bad = 0
+    if check:
+        sim = simulator_raw(graph, x.astype(np.float32))
+        bad = int(np.sum(np.any(sim.reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
+    if args.output:
+        out = Path(args.output)
+        if not args.raw:
+            qo = graph.tensors[graph.outputs[0]].quant
+            y = dequantize_host(y, qo.scale, qo.zero_point)
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, y)
+        os.replace(tmp, out)
+    if not args.quiet:
+        for name, count in res.per_board.items():
+            why = f"  BAD: {res.bad_boards[name]}" if name in res.bad_boards else ""
+            print(f"{name:20s} {count:6d} inputs{why}")
+        if res.reassigned:
+            print(f"{res.reassigned} chunk(s) reassigned after board failures")
+    if check:
+        msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {len(res.per_board)} boards"
+        print(msg if bad == 0 else f"MISMATCH: {msg}")
+        return 0 if bad == 0 else 1
     return 0
 
 
@@ -393,13 +448,30 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run inputs on a board over the serial link")
     r.add_argument("compiled")
     r.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
-    r.add_argument("--board", required=True)
+    r.add_argument("--board", help="a board (see hilc boards); or --farm")
     r.add_argument("-o", "--output", required=True)
+    r.add_argument("--farm", metavar="INVENTORY.toml", help="spread the inputs over the boards of an inventory "
+                   "(Ray actors, hilc[ray]; see hilc regress)")
+    r.add_argument("--kind", help="with --farm: the kind of board to use (default: the only kind listed)")
+    r.add_argument("--cluster", metavar="auto|local|ADDRESS", help="with --farm: the Ray cluster (default local)")
+    r.add_argument("--chunk", type=int, default=4, help="with --farm: inputs per work unit (default 4)")
     r.add_argument("--check", action="store_true", help="compare with the simulator bit for bit; exit 1 on mismatch")
     r.add_argument("--port", help="serial port or pyserial URL (default: the board file's)")
     r.add_argument("--raw", action="store_true")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    rg = sub.add_parser("regress", help="run inputs across every board of a farm and check them bit for bit")
+    rg.add_argument("compiled")
+    rg.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
+    rg.add_argument("--farm", required=True, metavar="INVENTORY.toml", help="board inventory (TOML)")
+    rg.add_argument("--kind", help="the kind of board to use (default: the only kind listed)")
+    rg.add_argument("--cluster", metavar="auto|local|ADDRESS", help="the Ray cluster (default: local)")
+    rg.add_argument("--chunk", type=int, default=4, help="inputs per work unit (default 4)")
+    rg.add_argument("-o", "--output", help="also write the outputs (.npy)")
+    rg.add_argument("--raw", action="store_true")
+    rg.add_argument("-q", "--quiet", action="store_true")
+    rg.set_defaults(func=cmd_regress)
 
     pr = sub.add_parser("profile", help="per-layer tick counts of one inference on a board")
     pr.add_argument("compiled")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DATA, RESNET8
+from conftest import DATA, DIGITS_CNN, RESNET8
 
 import hilc
 from hilc.compiler import calibrate, passes
@@ -94,3 +94,111 @@ def test_missing_ray_is_one_line_with_the_install_command(monkeypatch, capsys, t
     assert err == "hilc: error: --cluster needs Ray, which is not installed: pip install 'hilc[ray]'"
     with pytest.raises(HilcError, match="pip install 'hilc\\[ray\\]'"):
         calibrate.calibrate(import_onnx(RESNET8), np.zeros((2, 3, 32, 32), np.float32), cluster="local")
+
+
+# --- the board farm --------------------------------------------------------------------------------
+
+def _inventory(tmp_path, text: str):
+    p = tmp_path / "farm.toml"
+    p.write_text(text)
+    return p
+
+
+def test_inventory_errors_name_the_file_and_board(tmp_path):
+    from hilc.hil.farm import load_inventory
+
+    inv = load_inventory(_inventory(tmp_path, '[[board]]\nname = "q"\nkind = "qemu-mps2-an386"\ncount = 3\n'
+                                              '[[board]]\nname = "n"\nkind = "nucleo-f446re"\nport = "/dev/x"\n'))
+    assert [(b.name, b.kind, b.port) for b in inv] == [("q-0", "qemu-mps2-an386", None),
+                                                       ("q-1", "qemu-mps2-an386", None),
+                                                       ("q-2", "qemu-mps2-an386", None),
+                                                       ("n", "nucleo-f446re", "/dev/x")]
+    for text, msg in [('[[board]]\nname = "a"\nkind = "nope"\n', "unknown board 'nope'"),
+                      ('[[board]]\nname = "a"\nkind = "nucleo-f446re"\ncount = 2\n', "count is for QEMU"),
+                      ('[[board]]\nname = "a"\nkind = "qemu-mps2-an386"\n' * 2, "'a' appears twice"),
+                      ("", "lists no boards"), ("[[board]\n", "not valid TOML")]:
+        with pytest.raises(HilcError, match=msg):
+            load_inventory(_inventory(tmp_path, text))
+
+
+@pytest.fixture(scope="module")
+def digits_board(tmp_path_factory, digits):
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+
+    out = tmp_path_factory.mktemp("farm") / "digits"
+    result = compile_model(DIGITS_CNN, digits["x_train"][:32], board="qemu-mps2-an386")
+    write_artifacts(out, result)
+    return out, result.graph
+
+
+def _kill_qemu_of(board: str, after: float, killed: list) -> None:
+    """Kill the QEMU process of farm board ``board`` ``after`` seconds after it appears (the
+    emulator's firmware sits in a temp folder named after the board)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not killed:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("qemu-system-arm") or "/qemu-system-arm" in cmd.split("\0")[0]:
+                if f"hilc-farm-{board}-" in cmd:
+                    time.sleep(after)
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+                    return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_board, digits, tmp_path,
+                                                              capsys):
+    import threading
+
+    from hilc.cli import main
+    from hilc.hil.farm import farm_command, simulator_raw
+
+    out, graph = digits_board
+    x = digits["x_test"][:150]
+    np.save(tmp_path / "x.npy", x)
+    inv = _inventory(tmp_path, '[[board]]\nname = "q"\nkind = "qemu-mps2-an386"\ncount = 3\n')
+    sim = simulator_raw(graph, x)
+
+    # API: kill board q-1 after 24 answers; every input answered once, by a live board, bit-exact
+    pids: dict = {}
+    killed: list = []
+
+    def on_chunk(done: int) -> None:
+        if done >= 24 and not killed:
+            import os
+            import signal
+
+            os.kill(pids["q-1"], signal.SIGKILL)
+            killed.append(done)
+
+    y, res = farm_command(out, graph, x, inv, on_start=pids.update, on_chunk=on_chunk)
+    assert killed and list(res.bad_boards) == ["q-1"] and res.reassigned == 1
+    assert len(res.answered_by) == len(x) and sum(res.per_board.values()) == len(x)
+    assert res.per_board["q-0"] > 0 and res.per_board["q-2"] > 0
+    assert np.array_equal(y, sim)
+
+    # CLI: hilc regress while another thread kills board q-2's emulator mid-run
+    killed = []
+    t = threading.Thread(target=_kill_qemu_of, args=("q-2", 1.0, killed))
+    t.start()
+    rc = main(["regress", str(out), str(tmp_path / "x.npy"), "--farm", str(inv), "--cluster", "local",
+               "-o", str(tmp_path / "y.npy"), "--raw"])
+    t.join()
+    text = capsys.readouterr().out
+    assert killed, "the emulator was not found to kill"
+    assert rc == 0, text
+    assert f"{len(x)}/{len(x)} outputs bit-exact with the simulator on 3 boards" in text
+    assert "BAD" in next(line for line in text.splitlines() if line.startswith("q-2"))
+    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
+    assert sum(counts) == len(x)
+    assert np.array_equal(np.load(tmp_path / "y.npy"), sim)

@@ -151,7 +151,9 @@ def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None 
     check_shape(c.graph, c.graph.inputs[0], x.shape)
     shard = shard or SHARD_SAMPLES
     t0 = time.perf_counter()
-    with _progress(quiet, "evaluating" + (f" on Ray ({cluster})" if cluster else "")) as update:
+    from hilc.progress import parts_progress
+
+    with parts_progress("evaluating" + (f" on Ray ({cluster})" if cluster else ""), quiet) as update:
         y = simulate_sharded(c.graph, x, raw=raw, cluster=cluster, shard=shard, progress=update)
     dt = time.perf_counter() - t0
     metrics = {**accuracy(y, labels, reference), "seconds": dt, "samples_per_s": len(x) / dt}

@@ -232,7 +232,7 @@ def _farm_run(args: argparse.Namespace, check: bool) -> int:
     from hilc.compiler.pipeline import load_artifacts
     from hilc.distributed import require_ray
     from hilc.hil.farm import farm_command, simulator_raw
-    from hilc.progress import progress_bar
+    from hilc.progress import parts_progress
     from hilc.sim.simulator import check_shape
 
     require_ray()
@@ -244,7 +244,7 @@ def _farm_run(args: argparse.Namespace, check: bool) -> int:
         check_shape(graph, graph.inputs[0], x.shape)
     except HilcError as e:
         raise HilcError(f"{args.input}: {e}") from None
-    with progress_bar("running on the board farm", args.quiet) as update:
+    with parts_progress("running on the board farm", args.quiet) as update:
         y, res = farm_command(Path(args.compiled), graph, x.astype(np.float32), args.farm, args.kind,
                               args.cluster or "local", args.chunk, update)
     bad = 0

@@ -92,11 +92,16 @@ def map_shards(fn: Callable[..., Any], shared: Any, x: np.ndarray, bounds: Seque
     size = {r: b - a for r, (a, b) in zip(refs, bounds, strict=True)}
     total, done = int(sum(size.values())), 0
     pending = list(refs)
+    part = getattr(progress, "part", None)  # a hilc.progress.PartsProgress also shows the shard count
+    if part is not None:
+        part("shards", 0, len(refs))
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         done += size[ready[0]]
         if progress is not None:
             progress(done, total)
+        if part is not None:
+            part("shards", len(refs) - len(pending), len(refs), f"({len(pending)} running or queued)")
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as e:

@@ -69,6 +69,28 @@ def test_sharded_evaluation_is_bit_exact(ray_local, resnet8, crops32):
     assert hilc.evaluate(resnet8, crops32[:256], labels=labels[:256], cluster="local").metrics["top1"] == 0.5
 
 
+def test_progress_reports_total_and_shards(ray_local, resnet8, crops32):
+    from hilc.distributed import simulate_sharded
+    from hilc.progress import parts_progress
+
+    calls: list = []
+
+    class Recorder:
+        def __call__(self, done, total):
+            calls.append(("total", done, total))
+
+        def part(self, name, done, total=None, note=""):
+            calls.append((name, done, total))
+
+    simulate_sharded(resnet8.graph, crops32[:80], cluster="local", shard=16, progress=Recorder())
+    totals = [c[1:] for c in calls if c[0] == "total"]
+    shards = [c[1:] for c in calls if c[0] == "shards"]
+    assert totals[-1] == (80, 80) and len(totals) == 5 and totals == sorted(totals)
+    assert shards[0] == (0, 5) and shards[-1] == (5, 5)
+    with parts_progress("x") as p:  # not a terminal (pytest captures stderr): quiet
+        assert p is None
+
+
 def test_cli_evaluate_and_unreachable_cluster(resnet8, crops32, tmp_path):
     np.save(tmp_path / "x.npy", crops32[:40])
     np.save(tmp_path / "labels.npy", resnet8.simulate(crops32[:40]).argmax(axis=1))

@@ -173,6 +173,11 @@ def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBo
     in_flight: dict[Any, tuple[str, tuple[int, int]]] = {}
     idle = deque(healthy)
     reassigned, done = 0, 0
+    answered = dict.fromkeys(actors, 0)
+    part = getattr(progress, "part", None)  # hilc.progress.PartsProgress: one line per board
+    if part is not None:
+        for name in actors:
+            part(name, 0, None, f"BAD: {bad[name]}" if name in bad else "")
     try:
         while chunks or in_flight:
             while chunks and idle:
@@ -190,13 +195,18 @@ def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBo
                 bad[name] = _why(e)
                 chunks.appendleft(span)
                 reassigned += 1
+                if part is not None:
+                    part(name, answered[name], None, f"BAD: {bad[name]} (chunk reassigned)")
                 _stop(ray, {name: actors[name]}, timeout=5)  # a hung emulator must not outlive its actor
                 continue
             if span[0] in results:  # cannot happen with one owner per chunk; never count twice
                 raise AssertionError(f"chunk {span} answered twice")
             results[span[0]] = (y, name)
             done += span[1] - span[0]
+            answered[name] += span[1] - span[0]
             idle.append(name)
+            if part is not None:
+                part(name, answered[name])
             if progress is not None:
                 progress(done, n)
             if on_chunk is not None:

@@ -40,6 +40,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if parallel and args.target != "hls":
         raise HilcError("--parallel needs --target hls")
     prog, update = _progress_factory(args.quiet)
+    mixed_kw = _mixed_options(args, out)
     ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
     if args.cluster is not None:
         ptq_args["cluster"] = args.cluster
@@ -48,11 +49,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
                                    board=args.board, patch=args.patch, sram_bytes=args.sram, parallel=parallel,
-                                   **ptq_args)
+                                   **ptq_args, **mixed_kw)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
-                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, **ptq_args)
+                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, **ptq_args, **mixed_kw)
     data_free = result.report.get("calibration", {}).get("data_free")
     if data_free is not None and not args.quiet:
         print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
@@ -75,6 +76,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         print(short_summary(result.report, out))
     return 0
+
+
+def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
+    """--precision and its budgets; the sensitivity cache is OUT/sensitivity.json."""
+    from hilc.compiler.mixed import Budgets
+
+    # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
+    sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
+    budgets = Budgets(bitops_ratio=args.bitops_ratio, weights_bytes=args.weights_bytes,
+                      latency_ratio=args.latency_ratio, sram_bytes=sram)
+    if args.precision == "int8" and not budgets.any():
+        return {}
+    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json"}
 
 
 def _input_range(text: str | None) -> tuple[float, float] | None:
@@ -118,6 +132,11 @@ def _print_summary(report: dict, out: Path) -> None:
     if "arena_bytes" in report:
         console.print(f"SRAM: arena {report['arena_bytes']:,} B (lower bound {report['arena_lower_bound_bytes']:,}), "
                       f"peak with I/O {report['peak_sram_bytes']:,} B")
+    if "mixed_precision" in report:
+        m = report["mixed_precision"]
+        console.print(f"mixed precision: {report['bitops_int8'] / max(1, report['bitops']):.2f}x fewer BitOps than "
+                      f"int8, predicted perturbation {m['predicted_perturbation']:.3g} "
+                      f"(measured {m['measured_perturbation']:.3g}), search {m['search_seconds']} s")
     if "fpga" in report:
         f = report["fpga"]
         t = f["total"]
@@ -415,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
                         "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
     c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
+    c.add_argument("--precision", default="int8", choices=["int8", "mixed"],
+                   help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
+    c.add_argument("--bitops-ratio", type=float, metavar="R",
+                   help="with --precision mixed: R times fewer BitOps than int8")
+    c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
+    c.add_argument("--latency-ratio", type=float, metavar="R",
+                   help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
     c.add_argument("--ptq", metavar="METHODS",
                    help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")

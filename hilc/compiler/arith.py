@@ -151,9 +151,88 @@ def quantize_weights_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarr
     return q, scale
 
 
+def quantize_weights_subbyte(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel weights of ``bits`` < 8 with an MSE-optimal clip per channel:
+    with 7 or 1 levels a side, clipping the largest weights beats stretching the grid over them."""
+    qmax = 2 ** (bits - 1) - 1
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    absmax = np.abs(rows).max(axis=1)
+    best = np.where(absmax > 0, absmax / qmax, 1.0)
+    best_err = np.full(len(rows), np.inf)
+    for alpha in np.linspace(0.3, 1.0, 36):
+        s = np.where(absmax > 0, alpha * absmax / qmax, 1.0)
+        q = np.clip(np.rint(rows / s[:, None]), -qmax, qmax)
+        err = ((q * s[:, None] - rows) ** 2).sum(axis=1)
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.rint(w / best.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, best
+
+
 def accumulator_bound(w_int: np.ndarray, in_absmax: int, bias_int: np.ndarray | None) -> int:
     """Largest |accumulator| any input can produce: sum_k |w| * max|x - zp| + |bias|, per channel."""
     per_channel = np.abs(w_int.reshape(w_int.shape[0], -1).astype(np.int64)).sum(axis=1) * in_absmax
     if bias_int is not None:
         per_channel = per_channel + np.abs(bias_int.astype(np.int64))
     return int(per_channel.max()) if per_channel.size else 0
+
+
+# --- sub-byte weights: packing in flash --------------------------------------------------------
+#
+# Weights of ``bits`` = 4 or 2 are stored ``8 // bits`` to a byte, row by row (one row per output
+# channel, k = KH*KW*I/groups or in_features elements), each row padded with zeros to a whole
+# number of 32-bit words. A word holds ``group = 32 // bits`` weights: byte i of the word carries
+# weights i, 4 + i, 8 + i, 12 + i from its most significant bits down. So masking a word with
+# 0xF0F0F0F0 (4-bit) or 0xC0C0C0C0 (2-bit), after shifting it left by 0, bits, 2*bits, ...,
+# leaves four weights as int8 lanes scaled by 2**(8 - bits): exactly the int8 weight word the
+# SMLAD kernel already unpacks with SXTB16. The scaled dot product is an exact multiple of
+# 2**(8 - bits), so one arithmetic shift right recovers it (hilc_dsp.h, hilc_arith.h).
+
+PACKED_WEIGHT_BITS = (4, 2)
+
+
+def packed_group(bits: int) -> int:
+    """Weights per 32-bit word of a packed row."""
+    return 32 // bits
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    """Bytes of one packed row of ``k`` weights (a whole number of words); ``k`` for int8."""
+    if bits == 8:
+        return k
+    g = packed_group(bits)
+    return -(-k // g) * 4
+
+
+def pack_weights(w_int: np.ndarray, bits: int) -> np.ndarray:
+    """[O, ...] integer weights in [-(2**(bits-1)-1), 2**(bits-1)-1] -> [O, row_bytes] uint8."""
+    if bits not in PACKED_WEIGHT_BITS:
+        raise ValueError(f"packed weights are 4 or 2 bits, not {bits}")
+    rows = np.asarray(w_int, dtype=np.int64).reshape(w_int.shape[0], -1)
+    qmax = 2 ** (bits - 1) - 1
+    if rows.size and np.abs(rows).max() > qmax:
+        raise ValueError(f"weights exceed the {bits}-bit range [-{qmax}, {qmax}]")
+    o, k = rows.shape
+    g = packed_group(bits)
+    kp = -(-k // g) * g
+    padded = np.zeros((o, kp), np.int64)
+    padded[:, :k] = rows
+    u = (padded & (2**bits - 1)).reshape(o, kp // g, 8 // bits, 4)  # [O, word, slot, byte]
+    shifts = (8 - bits * (np.arange(8 // bits) + 1)).reshape(1, 1, -1, 1)
+    return (u << shifts).sum(axis=2).astype(np.uint8).reshape(o, -1)
+
+
+def unpack_weights(packed: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """Inverse of ``pack_weights``: [O, row_bytes] uint8 -> [O, k] int8."""
+    o = packed.shape[0]
+    b = packed.astype(np.int64).reshape(o, -1, 1, 4)
+    shifts = (8 - bits * (np.arange(8 // bits) + 1)).reshape(1, 1, -1, 1)
+    u = (b >> shifts) & (2**bits - 1)
+    v = np.where(u >= 2 ** (bits - 1), u - 2**bits, u)
+    return v.reshape(o, -1)[:, :k].astype(np.int8)
+
+
+def packed_scaled_bound(w_int: np.ndarray, in_absmax: int, bits: int) -> int:
+    """Bound on |sum (x - zp) * w * 2**(8-bits)|: the DSP kernel's scaled partial sum."""
+    return accumulator_bound(w_int, in_absmax, None) << (8 - bits)

@@ -50,6 +50,8 @@ class MemoryPlan:
 def tensor_bytes(graph: Graph, name: str) -> int:
     """Bytes of one sample of an activation (the batch axis is excluded: the firmware runs batch 1)."""
     t = graph.tensors[name]
+    if t.dtype == "int4":  # sub-byte activation packed two to a byte (hilc_arith.h)
+        return (int(np.prod(t.shape[1:], dtype=np.int64)) + 1) // 2
     itemsize = _DTYPE_BYTES.get(t.dtype)
     if itemsize is None:
         itemsize = np.dtype(t.dtype).itemsize

@@ -36,6 +36,7 @@ class CompileResult:
     cpu: str | None = None
     board: Any = None  # hil.boards.Board
     hls_design: Any = None  # targets.hls.codegen.HlsDesign for --target hls
+    files: dict[str, str] | None = None  # extra files for OUT (mixed precision: sensitivity.json)
 
 
 def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = None, method: str = "minmax",
@@ -45,7 +46,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   sram_bytes: int | None = None, parallel: dict[str, tuple[int, int]] | None = None,
                   ptq: str | list[str] | None = None, ptq_budget: float = 30.0,
                   graph_hook: Callable[[Graph], Graph] | None = None,
-                  input_range: tuple[float, float] | None = None, cluster: str | None = None) -> CompileResult:
+                  input_range: tuple[float, float] | None = None, precision: str = "int8",
+                  budgets: Any = None, weight_bits: dict[str, int] | None = None,
+                  act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
+                  extended_bits: bool = False, cluster: str | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -119,7 +123,19 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
+    mixed_info, files = {}, {}
+    if precision != "int8" or budgets is not None or weight_bits or act_bits:
+        from hilc.compiler.mixed import apply_precision
+
+        g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
+                                               sensitivity_cache, board, extended_bits)
     q = quantize(g)
+    if mixed_info:
+        from hilc.compiler.mixed import pack_subbyte_activations
+
+        if patch == "off":  # the patch stage's kernels read int8 windows
+            q = pack_subbyte_activations(q)
+        q.meta["precision"] = "mixed"
     if "quantize" in (dump_after or []):
         dumps["quantize"] = q.summary()
     extra: dict[str, Any] = {}
@@ -184,8 +200,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         extra.update(board=fpga_board.name, fpga=hls_design.estimate)
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
     extra["model_hash"] = f"{q.content_hash():016x}"
+    if mixed_info:
+        extra["mixed_precision"] = mixed_info
     report = build_report(q, str(model), target, extra)
-    return CompileResult(q, report, dumps, c_model, cpu, board_obj, hls_design)
+    return CompileResult(q, report, dumps, c_model, cpu, board_obj, hls_design, files)
 
 
 def _post_training(g: Graph, samples: np.ndarray | None, ptq: str | list[str] | None, budget: float,
@@ -265,6 +283,9 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
 
             write_hls_project(tmp, result.hls_design)
             names.append("hls")
+        for fname, text in (result.files or {}).items():
+            (tmp / fname).write_text(text)
+            names.append(fname)
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
         names.append("report.json")
         out.mkdir(exist_ok=True)

@@ -24,8 +24,11 @@ def _from_range(g: Graph, name: str) -> QParams:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise HilcError(f"tensor '{name}' has a non-finite calibration range [{lo}, {hi}]: the float model "
                         "overflows on the calibration data")
-    scale, zp = arith.choose_qparams(lo, hi)
-    return QParams(scale, zp)
+    bits = int(g.meta.get("act_bits", {}).get(name, 8))  # mixed precision: assign_bitwidths sets it
+    # sub-byte widths take a clipped range (mixed.prepare_subbyte) where one was measured
+    lo, hi = g.meta.get("subbyte_ranges", {}).get(name, {}).get(str(bits), (lo, hi))
+    scale, zp = arith.choose_qparams(lo, hi, bits)
+    return QParams(scale, zp, bits)
 
 
 def _hints_through_data_movement(g: Graph) -> dict:

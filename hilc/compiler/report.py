@@ -23,7 +23,7 @@ def _logical_shape(graph: Graph, name: str) -> list[int]:
 
 def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     layers = []
-    total_macs = total_bitops = weights_bytes = 0
+    total_macs = total_bitops = weights_bytes = total_bitops_int8 = 0
     for node in graph.nodes:
         op = OPS[node.op]
         macs = op.macs(node, graph)
@@ -38,9 +38,11 @@ def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | 
         wbytes = (n_w * (w_bits or 8) + 7) // 8
         total_macs += macs
         total_bitops += bitops
+        total_bitops_int8 += macs * 64
         weights_bytes += wbytes
         layer = {"name": node.name, "op": node.op, "onnx_name": node.onnx_name, "macs": macs,
-                 "bitops": bitops, "weight_bits": w_bits, "act_bits": act_bits, "out_shape": list(out.shape),
+                 "bitops": bitops, "weight_bits": w_bits, "act_bits": act_bits, "in_act_bits": in_bits,
+                 "out_shape": list(out.shape),
                  "weights_bytes": wbytes}
         if "acc_bound" in node.attrs:
             bound = node.attrs["acc_bound"]
@@ -61,6 +63,7 @@ def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | 
         "precision": graph.meta.get("precision", "float32"),
         "macs": total_macs,
         "bitops": total_bitops,
+        "bitops_int8": total_bitops_int8,  # the same graph with every weight and activation at 8 bits
         "weights_bytes": weights_bytes,
         "constants_bytes": const_bytes,
         "inputs": {k: io[k] for k in graph.inputs},

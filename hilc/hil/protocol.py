@@ -22,7 +22,9 @@ VERSION = 1
 MAX_PAYLOAD = 1024
 INFO, WRITE_INPUT, RUN, READ_OUTPUT, PROFILE, RESET, RAW, ERR = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0xEE
 ERRORS = {1: "CRC error", 2: "unknown command", 3: "bad length", 4: "out of range", 5: "frame too long",
-          6: "model mismatch"}
+          6: "model mismatch", 7: "input incomplete since boot", 8: "no result since boot"}
+# Error codes that mean the board lost its state (it was reset): resending the request cannot help.
+STATE_LOST = (7, 8)
 COMMAND_NAMES = {INFO: "INFO", WRITE_INPUT: "WRITE_INPUT", RUN: "RUN", READ_OUTPUT: "READ_OUTPUT",
                  PROFILE: "PROFILE", RESET: "RESET", RAW: "RAW"}
 
@@ -31,6 +33,11 @@ class LinkError(HilcError):
     """The board did not give a verified answer in time (after retries)."""
 
     exit_code = 1
+
+
+class BoardResetError(LinkError):
+    """The board was reset and lost the input or the result the request needed: the sample must
+    be sent again (a reset board is never allowed to answer with zeroed memory)."""
 
 
 def encode_frame(ftype: int, seq: int, payload: bytes = b"") -> bytes:
@@ -81,7 +88,7 @@ class Link:
         self.run_seconds: float | None = None
         self.seq = 0
         self._buf = bytearray()
-        self.stats = {"sent": 0, "retries": 0, "bad_frames": 0}
+        self.stats = {"sent": 0, "retries": 0, "bad_frames": 0, "resets": 0}
 
     def reconnect(self, port) -> None:
         """Continue on a new port (a restarted emulator), dropping any half-read frame."""
@@ -140,7 +147,12 @@ class Link:
                 if rseq != self.seq:
                     continue  # a late answer to an earlier attempt: keep listening
                 if rtype == ERR:
-                    last = f"board answered error: {ERRORS.get(data[0] if data else 0, 'unknown')}"
+                    code = data[0] if data else 0
+                    if code in STATE_LOST:
+                        self.stats["resets"] += 1
+                        raise BoardResetError(f"{COMMAND_NAMES.get(ftype, hex(ftype))}: board reset detected "
+                                              f"({ERRORS[code]})")
+                    last = f"board answered error: {ERRORS.get(code, 'unknown')}"
                     break
                 if rtype != (ftype | 0x80):
                     last = f"unexpected answer type 0x{rtype:02x}"
@@ -155,6 +167,8 @@ class Link:
             try:
                 payload, n = make_payload(offset, self.chunk)
                 return self.request(ftype, payload, retries=None if small else 1), n
+            except BoardResetError:
+                raise  # not a noisy line: smaller frames cannot help
             except LinkError:
                 if small:
                     raise
@@ -178,6 +192,10 @@ class Link:
 
             answer, n = self._chunked(WRITE_INPUT, payload, off)
             got = struct.unpack("<I", answer)[0]
+            if got < off:  # the board no longer holds the bytes before this chunk
+                self.stats["resets"] += 1
+                raise BoardResetError(f"WRITE_INPUT: board reset detected (it holds {got} bytes of the input, "
+                                      f"{off} were written)")
             if got != off + n:
                 raise LinkError(f"WRITE_INPUT: board stored up to byte {got}, expected {off + n}")
             off += n

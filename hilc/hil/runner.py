@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from hilc.compiler.arith import dequantize_host, quantize_host
 from hilc.compiler.ir import Graph
 from hilc.errors import HilcError
 from hilc.hil.boards import Board
-from hilc.hil.protocol import Link, LinkError
+from hilc.hil.protocol import BoardResetError, Link, LinkError
 from hilc.hil.qemu import QemuBoard
 from hilc.progress import status
 from hilc.sim.simulator import run_int_batched, to_logical, to_physical
@@ -107,6 +108,9 @@ def run_on_board(out_dir: Path, board: Board, graph: Graph, x: np.ndarray, port:
             outs.append(_run_one(link, sample, int(np.prod(out_shape[1:]))))
             if progress is not None:
                 progress(i + 1, len(qx))
+        if link.stats["resets"]:
+            print(f"warning: {board.name} was reset {link.stats['resets']} time(s) during the run; "
+                  "the samples it lost were sent again", file=sys.stderr)
     return np.stack(outs).reshape(len(x), *out_shape[1:])
 
 
@@ -123,18 +127,25 @@ class _RestartableLink:
         self.link.reconnect(self.qemu.restart())
 
 
-def _run_one(link, sample: np.ndarray, out_size: int) -> np.ndarray:
-    """One inference; a QEMU board that stops answering is restarted and the sample sent once more."""
-    for attempt in range(2):
+def _run_one(link, sample: np.ndarray, out_size: int, resets: int = 3) -> np.ndarray:
+    """One inference; a QEMU board that stops answering is restarted and the sample sent once more.
+    A board that was reset midway (detected by the firmware, see BoardResetError) gets the whole
+    sample again, up to ``resets`` times."""
+    restarted = False
+    while True:
         try:
             link.write_input(sample.tobytes())
             link.run()
             return np.frombuffer(link.read_output(out_size), np.int8)
+        except BoardResetError:
+            if resets <= 0:
+                raise
+            resets -= 1
         except LinkError:
-            if attempt or not isinstance(link, _RestartableLink):
+            if restarted or not isinstance(link, _RestartableLink):
                 raise
             link.restart()
-    raise AssertionError("unreachable")
+            restarted = True
 
 
 def layerwise_build(out_dir: Path, graph: Graph) -> tuple[Path, Graph]:

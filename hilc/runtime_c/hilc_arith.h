@@ -23,6 +23,31 @@ static inline int8_t hilc_requant(int32_t acc, int32_t b, int32_t c, int32_t zp,
     return (int8_t)hilc_clamp(hilc_round_shift((int64_t)acc * b, c) + zp, lo, hi);
 }
 
+/* Sub-byte weights (mirrors arith.pack_weights): rows of 32-bit words, each holding 32/bits weights;
+ * byte i of a word carries weights i, 4+i, 8+i, 12+i from its top bits down. Weight p of a row: */
+static inline int32_t hilc_weight_at(const int8_t *row, int32_t p, int32_t bits) {
+    const int32_t lg = bits == 4 ? 3 : 4; /* log2(weights per word) */
+    const int32_t j = p & ((1 << lg) - 1);
+    const uint8_t byte = (uint8_t)row[((p >> lg) << 2) + (j & 3)];
+    const uint8_t top = (uint8_t)((uint32_t)byte << (bits * (j >> 2))); /* weight in the top bits */
+    return (int32_t)(int8_t)(top & (uint8_t)(0xFFu << (8 - bits))) >> (8 - bits);
+}
+
+/* 4-bit activations packed in the arena (tensor dtype "int4"): element i in byte i/2, the low
+ * nibble for even i, the high one for odd i, two's complement. */
+static inline int32_t hilc_act4_at(const int8_t *base, int32_t i) {
+    const uint8_t b = (uint8_t)base[i >> 1];
+    return (int32_t)(int8_t)(uint8_t)(b << ((~i & 1) << 2)) >> 4;
+}
+
+static inline void hilc_act4_put(int8_t *base, int32_t i, int32_t v) {
+    uint8_t *p = (uint8_t *)base + (i >> 1);
+    *p = (i & 1) ? (uint8_t)((*p & 0x0Fu) | ((uint32_t)v << 4)) : (uint8_t)((*p & 0xF0u) | ((uint32_t)v & 0x0Fu));
+}
+
+/* A params struct's weight_bits: 0 or 8 mean plain int8 weights, 4 and 2 packed rows. */
+static inline int32_t hilc_packed(int32_t weight_bits) { return weight_bits == 4 || weight_bits == 2; }
+
 /* Bit length of v > 0 (a count-leading-zeros). */
 static inline int32_t hilc_bit_length(uint32_t v) {
 #if defined(__GNUC__)

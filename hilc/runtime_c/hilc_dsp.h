@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "hilc_arith.h"
+
 #if defined(__ARM_FEATURE_SIMD32) && __ARM_FEATURE_SIMD32
 #include <arm_acle.h>
 /* acc + lo(a)*lo(b) + hi(a)*hi(b) on signed 16-bit halves */
@@ -43,6 +45,57 @@ static inline int32_t hilc_dot_s16_s8(const int16_t *col, const int8_t *w, int32
     }
     for (; i < k; i++) acc += col[i] * w[i];
     return acc;
+}
+
+/* Packed sub-byte weights (hilc_arith.h): one word load gives 32/bits weights. Masking the word,
+ * shifted left by 0, bits, 2*bits, ..., with 0xF0F0F0F0 / 0xC0C0C0C0 leaves four weights as int8
+ * lanes scaled by 2^(8-bits), which SXTB16 widens into SMLAD lanes as for int8 weights: no
+ * per-element unpacking. The scaled sum is an exact multiple of 2^(8-bits) (the compiler proves
+ * it fits int32), so an arithmetic shift recovers the dot product; the tail past the last whole
+ * word is read element by element. Returns sum_i col[i] * w[i] (no bias). */
+#define HILC_PACKED_LANES(u, s, mask, c)                                          \
+    do {                                                                          \
+        const uint32_t wq_ = ((u) << (s)) & (mask);                               \
+        uint32_t x02_, x13_;                                                      \
+        memcpy(&x02_, (c), 4);                                                    \
+        memcpy(&x13_, (c) + 2, 4);                                                \
+        scaled = hilc_smlad(x02_, hilc_sxtb16(wq_), scaled);                      \
+        scaled = hilc_smlad(x13_, hilc_sxtb16(hilc_ror8(wq_)), scaled);           \
+    } while (0)
+
+static inline int32_t hilc_dot_s16_p4(const int16_t *col, const int8_t *row, int32_t k, int32_t k4) {
+    int32_t scaled = 0, i = 0;
+    const int8_t *w = row;
+    for (; i + 8 <= k; i += 8, w += 4) {
+        uint32_t u;
+        memcpy(&u, w, 4);
+        HILC_PACKED_LANES(u, 0, 0xF0F0F0F0u, col + i);
+        HILC_PACKED_LANES(u, 4, 0xF0F0F0F0u, col + i + 4);
+    }
+    int32_t acc = scaled >> 4;
+    for (; i < k; i++) acc += col[hilc_col_slot(i, k4)] * hilc_weight_at(row, i, 4);
+    return acc;
+}
+
+static inline int32_t hilc_dot_s16_p2(const int16_t *col, const int8_t *row, int32_t k, int32_t k4) {
+    int32_t scaled = 0, i = 0;
+    const int8_t *w = row;
+    for (; i + 16 <= k; i += 16, w += 4) {
+        uint32_t u;
+        memcpy(&u, w, 4);
+        HILC_PACKED_LANES(u, 0, 0xC0C0C0C0u, col + i);
+        HILC_PACKED_LANES(u, 2, 0xC0C0C0C0u, col + i + 4);
+        HILC_PACKED_LANES(u, 4, 0xC0C0C0C0u, col + i + 8);
+        HILC_PACKED_LANES(u, 6, 0xC0C0C0C0u, col + i + 12);
+    }
+    int32_t acc = scaled >> 6;
+    for (; i < k; i++) acc += col[hilc_col_slot(i, k4)] * hilc_weight_at(row, i, 2);
+    return acc;
+}
+
+static inline int32_t hilc_dot_s16_packed(const int16_t *col, const int8_t *row, int32_t k, int32_t bits) {
+    const int32_t k4 = k & ~3;
+    return bits == 4 ? hilc_dot_s16_p4(col, row, k, k4) : hilc_dot_s16_p2(col, row, k, k4);
 }
 
 #endif

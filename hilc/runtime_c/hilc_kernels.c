@@ -4,8 +4,74 @@
 #include "hilc_arith.h"
 #include "hilc_dsp.h"
 
+/* Portable kernels for packed 4/2-bit weight rows and/or packed 4-bit activations: the int8
+ * loops with each weight and activation read through hilc_weight_at / hilc_act4_at (the
+ * Cortex-M3 path; the DSP kernels unpack whole weight words into SIMD lanes). */
+static inline int32_t w_at(const int8_t *row, int32_t i, int32_t bits) {
+    return hilc_packed(bits) ? hilc_weight_at(row, i, bits) : row[i];
+}
+
+static inline int32_t x_at(const int8_t *in, int32_t i, int32_t bits) { return bits == 4 ? hilc_act4_at(in, i) : in[i]; }
+
+static inline void y_put(int8_t *out, int32_t i, int32_t bits, int8_t v) {
+    if (bits == 4)
+        hilc_act4_put(out, i, v);
+    else
+        out[i] = v;
+}
+
+static int32_t is_generic(int32_t weight_bits, int32_t in_bits, int32_t out_bits) {
+    return hilc_packed(weight_bits) || in_bits == 4 || out_bits == 4;
+}
+
+static void conv2d_generic(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
+    const int32_t cg = p->group_in, og = p->group_out, bits = p->weight_bits;
+    const int32_t stride = hilc_packed(bits) ? p->weight_stride : p->k_h * p->k_w * cg;
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            const int32_t o = (oy * p->out_w + ox) * p->out_c;
+            for (int32_t g = 0, oc = 0; g < p->groups; g++) {
+                for (int32_t j = 0; j < og; j++, oc++) {
+                    const int8_t *row = p->weight + oc * stride;
+                    int32_t acc = p->bias[oc];
+                    for (int32_t ky = 0; ky < p->k_h; ky++) {
+                        const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                        if (iy < 0 || iy >= p->in_h) continue;
+                        for (int32_t kx = 0; kx < p->k_w; kx++) {
+                            const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                            if (ix < 0 || ix >= p->in_w) continue;
+                            const int32_t xi = (iy * p->in_w + ix) * p->in_c + g * cg;
+                            const int32_t pos = (ky * p->k_w + kx) * cg;
+                            for (int32_t ic = 0; ic < cg; ic++)
+                                acc += (x_at(in, xi + ic, p->in_bits) - p->zp_in) * w_at(row, pos + ic, bits);
+                        }
+                    }
+                    y_put(out, o + oc, p->out_bits, hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi));
+                }
+            }
+        }
+    }
+}
+
+static void dense_generic(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
+    const int32_t k = p->in_features, stride = hilc_packed(p->weight_bits) ? p->weight_stride : k;
+    for (int32_t r = 0; r < p->rows; r++) {
+        for (int32_t o = 0; o < p->out_features; o++) {
+            const int8_t *row = p->weight + o * stride;
+            int32_t acc = p->bias[o];
+            for (int32_t i = 0; i < k; i++) acc += (x_at(in, r * k + i, p->in_bits) - p->zp_in) * w_at(row, i, p->weight_bits);
+            y_put(out, r * p->out_features + o, p->out_bits,
+                  hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi));
+        }
+    }
+}
+
 void hilc_conv2d_s8(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
     const int32_t cg = p->group_in, og = p->group_out;
+    if (is_generic(p->weight_bits, p->in_bits, p->out_bits)) {
+        conv2d_generic(p, in, out);
+        return;
+    }
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         for (int32_t ox = 0; ox < p->out_w; ox++) {
             int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
@@ -31,6 +97,10 @@ void hilc_conv2d_s8(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
 }
 
 void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
+    if (is_generic(p->weight_bits, p->in_bits, p->out_bits)) {
+        dense_generic(p, in, out);
+        return;
+    }
     for (int32_t r = 0; r < p->rows; r++) {
         const int8_t *x = in + r * p->in_features;
         for (int32_t o = 0; o < p->out_features; o++) {
@@ -48,9 +118,10 @@ void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out) {
 void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
     const int32_t cg = p->group_in, og = p->group_out;
     const int32_t k = p->k_h * p->k_w * cg, k4 = k & ~3;
+    const int32_t packed = hilc_packed(p->weight_bits);
     for (int32_t oy = 0; oy < p->out_h; oy++) {
         for (int32_t ox = 0; ox < p->out_w; ox++) {
-            int8_t *o = out + (oy * p->out_w + ox) * p->out_c;
+            const int32_t o = (oy * p->out_w + ox) * p->out_c;
             for (int32_t g = 0, oc = 0; g < p->groups; g++) {
                 int32_t pos = 0;
                 for (int32_t ky = 0; ky < p->k_h; ky++) {
@@ -59,6 +130,19 @@ void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out
                         const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
                         if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) {
                             for (int32_t ic = 0; ic < cg; ic++, pos++) col[hilc_col_slot(pos, k4)] = 0;
+                        } else if (p->in_bits == 4) { /* packed 4-bit input: im2col unpacks it */
+                            const int32_t xi = (iy * p->in_w + ix) * p->in_c + g * cg;
+                            int32_t ic = 0;
+                            if ((xi & 1) == 0) { /* byte-aligned run: two channels per byte load */
+                                const uint8_t *xb = (const uint8_t *)in + (xi >> 1);
+                                for (; ic + 2 <= cg; ic += 2, pos += 2) {
+                                    const uint32_t b = *xb++;
+                                    col[hilc_col_slot(pos, k4)] = (int16_t)(((int32_t)(int8_t)(uint8_t)(b << 4) >> 4) - p->zp_in);
+                                    col[hilc_col_slot(pos + 1, k4)] = (int16_t)(((int32_t)(int8_t)(uint8_t)b >> 4) - p->zp_in);
+                                }
+                            }
+                            for (; ic < cg; ic++, pos++)
+                                col[hilc_col_slot(pos, k4)] = (int16_t)(hilc_act4_at(in, xi + ic) - p->zp_in);
                         } else {
                             const int8_t *x = in + (iy * p->in_w + ix) * p->in_c + g * cg;
                             for (int32_t ic = 0; ic < cg; ic++, pos++)
@@ -67,8 +151,14 @@ void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out
                     }
                 }
                 for (int32_t j = 0; j < og; j++, oc++) {
-                    const int32_t acc = hilc_dot_s16_s8(col, p->weight + oc * k, k, p->bias[oc]);
-                    o[oc] = hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi);
+                    const int32_t acc = packed ? p->bias[oc] + hilc_dot_s16_packed(col, p->weight + oc * p->weight_stride, k,
+                                                                                   p->weight_bits)
+                                               : hilc_dot_s16_s8(col, p->weight + oc * k, k, p->bias[oc]);
+                    const int8_t y = hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi);
+                    if (p->out_bits == 4)
+                        hilc_act4_put(out, o + oc, y);
+                    else
+                        out[o + oc] = y;
                 }
             }
         }
@@ -77,12 +167,22 @@ void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out
 
 void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
     const int32_t k = p->in_features, k4 = k & ~3;
+    const int32_t packed = hilc_packed(p->weight_bits);
     for (int32_t r = 0; r < p->rows; r++) {
         const int8_t *x = in + r * k;
-        for (int32_t i = 0; i < k; i++) col[hilc_col_slot(i, k4)] = (int16_t)(x[i] - p->zp_in);
+        if (p->in_bits == 4)
+            for (int32_t i = 0; i < k; i++) col[hilc_col_slot(i, k4)] = (int16_t)(hilc_act4_at(in, r * k + i) - p->zp_in);
+        else
+            for (int32_t i = 0; i < k; i++) col[hilc_col_slot(i, k4)] = (int16_t)(x[i] - p->zp_in);
         for (int32_t o = 0; o < p->out_features; o++) {
-            const int32_t acc = hilc_dot_s16_s8(col, p->weight + o * k, k, p->bias[o]);
-            out[r * p->out_features + o] = hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi);
+            const int32_t acc = packed ? p->bias[o] + hilc_dot_s16_packed(col, p->weight + o * p->weight_stride, k,
+                                                                          p->weight_bits)
+                                       : hilc_dot_s16_s8(col, p->weight + o * k, k, p->bias[o]);
+            const int8_t y = hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi);
+            if (p->out_bits == 4)
+                hilc_act4_put(out, r * p->out_features + o, y);
+            else
+                out[r * p->out_features + o] = y;
         }
     }
 }

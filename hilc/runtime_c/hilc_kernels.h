@@ -29,6 +29,9 @@ typedef struct {
     const int32_t *bias;   /* [out_c], scale s_in * s_w */
     const int32_t *mult;   /* [out_c] dyadic b */
     const int8_t *shift;   /* [out_c] dyadic c */
+    int32_t weight_bits;   /* 0/8: int8 rows of k_h*k_w*group_in; 4/2: packed rows (hilc_arith.h) */
+    int32_t weight_stride; /* bytes from one output channel's row to the next */
+    int32_t in_bits, out_bits; /* 0/8: int8 activations; 4: packed two to a byte (hilc_arith.h) */
 } hilc_conv_params;
 
 typedef struct {
@@ -38,6 +41,9 @@ typedef struct {
     const int32_t *bias;
     const int32_t *mult;
     const int8_t *shift;
+    int32_t weight_bits;   /* as in hilc_conv_params */
+    int32_t weight_stride;
+    int32_t in_bits, out_bits;
 } hilc_dense_params;
 
 typedef struct {

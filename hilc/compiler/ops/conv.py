@@ -173,6 +173,10 @@ class Conv2D(Op):
         x, y = graph.tensors[node.inputs[0]].shape, graph.tensors[node.outputs[0]].shape
         if len(x) != 4 or x != y or node.attrs["group"] != x[3]:
             return 0
+        # the in-place kernel takes int8 weights and activations (not packed sub-byte ones)
+        if node.attrs.get("weight_bits", 8) in arith.PACKED_WEIGHT_BITS or any(
+                graph.tensors[t].dtype == "int4" for t in (node.inputs[0], node.outputs[0])):
+            return 0
         return x[1] * x[2]
 
     def lower_c(self, node, graph, em) -> str:
@@ -184,7 +188,7 @@ class Conv2D(Op):
             stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=a["dilations"][0], dil_w=a["dilations"][1],
             pad_t=a["pads"][0], pad_l=a["pads"][1], groups=a["group"], group_in=c // a["group"],
             group_out=oc // a["group"], zp_in=a["zp_in"], zp_out=a["zp_out"],
-            lo=a["lo"], hi=a["hi"], weight=em.param(node, "weight"), bias=em.param(node, "bias"),
+            lo=a["lo"], hi=a["hi"], **em.weights(node), bias=em.param(node, "bias"),
             mult=em.param(node, "mult"), shift=em.param(node, "shift")))
         plane = f"{node.outputs[0]}@plane"
         if plane in em.plan.offsets and em.plan.inplace.get(node.outputs[0]) == node.inputs[0]:
@@ -225,6 +229,8 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
     w = graph.param(node, "weight").astype(np.float64)
     b = graph.param(node, "bias").astype(np.float64)
     bits = node.attrs.get("weight_bits", 8)
+    if bits not in range(2, 9):
+        raise UnsupportedModelError(f"{node.name} ({node.onnx_name}): weight_bits={bits} (supported: 2 to 8)")
     preset = node.attrs.pop("w_scale", None)
     if node.attrs.pop("w_scale_bits", bits) != bits:  # a grid chosen for another bit-width (ptq)
         preset = None
@@ -232,6 +238,8 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
         s_w = np.asarray(preset, np.float64)
         qmax = 2 ** (bits - 1) - 1
         w_int = np.clip(np.rint(w / s_w.reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax).astype(np.int8)
+    elif bits < 8:
+        w_int, s_w = arith.quantize_weights_subbyte(w, bits)
     else:
         w_int, s_w = arith.quantize_weights_per_channel(w, bits)
     s_acc = qi.scale * s_w
@@ -247,6 +255,10 @@ def quantize_linear_layer(node: Node, graph: Graph) -> None:
         raise UnsupportedModelError(
             f"{node.name} ({node.onnx_name}): int32 accumulator could overflow (static bound {bound} > 2^31-1); "
             "the reduction must be split")
+    if bits in arith.PACKED_WEIGHT_BITS and arith.packed_scaled_bound(w_int, in_absmax, bits) > arith.INT32_MAX:
+        raise UnsupportedModelError(
+            f"{node.name} ({node.onnx_name}): the {bits}-bit SIMD kernel's scaled int32 sum could overflow "
+            f"(bound {arith.packed_scaled_bound(w_int, in_absmax, bits)} > 2^31-1); use 8-bit weights here")
     node.params["weight"] = graph.add_constant(f"{node.name}.weight", w_int)
     node.params["bias"] = graph.add_constant(f"{node.name}.bias", b_int)
     node.params["mult"] = graph.add_constant(f"{node.name}.mult", mult.astype(np.int32))

@@ -67,7 +67,7 @@ class Dense(Op):
         w = graph.param(node, "weight")
         p = em.struct("hilc_dense_params", node.name, dict(
             rows=int(np.prod(shape[1:-1], dtype=np.int64)), in_features=w.shape[1], out_features=w.shape[0],
-            zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], weight=em.param(node, "weight"),
+            zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], **em.weights(node),
             bias=em.param(node, "bias"), mult=em.param(node, "mult"), shift=em.param(node, "shift")))
         em.need_scratch(w.shape[1])
         return f"hilc_dense({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"

@@ -23,6 +23,7 @@ from hilc.compiler.ops.base import (
     register,
 )
 from hilc.compiler.ops.conv import conv_out_size, windows
+from hilc.errors import UnsupportedModelError
 
 
 def _full_pads(a) -> list[int]:
@@ -131,13 +132,21 @@ class AvgPool(_Pool):
         qi, qo = in_quant(graph, node), out_quant(graph, node)
         _, h, w, _ = graph.tensors[node.inputs[0]].shape
         counts = sorted({int(c) for c in np.unique(count_map(node.attrs, h, w))})
+        # The C kernel sums x - zp over a window in int32: prove it cannot overflow.
+        in_absmax = max(qi.qmax - qi.zero_point, qi.zero_point - qi.qmin)
+        bound = int(np.prod(node.attrs["kernel"], dtype=np.int64)) * in_absmax
+        if bound > arith.INT32_MAX:
+            raise UnsupportedModelError(
+                f"{node.name} ({node.onnx_name}): int32 accumulator could overflow (a {node.attrs['kernel'][0]}x"
+                f"{node.attrs['kernel'][1]} window of int8 values: static bound {bound} > 2^31-1); "
+                "pool in two steps")
         mult, shift = arith.dyadic(qi.scale / (qo.scale * np.asarray(counts, np.float64)))
         node.params["mult"] = graph.add_constant(f"{node.name}.mult", mult.astype(np.int32))
         node.params["shift"] = graph.add_constant(f"{node.name}.shift", shift.astype(np.int8))
         lo, hi = clamp_bounds(node, qo)
         node.attrs.pop("act_lo", None)
         node.attrs.pop("act_hi", None)
-        node.attrs.update(counts=counts, zp_in=qi.zero_point, zp_out=qo.zero_point, lo=lo, hi=hi)
+        node.attrs.update(counts=counts, zp_in=qi.zero_point, zp_out=qo.zero_point, lo=lo, hi=hi, acc_bound=bound)
 
     def eval_int(self, node, graph, xs):
         a = node.attrs

@@ -12,6 +12,12 @@ static uint64_t layer_start;
 static int32_t profiling;
 static uint8_t rx[HILC_MAX_PAYLOAD + 64];
 static uint8_t tx[HILC_MAX_PAYLOAD + 64];
+/* What the board holds, so that a reset (which zeroes .bss) is detected, never answered with
+ * stale or zeroed data: bytes [0, input_valid) of the input written since boot, whether
+ * output_buf answers that input, whether layer_ticks hold a profile. */
+static uint32_t input_valid;
+static int32_t output_valid;
+static int32_t profile_valid;
 
 void hilc_layer_hook(int32_t layer, int32_t phase) {
     if (!profiling) return;
@@ -115,16 +121,22 @@ static void handle(int32_t n) {
         if (len < 4) break;
         const uint32_t off = get_u32(pl), cnt = len - 4;
         if (off > MODEL_INPUT_SIZE || cnt > MODEL_INPUT_SIZE - off) { error(seq, HILC_E_RANGE); return; }
-        for (uint32_t i = 0; i < cnt; i++) input_buf[off + i] = (int8_t)pl[4 + i];
-        put_u32(out, off + cnt);
+        if (off <= input_valid) { /* else a gap: earlier bytes were lost (a reset); the reply says so */
+            for (uint32_t i = 0; i < cnt; i++) input_buf[off + i] = (int8_t)pl[4 + i];
+            input_valid = off + cnt; /* [0, off) held already; what lies beyond is no longer counted */
+            output_valid = 0;
+        }
+        put_u32(out, input_valid);
         reply(type | 0x80, seq, 4);
         return;
     }
     case HILC_RUN: {
+        if (input_valid < MODEL_INPUT_SIZE) { error(seq, HILC_E_NO_INPUT); return; }
         hilc_timer_sync();
         const uint64_t t0 = hilc_ticks();
         const int32_t status = model_run(input_buf, output_buf);
         const uint64_t t1 = hilc_ticks();
+        output_valid = status == 0;
         put_u32(out, (uint32_t)status);
         put_u64(out + 4, t1 - t0);
         reply(type | 0x80, seq, 12);
@@ -137,6 +149,7 @@ static void handle(int32_t n) {
             error(seq, HILC_E_RANGE);
             return;
         }
+        if (!output_valid) { error(seq, HILC_E_NO_OUTPUT); return; }
         for (uint32_t i = 0; i < cnt; i++) out[i] = (uint8_t)output_buf[off + i];
         reply(type | 0x80, seq, cnt);
         return;
@@ -146,14 +159,17 @@ static void handle(int32_t n) {
         const uint32_t first = get_u16(pl);
         static uint64_t total;
         if (first == 0) {
+            if (input_valid < MODEL_INPUT_SIZE) { error(seq, HILC_E_NO_INPUT); return; }
             profiling = 1;
             hilc_timer_sync();
             const uint64_t t0 = hilc_ticks();
-            model_run(input_buf, output_buf);
+            output_valid = model_run(input_buf, output_buf) == 0;
             total = hilc_ticks() - t0;
             profiling = 0;
+            profile_valid = 1;
         }
         if (first > MODEL_NUM_LAYERS) { error(seq, HILC_E_RANGE); return; }
+        if (!profile_valid) { error(seq, HILC_E_NO_OUTPUT); return; }
         uint32_t count = MODEL_NUM_LAYERS - first;
         if (count > 100) count = 100;
         put_u64(out, total);
@@ -187,6 +203,7 @@ static void handle(int32_t n) {
     error(seq, HILC_E_LENGTH);
 }
 
+#ifndef HILC_FW_HOST /* the host fuzz harness (tests/fuzz) brings its own reset and main loop */
 void hilc_reset(void) {
     HILC_AIRCR = 0x05FA0004u; /* VECTKEY | SYSRESETREQ */
     for (;;) {
@@ -198,3 +215,4 @@ int main(void) {
     model_init();
     for (;;) handle(recv_frame());
 }
+#endif

@@ -45,8 +45,14 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     except FileNotFoundError:
         raise HilcError(f"{what}: '{cmd[0]}' is not installed") from None
     if r.returncode != 0:
-        first = next((ln for ln in (r.stderr + r.stdout).splitlines() if "error" in ln), (r.stderr or r.stdout).strip())
+        lines = (r.stderr + r.stdout).splitlines()
+        first = next((ln for ln in lines if "error" in ln), (r.stderr or r.stdout).strip())
+        # the linker's own reason (a memory region overflowed) says more than collect2's error
+        first = next((ln for ln in lines if _REGION_OVERFLOW.search(ln)), first)
         raise HilcError(f"{what} failed: {first.strip()[:400]}")
+
+
+_REGION_OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
 
 
 def build_host(out_dir: Path, sanitize: bool = False, dsp: bool = False, cc: str = "cc") -> Path:
@@ -95,7 +101,16 @@ def _cross_build(out_dir: Path, cpu_name: str, build_name: str, memory_map: dict
              "-fstack-usage", f"-I{(out_dir / 'src').resolve()}", f"-I{rt}", *(f"-I{i}" for i in includes),
              "-nostartfiles", "--specs=nano.specs", "-Wl,--gc-sections", "-Wl,--no-warn-rwx-segments",
              "-T", "link.ld", *(f"-D{k}={v}" for k, v in defines.items())]
-    _run([gcc, *flags, *srcs, "-o", "firmware.elf"], build, f"{build_name} firmware build")
+    try:
+        _run([gcc, *flags, *srcs, "-o", "firmware.elf"], build, f"{build_name} firmware build")
+    except HilcError as e:
+        m = _REGION_OVERFLOW.search(str(e))
+        if m is None:
+            raise
+        region, over = m.group(1), int(m.group(2))
+        has = memory_map["flash_bytes"] if region == "FLASH" else memory_map["ram_bytes"]
+        kind = "flash" if region == "FLASH" else "SRAM"
+        raise HilcError(f"firmware needs {has + over} bytes of {kind}; {build_name} has {has}") from None
     return build / "firmware.elf"
 
 

@@ -79,6 +79,31 @@ class CEmitter:
         arr = self.graph.param(node, role)
         return self.array(f"{node.name}_{role}", arr if dtype is None else arr.astype(dtype))
 
+    def weights(self, node: Node) -> dict[str, Any]:
+        """The struct fields of a conv/dense node's weights: int8 rows, or rows packed two (4-bit)
+        or four (2-bit) to a byte for ``weight_bits`` 4 / 2 (``arith.pack_weights``); and the
+        widths of its input and output in the arena (4: packed, tensor dtype ``int4``)."""
+        from hilc.compiler import arith
+
+        def width(t: str) -> int:
+            tensor = self.graph.tensors.get(t)
+            return 4 if tensor is not None and tensor.dtype == "int4" else 8
+
+        acts = {"in_bits": width(node.inputs[0]), "out_bits": width(node.outputs[0])}
+        # one flash array per node, also when a patch stage lowers the node once per patch
+        cache = self.__dict__.setdefault("_weight_fields", {})
+        if node.name not in cache:
+            w = self.graph.param(node, "weight")
+            bits = int(node.attrs.get("weight_bits", 8))
+            k = int(np.prod(w.shape[1:], dtype=np.int64))
+            if bits not in arith.PACKED_WEIGHT_BITS:  # 8 bits, or 5-7 in int8 containers
+                cache[node.name] = {"weight": self.param(node, "weight"), "weight_bits": 8, "weight_stride": k}
+            else:
+                packed = arith.pack_weights(w, bits).view(np.int8)
+                cache[node.name] = {"weight": self.array(f"{node.name}_weight_{bits}bit", packed),
+                                    "weight_bits": bits, "weight_stride": arith.packed_row_bytes(k, bits)}
+        return {**cache[node.name], **acts}
+
     def struct(self, ctype: str, name: str, fields: dict[str, Any]) -> str:
         """Declare a const parameter struct; returns ``&ident``."""
         ident = self.ident(f"{name}_params")

@@ -1,0 +1,199 @@
+"""Mixed-precision benchmark: latency model fit, Pareto curves, QEMU instructions and flash.
+
+1. Profiles resnet8 and the digits CNN on qemu-mps2-an386 (-icount: exact instructions) with all
+   weights at 8, 4 and 2 bits and fits the per-board cost model (instructions per MAC per op
+   kind and weight width + per output element), written to hilc/boards/costs/<board>.json.
+2. resnet8: BitOps reduction (1x to 3x below all-int8) vs top-1 agreement with float on the 384
+   held-out crops (calibrated on the first 128, as benchmarks/spine.py), for the sub-byte
+   candidate set {8,4,2} weights x {8,4} activations and for the extended set with 5-7 bits
+   (int8 containers); the digits CNN against its labels.
+3. resnet8 mixed (2x fewer BitOps) vs int8 on qemu-mps2-an386: run --check, instructions per
+   inference, flash bytes.
+
+Prints a table and writes benchmarks/results/mixed.json. Run from the repository root:
+    python benchmarks/mixed.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
+
+from hilc.compiler import calibrate, mixed, passes  # noqa: E402
+from hilc.compiler.costmodel import costs_dir, fit_cost_model, load_cost_model  # noqa: E402
+from hilc.compiler.mixed import Budgets  # noqa: E402
+from hilc.compiler.onnx_import import import_onnx  # noqa: E402
+from hilc.compiler.pipeline import compile_model, write_artifacts  # noqa: E402
+from hilc.errors import HilcError  # noqa: E402
+from hilc.hil.boards import load_board  # noqa: E402
+from hilc.hil.runner import profile_command, run_command  # noqa: E402
+from hilc.sim.simulator import simulate  # noqa: E402
+
+BOARD = "qemu-mps2-an386"
+
+
+def float_graph(model, calib):
+    g = import_onnx(model)
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+    return calibrate.calibrate(g, calib)
+
+
+def fit_latency(d: Path, res: dict, rows: list, crops, digits_x) -> None:
+    board = load_board(BOARD)
+    samples, fitted_on = [], []
+    for name, model, calib in (("resnet8", RESNET8, crops[:64]), ("digits", DIGITS_CNN, digits_x[:64])):
+        space = mixed.analyse(float_graph(model, calib))
+        for bits, acts in ((8, 8), (4, 8), (2, 8), (8, 4), (4, 4)):
+            r = compile_model(model, calib, board=BOARD, weight_bits={la.name: bits for la in space.layers},
+                              act_bits={t: acts for t in space.roots})
+            out = d / f"{name}_w{bits}a{acts}"
+            write_artifacts(out, r)
+            prof = profile_command(out, board, r.graph, calib[:1])
+            ticks = {x["name"]: x["ticks"] for x in prof["layers"]}
+            per_instr = prof["total_instructions"] / max(1, prof["total_ticks"])
+            packed = {t for t, v in r.graph.tensors.items() if v.dtype == "int4"}
+            for la in space.layers:
+                node = next(n for n in r.graph.nodes if n.name == la.name)
+                samples.append((la, bits, node.inputs[0] in packed, node.outputs[0] in packed,
+                                ticks[la.name] * per_instr))
+            fitted_on.append(f"{name} all-{bits}-bit weights, {acts}-bit activations")
+            res.setdefault("profiles", {})[f"{name}_w{bits}a{acts}"] = {
+                "instructions": prof["total_instructions"], "flash_bytes": r.report.get("flash_bytes"),
+                "layers": {la.name: int(ticks[la.name] * per_instr) for la in space.layers}}
+    model = fit_cost_model(BOARD, samples, fitted_on)
+    data = model.to_json() | {"cpu": board.cpu}
+    (costs_dir() / f"{BOARD}.json").write_text(json.dumps(data, indent=1) + "\n")
+    pred = np.array([model.layer(la, b, 4 if i4 else 8) + (model.packed_output(la) if o4 else 0.0)
+                     for la, b, i4, o4, _ in samples])
+    meas = np.array([m for *_, m in samples])
+    err = float(np.median(np.abs(pred / meas - 1)))
+    res["cost_model"] = data | {"median_abs_rel_error_per_layer": err}
+    rows.append(("latency model: per-layer median |error| (fit data)", f"{err:.1%}", ""))
+    rows.append(("  per im2col element read packed / per output written packed",
+                 f"{model.per_packed_input:.2f} / {model.per_packed_output:.2f}", "instructions"))
+    for kind, per in model.per_mac.items():
+        rows.append((f"  {kind} instructions/MAC at 8/4/2-bit weights",
+                     " / ".join(f"{per.get(b, float('nan')):.2f}" for b in ("8", "4", "2")), ""))
+
+
+def pareto(res: dict, rows: list, crops, digits) -> None:
+    calib, held = crops[:128], crops[128:]
+    ref = ort_run(RESNET8, held).argmax(1)
+    agree8 = float((simulate(compile_model(RESNET8, calib).graph, held).argmax(1) == ref).mean())
+    res["resnet8_int8_agreement"] = agree8
+    rows.append(("resnet8 int8 top-1 agreement with float (384)", f"{agree8:.2%}", ""))
+    with tempfile.TemporaryDirectory() as d:
+        for label, ext in (("subbyte", False), ("extended", True)):
+            cache = Path(d) / f"sens_{label}.json"
+            curve = []
+            for ratio in (1.0, 1.25, 1.5, 1.75, 2.0, 2.2, 2.5, 3.0):
+                t = time.perf_counter()
+                try:
+                    r = compile_model(RESNET8, calib, precision="mixed", budgets=Budgets(bitops_ratio=ratio),
+                                      sensitivity_cache=cache, extended_bits=ext)
+                except HilcError as e:
+                    curve.append({"bitops_ratio": ratio, "error": str(e)})
+                    continue
+                seconds = time.perf_counter() - t
+                m = r.report["mixed_precision"]
+                agree = float((simulate(r.graph, held).argmax(1) == ref).mean())
+                curve.append({"bitops_ratio": ratio, "bitops_reduction": r.report["bitops_int8"] / r.report["bitops"],
+                              "agreement": agree, "points_below_int8": 100 * (agree8 - agree),
+                              "compile_seconds": round(seconds, 2), "search_seconds": m["search_seconds"],
+                              "sensitivity_cached": m["sensitivity_cached"],
+                              "predicted_perturbation": m["predicted_perturbation"],
+                              "measured_perturbation": m["measured_perturbation"],
+                              "weight_bits": m["weight_bits"], "act_bits": m["act_bits"]})
+                rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
+                             f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
+            res[f"resnet8_pareto_{label}"] = curve
+        # digits CNN
+        xtr, xte, yte = digits
+        f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())
+        res["digits_float_accuracy"] = f_acc
+        dig = []
+        for label, ext in (("subbyte", False), ("extended", True)):
+            for ratio in (2.0, 2.5, 3.0):
+                r = compile_model(DIGITS_CNN, xtr[:256], precision="mixed", budgets=Budgets(bitops_ratio=ratio),
+                                  sensitivity_cache=Path(d) / f"dsens_{label}.json", extended_bits=ext)
+                acc = float((simulate(r.graph, xte).argmax(1) == yte).mean())
+                dig.append({"set": label, "bitops_ratio": ratio,
+                            "bitops_reduction": r.report["bitops_int8"] / r.report["bitops"], "accuracy": acc,
+                            "weight_bits": r.report["mixed_precision"]["weight_bits"],
+                            "act_bits": r.report["mixed_precision"]["act_bits"]})
+                rows.append((f"digits {label} {ratio:.1f}x BitOps: accuracy", f"{acc:.2%}",
+                             f"float {f_acc:.2%}"))
+        res["digits_pareto"] = dig
+
+
+def on_board(d: Path, res: dict, rows: list, crops) -> None:
+    board = load_board(BOARD)
+    calib, held = crops[:128], crops[128:144]
+    out = {}
+    for label, kw in (("int8", {}), ("mixed_2x", {"precision": "mixed", "budgets": Budgets(bitops_ratio=2.0)}),
+                      ("mixed_3x", {"precision": "mixed", "budgets": Budgets(bitops_ratio=3.0)})):
+        r = compile_model(RESNET8, calib, board=BOARD, sensitivity_cache=d / "sens_board.json", **kw)
+        o = d / f"board_{label}"
+        write_artifacts(o, r)
+        _, bad = run_command(o, board, r.graph, held, check=True)
+        prof = profile_command(o, board, r.graph, held[:1])
+        per_instr = prof["total_instructions"] / max(1, prof["total_ticks"])
+        linear = sum(x["ticks"] * per_instr for x in prof["layers"] if x["op"] in ("conv2d", "dense"))
+        entry = {"conv_dense_instructions": int(linear), "instructions": prof["total_instructions"],
+                 "flash_bytes": r.report["flash_bytes"],
+                 "constants_flash_bytes": r.report["constants_flash_bytes"], "bitops": r.report["bitops"],
+                 "arena_bytes": r.report["arena_bytes"], "peak_sram_bytes": r.report["peak_sram_bytes"],
+                 "bitops_int8": r.report["bitops_int8"], "run_check_mismatches": bad, "samples_checked": len(held)}
+        if "mixed_precision" in r.report:
+            m = r.report["mixed_precision"]
+            entry.update(predicted_instructions=m["predicted_instructions"],
+                         predicted_latency_ratio=m["predicted_instructions"] / m["predicted_instructions_int8"],
+                         measured_latency_ratio=linear / out["int8"]["conv_dense_instructions"],
+                         weight_bits=m["weight_bits"],
+                         act_bits=m["act_bits"], predicted_peak_sram_bytes=m.get("predicted_peak_sram_bytes"),
+                         bitops_reduction=r.report["bitops_int8"] / r.report["bitops"])
+        out[label] = entry
+        rows.append((f"resnet8 {label} on {BOARD}: instructions / flash / peak SRAM",
+                     f"{entry['instructions']:,} / {entry['flash_bytes']:,} / {entry['peak_sram_bytes']:,} B",
+                     f"run --check: {len(held) - bad}/{len(held)} bit-exact"
+                     + (f"; conv/dense {entry['measured_latency_ratio']:.3f}x int8's, predicted "
+                        f"{entry['predicted_latency_ratio']:.3f}x" if "predicted_instructions" in entry else "")))
+    res["resnet8_board"] = out
+
+
+def main() -> None:
+    crops = np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
+    dg = np.load(DATA / "digits.npz")
+    split = np.load(DATA / "digits_split.npz")
+    x = dg["images"].astype(np.float32)[:, None]
+    labels = dg["labels"].astype(np.int64)
+    digits = (x[split["train_idx"]], x[split["test_idx"]], labels[split["test_idx"]])
+    res: dict = {}
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as d:
+        if "--no-fit" not in sys.argv:
+            fit_latency(Path(d), res, rows, crops, digits[0])
+        else:
+            res["cost_model"] = load_cost_model(BOARD).to_json()
+        on_board(Path(d), res, rows, crops)
+    pareto(res, rows, crops, digits)
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>30}  {note}")
+    out = ROOT / "benchmarks" / "results" / "mixed.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,6 +69,16 @@ def test_sharded_evaluation_is_bit_exact(ray_local, resnet8, crops32):
     assert hilc.evaluate(resnet8, crops32[:256], labels=labels[:256], cluster="local").metrics["top1"] == 0.5
 
 
+def test_sharded_sensitivity_equals_single_process(ray_local, float_graph, crops32):
+    from hilc.compiler import mixed
+
+    g = calibrate.calibrate(float_graph, crops32[:64])
+    one = mixed.measure_sensitivity(g, crops32[:64], max_samples=16)
+    dist = mixed.measure_sensitivity(g, crops32[:64], max_samples=16, cluster="local")
+    assert dist["weights"] == one["weights"] and dist["acts"] == one["acts"]
+    assert dist["prepared"] == one["prepared"]
+
+
 def test_progress_reports_total_and_shards(ray_local, resnet8, crops32):
     from hilc.distributed import simulate_sharded
     from hilc.progress import parts_progress

@@ -128,7 +128,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
-                                               sensitivity_cache, board, extended_bits)
+                                               sensitivity_cache, board, extended_bits, cluster=cluster)
     q = quantize(g)
     if mixed_info:
         from hilc.compiler.mixed import pack_subbyte_activations

@@ -50,6 +50,7 @@ class RunResult:
     outputs: np.ndarray
     board: str
     mismatches: int | None = None  # with check=True: samples differing from the simulator
+    farm: Any = None  # regress: the hilc.hil.farm.FarmResult (answers per board, bad boards)
 
 
 def _progress(quiet: bool, label: str):
@@ -160,6 +161,31 @@ def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None 
     if cluster is not None:
         metrics["shards"] = len(shard_bounds(len(x), shard))
     return Evaluation(y, metrics)
+
+
+def regress(m: Compiled | str | Path, x: np.ndarray, farm: str | Path, kind: str | None = None,
+            cluster: str = "local", chunk: int = 4, quiet: bool = True) -> RunResult:
+    """Inputs spread over every board of a kind in a farm inventory (``hilc regress``), one Ray
+    actor per board; failed boards are dropped and their work reassigned. ``mismatches`` counts
+    outputs differing from the simulator; ``farm`` holds the per-board FarmResult."""
+    from hilc.compiler.arith import dequantize_host
+    from hilc.distributed import require_ray
+    from hilc.hil.farm import farm_command, simulator_raw
+    from hilc.progress import parts_progress
+    from hilc.sim.simulator import check_shape
+
+    require_ray()
+    c = _written(m, "regress")
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
+    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    x = x.astype(np.float32)
+    with parts_progress("running on the board farm", quiet) as update:
+        y, res = farm_command(c.path, c.graph, x, farm, kind, cluster, chunk, update)
+    bad = int(np.sum(np.any(simulator_raw(c.graph, x).reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
+    qo = c.graph.tensors[c.graph.outputs[0]].quant
+    return RunResult(dequantize_host(y, qo.scale, qo.zero_point), ",".join(res.per_board), bad, res)
 
 
 def flash(m: Compiled | str | Path, board: str) -> str:

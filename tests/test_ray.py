@@ -219,6 +219,10 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
     assert res.per_board["q-0"] > 0 and res.per_board["q-2"] > 0
     assert np.array_equal(y, sim)
 
+    # Python API: all three boards healthy
+    r = hilc.regress(hilc.load(out), x[:24], inv)
+    assert r.mismatches == 0 and sum(r.farm.per_board.values()) == 24 and not r.farm.bad_boards
+
     # CLI: hilc regress while another thread kills board q-2's emulator mid-run
     killed = []
     t = threading.Thread(target=_kill_qemu_of, args=("q-2", 1.0, killed))

@@ -219,6 +219,25 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
     assert res.per_board["q-0"] > 0 and res.per_board["q-2"] > 0
     assert np.array_equal(y, sim)
 
+    # a board that stops answering (its emulator frozen with SIGSTOP): dropped after the link's
+    # timeouts; with a short chunk deadline, dropped by the deadline (its actor and emulator killed)
+    for victim, kw in (("q-1", {}), ("q-0", {"chunk_timeout": 1.0})):
+        pids, frozen = {}, []
+
+        def freeze(done: int, victim=victim, pids=pids, frozen=frozen) -> None:
+            if done >= 12 and not frozen:
+                import os
+                import signal
+
+                os.kill(pids[victim], signal.SIGSTOP)
+                frozen.append(done)
+
+        y, res = farm_command(out, graph, x[:60], inv, on_start=pids.update, on_chunk=freeze, **kw)
+        assert frozen and list(res.bad_boards) == [victim], res.bad_boards
+        assert sum(res.per_board.values()) == 60 and np.array_equal(y, sim[:60])
+        if kw:
+            assert "within 1 s" in res.bad_boards[victim]
+
     # Python API: all three boards healthy
     r = hilc.regress(hilc.load(out), x[:24], inv)
     assert r.mismatches == 0 and sum(r.farm.per_board.values()) == 24 and not r.farm.bad_boards

@@ -21,6 +21,7 @@ a chunk's answer is accepted only from the board it was last given to, and only 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ class BoardWorker:
             raise HilcError(f"board {self.board.name} runs firmware for another model: run hilc flash first")
         return None if self.qemu is None else self.qemu.proc.pid
 
+    def host(self) -> str:
+        import socket
+
+        return socket.gethostname()
+
     def run(self, qx: np.ndarray) -> np.ndarray:
         outs = []
         for sample in qx:
@@ -132,13 +138,17 @@ class FarmResult:
 
 
 def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBoard], cluster: str = "local",
-                chunk: int = 4, progress: Callable[[int, int], None] | None = None,
+                chunk: int = 4, progress: Callable[[int, int], None] | None = None, chunk_timeout: float | None = None,
                 on_start: Callable[[dict[str, int | None]], None] | None = None,
                 on_chunk: Callable[[int], None] | None = None) -> FarmResult:
     """Raw outputs for quantized inputs ``qx`` (n, features) from every board in ``boards``.
 
     ``on_start`` gets {board: QEMU pid}; ``on_chunk(answered_inputs)`` runs after each accepted
-    chunk (tests use both to kill a board mid-run)."""
+    chunk (tests use both to kill a board mid-run). A board whose link stops answering fails
+    within the link's timeouts; one that takes longer than ``chunk_timeout`` seconds over a chunk
+    is dropped too (its actor and emulator killed, a late answer ignored). The default deadline
+    adapts: 5 x the slowest chunk answered so far, at least 10 s (300 s before any answer, so a
+    slow model on a real board is not mistaken for a dead one)."""
     from hilc.distributed import connect
     from hilc.hil.runner import ensure_firmware
 
@@ -172,6 +182,9 @@ def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBo
     results: dict[int, tuple[np.ndarray, str]] = {}
     in_flight: dict[Any, tuple[str, tuple[int, int]]] = {}
     idle = deque(healthy)
+    hosts = dict(zip(healthy, ray.get([actors[n].host.remote() for n in healthy]), strict=True))
+    sent_at: dict[str, float] = {}
+    slowest = 0.0
     reassigned, done = 0, 0
     answered = dict.fromkeys(actors, 0)
     part = getattr(progress, "part", None)  # hilc.progress.PartsProgress: one line per board
@@ -184,10 +197,25 @@ def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBo
                 name = idle.popleft()
                 span = chunks.popleft()
                 in_flight[actors[name].run.remote(qx[span[0]:span[1]])] = (name, span)
+                sent_at[name] = time.monotonic()
             if not in_flight:
                 raise HilcError(f"every board failed with {len(chunks)} chunks left: "
                                 + "; ".join(f"{k}: {v}" for k, v in bad.items()), exit_code=1)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            if not ready:
+                now = time.monotonic()
+                deadline = chunk_timeout or (max(10.0, 5 * slowest) if slowest else 300.0)
+                for ref, (name, span) in list(in_flight.items()):
+                    if now - sent_at[name] > deadline:  # the board or its actor hangs: drop it
+                        in_flight.pop(ref)
+                        bad[name] = f"no answer to {span[1] - span[0]} inputs within {deadline:.3g} s"
+                        chunks.appendleft(span)
+                        reassigned += 1
+                        _kill_emulator(pids.get(name), hosts.get(name))
+                        ray.kill(actors[name])
+                        if part is not None:
+                            part(name, answered[name], None, f"BAD: {bad[name]} (chunk reassigned)")
+                continue
             name, span = in_flight.pop(ready[0])
             try:
                 y = ray.get(ready[0])
@@ -202,6 +230,7 @@ def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBo
             if span[0] in results:  # cannot happen with one owner per chunk; never count twice
                 raise AssertionError(f"chunk {span} answered twice")
             results[span[0]] = (y, name)
+            slowest = max(slowest, time.monotonic() - sent_at[name])
             done += span[1] - span[0]
             answered[name] += span[1] - span[0]
             idle.append(name)
@@ -220,6 +249,19 @@ def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBo
         by += [name] * len(y)
     per_board = {b.name: by.count(b.name) for b in boards}
     return FarmResult(np.concatenate(outs), by, bad, reassigned, per_board)
+
+
+def _kill_emulator(pid: int | None, host: str | None) -> None:
+    """A hung actor cannot stop its QEMU: kill the emulator from here when it runs on this machine."""
+    import os
+    import signal
+    import socket
+
+    if pid is not None and host == socket.gethostname():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _why(e: Exception) -> str:

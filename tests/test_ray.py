@@ -79,6 +79,18 @@ def test_sharded_sensitivity_equals_single_process(ray_local, float_graph, crops
     assert dist["prepared"] == one["prepared"]
 
 
+def test_cli_compile_with_cluster_writes_the_same_model(ray_local, crops32, tmp_path):
+    from hilc.cli import main
+
+    np.save(tmp_path / "calib.npy", crops32[:192])
+    for name, extra in (("one", []), ("ray", ["--cluster", "local"])):
+        assert main(["compile", str(RESNET8), "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / name),
+                     "-q", *extra]) == 0
+    assert (tmp_path / "one" / "graph.json").read_text() == (tmp_path / "ray" / "graph.json").read_text()
+    a, b = np.load(tmp_path / "one" / "constants.npz"), np.load(tmp_path / "ray" / "constants.npz")
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
 def test_progress_reports_total_and_shards(ray_local, resnet8, crops32):
     from hilc.distributed import simulate_sharded
     from hilc.progress import parts_progress
@@ -237,6 +249,11 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
         assert sum(res.per_board.values()) == 60 and np.array_equal(y, sim[:60])
         if kw:
             assert "within 1 s" in res.bad_boards[victim]
+
+    # hilc run --farm --check: the same answers through the run command
+    rc = main(["run", str(out), str(tmp_path / "x.npy"), "--farm", str(inv), "-o", str(tmp_path / "r.npy"),
+               "--check", "-q"])
+    assert rc == 0 and "150/150 outputs bit-exact" in capsys.readouterr().out
 
     # Python API: all three boards healthy
     r = hilc.regress(hilc.load(out), x[:24], inv)

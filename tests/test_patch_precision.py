@@ -4,9 +4,9 @@ qemu-mps2-an386."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +14,31 @@ import onnx
 import pytest
 
 from hilc.cli import main
-from hilc.compiler import mixed
+from hilc.compiler import calibrate, mixed, passes
 from hilc.compiler.arith import quantize_host
+from hilc.compiler.onnx_import import import_onnx
 from hilc.compiler.patch_precision import choose_threshold, hot_flags
 from hilc.compiler.pipeline import compile_model, write_artifacts
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int_batched, to_physical
 from hilc.targets.c import build
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from arch_models import mobilenet_v2  # noqa: E402
-from test_mixed import calibrated  # noqa: E402
+
+def calibrated(model, calib):
+    g = import_onnx(model)
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+    return calibrate.calibrate(g, calib)
+
+
+def _arch_models():
+    """benchmarks/arch_models.py, loaded by path: benchmarks/ on sys.path would shadow packages
+    (benchmarks/tvm.py hides Apache TVM from later tests)."""
+    spec = importlib.util.spec_from_file_location("arch_models", Path(__file__).parents[1] / "benchmarks" /
+                                                  "arch_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def blobs(n: int, seed: int, size: int = 64) -> np.ndarray:
@@ -41,7 +55,7 @@ def blobs(n: int, seed: int, size: int = 64) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("pp")
-    onnx.save(mobilenet_v2(0.35, 64, num_classes=10), str(d / "m.onnx"))
+    onnx.save(_arch_models().mobilenet_v2(0.35, 64, num_classes=10), str(d / "m.onnx"))
     return d / "m.onnx"
 
 

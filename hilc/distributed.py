@@ -22,7 +22,7 @@ import numpy as np
 from hilc.errors import HilcError
 
 INSTALL = "pip install 'hilc[ray]'"
-SHARD_SAMPLES = 64  # default shard size: see benchmarks/ray.py for how it was chosen
+SHARD_SAMPLES = 64  # default shard size: see benchmarks/ray_scaling.py for how it was chosen
 
 
 def require_ray() -> Any:

@@ -5,8 +5,6 @@ sanitizers), and the pipeline and the patch planner use it."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,9 +18,6 @@ from hilc.compiler.schedule import apply_order, live_peak, reorder_for_memory, s
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int, to_physical
 from hilc.targets.c import build
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_patches import needs_arm  # noqa: E402,F401  (same toolchain check)
 
 H = W = 16
 
@@ -111,7 +106,6 @@ def test_a_chain_keeps_its_order_and_the_beam_still_gives_a_topological_order(br
     assert fixed.order[:2] == [0, 1] and fixed.peak == 48 * H * W
 
 
-@needs_arm
 def test_reordered_c_is_bit_exact_and_report_shows_the_saving(branchy, tmp_path):
     model, calib = branchy
     ref = compile_model(model, calib, target="c", order="import")
@@ -136,3 +130,38 @@ def test_order_option_errors_are_one_line(branchy):
     model, calib = branchy
     with pytest.raises(HilcError, match="--order"):
         compile_model(model, calib, order="random")
+
+
+def test_patch_planner_reorders_the_rest_after_the_split(branchy):
+    from hilc.compiler import patches as P
+
+    model, calib = branchy
+    q = compile_model(model, calib, order="import").graph
+    plain = P.plan_patches(q, "conv2d_0:2", reorder=False)
+    better = P.plan_patches(q, "conv2d_0:2")
+    pa, pb = plain.meta["patch"], better.meta["patch"]
+    assert pa["split_index"] == pb["split_index"] == 0 and pb["stage"] == ["conv2d_0"]
+    # the rest after the split holds stem + p1 + p2 in the import order, stem + p1 + q1 in the
+    # memory order: 24 channel planes less
+    la, lb = P.plan_patch_memory(plain).lower_bound, P.plan_patch_memory(better).lower_bound
+    assert la - lb == 24 * H * W
+    assert pb["peak_sram_bytes"] < pa["peak_sram_bytes"] == pb["peak_sram_bytes_import_order"]
+    qx = _qx(q)
+    ref = run_int(q, {q.inputs[0]: qx})[q.outputs[0]]
+    assert np.array_equal(run_int(better, {better.inputs[0]: qx})[better.outputs[0]], ref)
+
+
+def test_patched_and_reordered_c_is_bit_exact(branchy, tmp_path):
+    model, calib = branchy
+    ref = compile_model(model, calib, order="import").graph
+    r = compile_model(model, calib, target="c", patch="conv2d_0:2")
+    assert r.graph.meta["patch"] and r.graph.meta["schedule"]["order"] == "memory"
+    write_artifacts(tmp_path / "o", r)
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["peak_sram_bytes"] < rep["peak_sram_bytes_import_order"]
+    qx = _qx(ref)
+    sim = run_int(ref, {ref.inputs[0]: qx})[ref.outputs[0]].reshape(len(qx), -1)
+    for dsp in (False, True):
+        out = build.run_host(build.build_host(tmp_path / "o", sanitize=True, dsp=dsp), qx.reshape(len(qx), -1),
+                             sim.shape[1])
+        assert np.array_equal(out, sim), f"dsp={dsp}"

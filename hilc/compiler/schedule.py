@@ -30,6 +30,7 @@ from hilc.compiler.ir import Graph
 from hilc.compiler.memory import MemoryPlan, plan_memory, tensor_bytes
 
 DEFAULT_BEAM = 256
+MAX_TRANSITIONS = 4_000_000  # the default beam shrinks on large graphs to keep the search ~seconds
 
 
 @dataclass
@@ -72,12 +73,15 @@ def live_peak(graph: Graph, order: list[int] | None = None, start: int = 0) -> i
     return peak
 
 
-def search_order(graph: Graph, start: int = 0, beam: int = DEFAULT_BEAM) -> OrderSearch:
+def search_order(graph: Graph, start: int = 0, beam: int | None = None) -> OrderSearch:
     """The order of ``graph.nodes[start:]`` (``nodes[:start]`` stay first, as they are) with the
-    lowest peak of live bytes: exact while no level exceeds ``beam`` sets (see the module doc)."""
+    lowest peak of live bytes: exact while no level exceeds ``beam`` sets (see the module doc;
+    default: 256, fewer when levels x sets x nodes would pass MAX_TRANSITIONS)."""
     nodes = graph.nodes
     region = list(range(start, len(nodes)))
     m = len(region)
+    if beam is None:
+        beam = max(8, min(DEFAULT_BEAM, MAX_TRANSITIONS // max(1, m * m)))
     inputs = set(graph.inputs)
     producer: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -155,7 +159,7 @@ def _key(plan: MemoryPlan) -> tuple[int, int]:
     return plan.lower_bound, plan.arena_bytes
 
 
-def reorder_for_memory(graph: Graph, start: int = 0, beam: int = DEFAULT_BEAM,
+def reorder_for_memory(graph: Graph, start: int = 0, beam: int | None = None,
                        plan_fn: Callable[[Graph], MemoryPlan] = plan_memory) -> Graph:
     """The pass: ``graph`` with ``nodes[start:]`` in the order that lowers the memory plan's peak
     (live-bytes lower bound, then arena); the graph itself when the import order is as good.

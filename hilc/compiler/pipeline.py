@@ -49,7 +49,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   input_range: tuple[float, float] | None = None, precision: str = "int8",
                   budgets: Any = None, weight_bits: dict[str, int] | None = None,
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
-                  extended_bits: bool = False, order: str = "memory") -> CompileResult:
+                  extended_bits: bool = False, cluster: str | None = None,
+                  order: str = "memory") -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -60,10 +61,15 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     8 bits), AdaRound sharing ``ptq_budget`` seconds. ``graph_hook`` edits the float graph after
     the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
     calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm).
+    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster.
     ``order``: "memory" runs the nodes in the order that lowers peak SRAM (hilc/compiler/schedule.py),
     "import" keeps the ONNX file's order."""
     if order not in ("memory", "import"):
         raise HilcError(f"--order: expected memory or import, got '{order}'")
+    if cluster is not None:  # a missing extra fails before any work
+        from hilc.distributed import require_ray
+
+        require_ray()
     board_obj = None
     fpga_board = None
     if target == "hls":  # an FPGA board: checked here, before any work
@@ -117,7 +123,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if samples is not None:
         if calib is None:
             source = "synthesised inputs"
-        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source)
+        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source, cluster=cluster)
         if calib is None:
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
     if "calibrate" in (dump_after or []):
@@ -127,7 +133,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
-                                               sensitivity_cache, board, extended_bits)
+                                               sensitivity_cache, board, extended_bits, cluster=cluster)
     q = quantize(g)
     if mixed_info:
         from hilc.compiler.mixed import pack_subbyte_activations

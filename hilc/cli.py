@@ -55,11 +55,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
                                    board=args.board, patch=args.patch, sram_bytes=args.sram, parallel=parallel,
-                                   **ptq_args, **mixed_kw)
+                                   order=args.order, **ptq_args, **mixed_kw)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
-                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, **ptq_args, **mixed_kw)
+                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, order=args.order,
+                               **ptq_args, **mixed_kw)
     data_free = result.report.get("calibration", {}).get("data_free")
     if data_free is not None and not args.quiet:
         print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
@@ -440,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
                         "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
     c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
+    c.add_argument("--order", default="memory", choices=["memory", "import"],
+                   help="node order: memory (the order with the lowest peak SRAM) or import (the ONNX file's)")
     c.add_argument("--precision", default="int8", choices=["int8", "mixed", "auto-fpga"],
                    help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
     c.add_argument("--bitops-ratio", type=float, metavar="R",

@@ -364,8 +364,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     x = load_samples(args.input)
     labels = load_samples(args.labels) if args.labels else None
     reference = load_samples(args.reference) if args.reference else None
+    if args.engine == "tvm":  # before any work: a missing extra is one line
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()
     res = evaluate(args.compiled, x, labels=labels, reference=reference, cluster=args.cluster, shard=args.shard,
-                   quiet=args.quiet)
+                   quiet=args.quiet, engine=args.engine)
     if args.output:
         out = Path(args.output)
         tmp = out.with_name(f".{out.name}.tmp.npy")
@@ -547,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", help="also write the simulator's outputs here (.npy)")
     ev.add_argument("--cluster", metavar="auto|local|ADDRESS", help="run shards as Ray tasks (hilc[ray])")
     ev.add_argument("--shard", type=int, default=None, metavar="N", help="samples per shard (default 64)")
+    ev.add_argument("--engine", default="numpy", choices=["numpy", "tvm"],
+                    help="numpy: the golden simulator; tvm: the same integers from a TVM-built module (hilc[tvm])")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

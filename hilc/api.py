@@ -135,11 +135,12 @@ class Evaluation:
 
 def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None = None,
              reference: np.ndarray | None = None, cluster: str | None = None, shard: int | None = None,
-             raw: bool = False, quiet: bool = True) -> Evaluation:
+             raw: bool = False, quiet: bool = True, engine: str = "numpy") -> Evaluation:
     """Accuracy of the compiled model on a dataset (``hilc evaluate``): the simulator's outputs
     and top-1 against ``labels`` and/or agreement with ``reference`` outputs. ``cluster``
     (``hilc[ray]``: "local", "auto" or an address) runs shards of ``shard`` samples as Ray tasks;
-    the outputs are bit-identical to a single-process run."""
+    the outputs are bit-identical to a single-process run. ``engine="tvm"`` computes the same
+    integers with the TVM-built module (``hilc[tvm]``)."""
     import time
 
     from hilc.distributed import SHARD_SAMPLES, accuracy, shard_bounds, simulate_sharded
@@ -155,7 +156,7 @@ def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None 
     from hilc.progress import parts_progress
 
     with parts_progress("evaluating" + (f" on Ray ({cluster})" if cluster else ""), quiet) as update:
-        y = simulate_sharded(c.graph, x, raw=raw, cluster=cluster, shard=shard, progress=update)
+        y = simulate_sharded(c.graph, x, raw=raw, cluster=cluster, shard=shard, progress=update, engine=engine)
     dt = time.perf_counter() - t0
     metrics = {**accuracy(y, labels, reference), "seconds": dt, "samples_per_s": len(x) / dt}
     if cluster is not None:

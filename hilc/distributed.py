@@ -22,7 +22,7 @@ import numpy as np
 from hilc.errors import HilcError
 
 INSTALL = "pip install 'hilc[ray]'"
-SHARD_SAMPLES = 64  # default shard size: see benchmarks/ray.py for how it was chosen
+SHARD_SAMPLES = 64  # default shard size: see benchmarks/ray_scaling.py for how it was chosen
 
 
 def require_ray() -> Any:
@@ -110,21 +110,23 @@ def map_shards(fn: Callable[..., Any], shared: Any, x: np.ndarray, bounds: Seque
 
 # --- accuracy evaluation of a compiled model -------------------------------------------------------
 
-def _sim_shard(graph, x: np.ndarray, start: int, raw: bool) -> np.ndarray:
+def _sim_shard(graph, x: np.ndarray, start: int, raw: bool, engine: str = "numpy") -> np.ndarray:
     from hilc.sim.simulator import simulate
 
     # one thread per task: Ray runs one task per CPU it was given, so more threads would oversubscribe
-    return simulate(graph, x, raw=raw, workers=1)
+    return simulate(graph, x, raw=raw, workers=1, engine=engine)
 
 
 def simulate_sharded(graph, x: np.ndarray, raw: bool = False, cluster: str | None = None,
-                     shard: int = SHARD_SAMPLES, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """The simulator's outputs for ``x``; with ``cluster`` run as Ray tasks of ``shard`` samples."""
+                     shard: int = SHARD_SAMPLES, progress: Callable[[int, int], None] | None = None,
+                     engine: str = "numpy") -> np.ndarray:
+    """The simulator's outputs for ``x`` (``engine`` numpy or tvm: the same integers); with
+    ``cluster`` run as Ray tasks of ``shard`` samples."""
     from hilc.sim.simulator import simulate
 
     if cluster is None:
-        return simulate(graph, x, raw=raw)
-    parts = map_shards(_sim_shard, graph, x, shard_bounds(len(x), shard), cluster, progress, extra=(raw,))
+        return simulate(graph, x, raw=raw, engine=engine)
+    parts = map_shards(_sim_shard, graph, x, shard_bounds(len(x), shard), cluster, progress, extra=(raw, engine))
     return np.concatenate(parts)
 
 

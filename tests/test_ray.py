@@ -274,3 +274,11 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
     counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
     assert sum(counts) == len(x)
     assert np.array_equal(np.load(tmp_path / "y.npy"), sim)
+
+
+@pytest.mark.slow
+def test_evaluate_with_the_tvm_engine_single_and_on_ray_shards(ray_local, resnet8, crops32):
+    ref = hilc.evaluate(resnet8, crops32[:64], raw=True)
+    assert np.array_equal(hilc.evaluate(resnet8, crops32[:64], raw=True, engine="tvm").outputs, ref.outputs)
+    sharded = hilc.evaluate(resnet8, crops32[:64], raw=True, cluster="local", shard=32, engine="tvm")
+    assert np.array_equal(sharded.outputs, ref.outputs) and sharded.metrics["shards"] == 2

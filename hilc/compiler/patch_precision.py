@@ -261,11 +261,12 @@ def apply_patch_precision(q: Graph, g: Graph, samples: np.ndarray | None, mode: 
                 acts[f] = b
         g_low.meta["act_bits"] = acts
         ql = quantize(g_low)
-        if [n.name for n in ql.nodes[: k + 1]] != [n.name for n in stage] or \
-                ql.tensors[split].quant != q.tensors[split].quant:
+        by_name = {n.name: n for n in ql.nodes}  # ql keeps the import order; q may be reordered
+        if any(n.name not in by_name for n in stage) or ql.tensors[split].quant != q.tensors[split].quant:
             raise HilcError(f"patch precision: the low-bit branch does not end in split tensor '{split}''s "
                             "quantization")
-        for hi, lo in zip(stage, ql.nodes[: k + 1], strict=True):
+        for hi in stage:
+            lo = by_name[hi.name]
             params = {}
             for role, cname in lo.params.items():
                 arr = ql.constants[cname]

@@ -5,7 +5,7 @@ checked bit-exact against the single-process one.
 
 Prints a table and writes benchmarks/results/ray.json. Run from the repository root:
 
-    python benchmarks/ray.py
+    python benchmarks/ray_scaling.py
 """
 
 from __future__ import annotations

@@ -113,7 +113,8 @@ def pareto(res: dict, rows: list, crops, digits) -> None:
                               "sensitivity_cached": m["sensitivity_cached"],
                               "predicted_perturbation": m["predicted_perturbation"],
                               "measured_perturbation": m["measured_perturbation"],
-                              "weight_bits": m["weight_bits"], "act_bits": m["act_bits"]})
+                              "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
+                              "ptq": m.get("ptq")})
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
             res[f"resnet8_pareto_{label}"] = curve
@@ -183,8 +184,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         if "--no-fit" not in sys.argv:
             fit_latency(Path(d), res, rows, crops, digits[0])
-        else:
+        else:  # keep the profiles and the fit of the last full run
             res["cost_model"] = load_cost_model(BOARD).to_json()
+            last = ROOT / "benchmarks" / "results" / "mixed.json"
+            if last.exists():
+                old = json.loads(last.read_text())
+                res.update({k: old[k] for k in ("profiles", "cost_model") if k in old})
         on_board(Path(d), res, rows, crops)
     pareto(res, rows, crops, digits)
     width = max(len(r[0]) for r in rows)

@@ -15,7 +15,12 @@
    simulator and with the layer-by-layer build, and instructions measured (QEMU -icount) against
    the MAC overhead the scheduler predicted.
 
-Run from the repository root: python benchmarks/patch.py  (writes benchmarks/results/patch.json)
+4. Operator order (hilc/compiler/schedule.py): peak SRAM with the ONNX file's node order and with
+   the memory order, layer by layer and with --patch auto, for a branchy inception-like model,
+   resnet8, MCUNet-in3 and MobileNetV2 (chains gain nothing; the figures show it).
+
+Run from the repository root: python benchmarks/patch.py  (writes benchmarks/results/patch.json);
+python benchmarks/patch.py order runs part 4 alone (benchmarks/results/patch_order.json).
 """
 
 from __future__ import annotations
@@ -179,19 +184,118 @@ def qemu(d: Path, mode: str, res: dict, rows: list) -> None:
     ]
 
 
+def inception_like(res_px: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """A stem and two inception blocks (1x1, 1x1 -> 3x3, 1x1 -> 3x3 -> 3x3, maxpool -> 1x1,
+    concatenated), listed branch stage by branch stage as exporters often do: the import order
+    keeps every branch's wide 1x1 output alive at once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int = 1, stride: int = 1) -> str:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (cout, cin, k, k)).astype(np.float32), name + ".w"))
+        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), name + ".b"))
+        nodes.append(helper.make_node("Conv", [x, name + ".w", name + ".b"], [name + ".c"], name=name,
+                                      kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride]))
+        nodes.append(helper.make_node("Relu", [name + ".c"], [name], name=name + ".relu"))
+        return name
+
+    x = conv("stem", "x", 3, 32, 3, 2)
+    for b in range(2):
+        firsts = [conv(f"b{b}_1x1", x, 32, 16), conv(f"b{b}_r3", x, 32, 64), conv(f"b{b}_r5", x, 32, 64)]
+        nodes.append(helper.make_node("MaxPool", [x], [f"b{b}_mp"], name=f"b{b}_mp", kernel_shape=[3, 3],
+                                      pads=[1, 1, 1, 1]))
+        c3 = conv(f"b{b}_3x3", firsts[1], 64, 8, 3)
+        c5a = conv(f"b{b}_5a", firsts[2], 64, 16, 3)
+        c5 = conv(f"b{b}_5b", c5a, 16, 4, 3)
+        pp = conv(f"b{b}_pp", f"b{b}_mp", 32, 4)
+        nodes.append(helper.make_node("Concat", [firsts[0], c3, c5, pp], [f"b{b}_cat"], name=f"b{b}_cat", axis=1))
+        x = f"b{b}_cat"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flat"))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (32, 10)).astype(np.float32), "fc.w"))
+    nodes.append(helper.make_node("MatMul", ["flat", "fc.w"], ["y"], name="fc"))
+    graph = helper.make_graph(nodes, "inception_like",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, res_px, res_px])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def operator_order(d: Path, res: dict, rows: list) -> None:
+    """What the memory order (hilc/compiler/schedule.py) saves against the ONNX file's order, layer
+    by layer and with --patch auto (lowest peak, no budget), and how long the search takes."""
+    from hilc.compiler.memory import plan_memory
+
+    models = {
+        "inception-like 64x64": (inception_like(), (3, 64)),
+        "resnet8 (CIFAR-10)": (ROOT / "tests" / "data" / "resnet8_cifar10_fp32.onnx", (3, 32)),
+        "MCUNet-in3 176x176": (mcunet_like(176), (3, 176)),
+        "MobileNetV2 0.35/144": (mobilenet_v2(0.35, 144, num_classes=10), (3, 144)),
+        "MobileNetV2 1.0/224": (mobilenet_v2(1.0, 224), (3, 224)),
+    }
+    out = res.setdefault("operator_order", {})
+    for name, (model, (c, hw)) in models.items():
+        path = model
+        if not isinstance(model, Path):
+            path = d / (name.split()[0] + ".onnx")
+            onnx.save(model, str(path))
+        calib = np.random.default_rng(0).uniform(0, 1, (2, c, hw, hw)).astype(np.float32)
+        entry = {}
+        for mode in ("off", "auto"):
+            peaks = {}
+            for order in ("import", "memory"):
+                t = time.perf_counter()
+                r = compile_model(path, calib, patch=mode, order=order)
+                secs = time.perf_counter() - t
+                g = r.graph
+                if mode == "off":
+                    peaks[order] = plan_memory(g).peak_sram_bytes + P.scratch_bytes(g)
+                else:
+                    peaks[order] = g.meta["patch"]["peak_sram_bytes"] if g.meta.get("patch") else None
+                    if g.meta.get("patch"):
+                        suffix = "" if order == "memory" else "_import_order"
+                        entry["planner_seconds" + suffix] = g.meta["patch"]["planner_seconds"]
+                if order == "memory":
+                    entry[f"compile_seconds_{mode}"] = round(secs, 2)
+                    entry["search_exact"] = g.meta["schedule"]["exact"]
+                    entry["search_max_states"] = g.meta["schedule"]["max_states"]
+                    entry["nodes_moved"] = g.meta["schedule"]["moved_nodes"]
+            entry[f"peak_sram_bytes_{mode}_import_order"] = peaks["import"]
+            entry[f"peak_sram_bytes_{mode}_memory_order"] = peaks["memory"]
+        out[name] = entry
+        lw_i, lw_m = entry["peak_sram_bytes_off_import_order"], entry["peak_sram_bytes_off_memory_order"]
+        pa_i, pa_m = entry["peak_sram_bytes_auto_import_order"], entry["peak_sram_bytes_auto_memory_order"]
+        rows.append((f"order {name}: layer by layer, import -> memory order",
+                     f"{lw_i:,} -> {lw_m:,} B ({1 - lw_m / lw_i:.1%})",
+                     f"patched (auto): {pa_i:,} -> {pa_m:,} B; exact={entry['search_exact']}, "
+                     f"planner {entry.get('planner_seconds', 0):.1f} s "
+                     f"({entry.get('planner_seconds_import_order', 0):.1f} s without reordering)"))
+
+
 def main() -> None:
     res: dict = {}
     rows: list[tuple[str, str, str]] = []
+    if sys.argv[1:] == ["order"]:  # only the operator-order figures (benchmarks/results/patch_order.json)
+        with tempfile.TemporaryDirectory() as d:
+            operator_order(Path(d), res, rows)
+        _print(rows, res, "patch_order.json")
+        return
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
+        operator_order(d, res, rows)
         mbv2_1_0(d, res, rows)
         mcunet(d, res, rows)
         mode = mbv2_035(d, res, rows)
         qemu(d, mode, res, rows)
+    _print(rows, res, "patch.json")
+
+
+def _print(rows: list, res: dict, fname: str) -> None:
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>28}  {note}")
-    out = ROOT / "benchmarks" / "results" / "patch.json"
+    out = ROOT / "benchmarks" / "results" / fname
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 _API = ("compile", "load", "simulate", "run", "flash", "profile", "report", "export_onnx", "inspect", "Compiled",
-        "RunResult")
+        "RunResult", "evaluate", "Evaluation", "regress")
 
 
 def __getattr__(name: str):

@@ -50,6 +50,7 @@ class RunResult:
     outputs: np.ndarray
     board: str
     mismatches: int | None = None  # with check=True: samples differing from the simulator
+    farm: Any = None  # regress: the hilc.hil.farm.FarmResult (answers per board, bad boards)
 
 
 def _progress(quiet: bool, label: str):
@@ -124,6 +125,68 @@ def run(m: Compiled | str | Path, x: np.ndarray, board: str, check: bool = False
     with _progress(quiet, f"running on {b.name}") as update:
         y, bad = run_command(c.path, b, c.graph, x, check, port, raw, update)
     return RunResult(y, b.name, bad if check else None)
+
+
+@dataclass
+class Evaluation:
+    outputs: np.ndarray
+    metrics: dict[str, Any]  # samples, seconds, samples_per_s, top1 / top1_agreement, shards with a cluster
+
+
+def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None = None,
+             reference: np.ndarray | None = None, cluster: str | None = None, shard: int | None = None,
+             raw: bool = False, quiet: bool = True, engine: str = "numpy") -> Evaluation:
+    """Accuracy of the compiled model on a dataset (``hilc evaluate``): the simulator's outputs
+    and top-1 against ``labels`` and/or agreement with ``reference`` outputs. ``cluster``
+    (``hilc[ray]``: "local", "auto" or an address) runs shards of ``shard`` samples as Ray tasks;
+    the outputs are bit-identical to a single-process run. ``engine="tvm"`` computes the same
+    integers with the TVM-built module (``hilc[tvm]``)."""
+    import time
+
+    from hilc.distributed import SHARD_SAMPLES, accuracy, shard_bounds, simulate_sharded
+    from hilc.sim.simulator import check_shape
+
+    c = _compiled(m)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
+    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    shard = shard or SHARD_SAMPLES
+    t0 = time.perf_counter()
+    from hilc.progress import parts_progress
+
+    with parts_progress("evaluating" + (f" on Ray ({cluster})" if cluster else ""), quiet) as update:
+        y = simulate_sharded(c.graph, x, raw=raw, cluster=cluster, shard=shard, progress=update, engine=engine)
+    dt = time.perf_counter() - t0
+    metrics = {**accuracy(y, labels, reference), "seconds": dt, "samples_per_s": len(x) / dt}
+    if cluster is not None:
+        metrics["shards"] = len(shard_bounds(len(x), shard))
+    return Evaluation(y, metrics)
+
+
+def regress(m: Compiled | str | Path, x: np.ndarray, farm: str | Path, kind: str | None = None,
+            cluster: str = "local", chunk: int = 4, quiet: bool = True) -> RunResult:
+    """Inputs spread over every board of a kind in a farm inventory (``hilc regress``), one Ray
+    actor per board; failed boards are dropped and their work reassigned. ``mismatches`` counts
+    outputs differing from the simulator; ``farm`` holds the per-board FarmResult."""
+    from hilc.compiler.arith import dequantize_host
+    from hilc.distributed import require_ray
+    from hilc.hil.farm import farm_command, simulator_raw
+    from hilc.progress import parts_progress
+    from hilc.sim.simulator import check_shape
+
+    require_ray()
+    c = _written(m, "regress")
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
+    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    x = x.astype(np.float32)
+    with parts_progress("running on the board farm", quiet) as update:
+        y, res = farm_command(c.path, c.graph, x, farm, kind, cluster, chunk, update)
+    bad = int(np.sum(np.any(simulator_raw(c.graph, x).reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
+    qo = c.graph.tensors[c.graph.outputs[0]].quant
+    return RunResult(dequantize_host(y, qo.scale, qo.zero_point), ",".join(res.per_board), bad, res)
 
 
 def flash(m: Compiled | str | Path, board: str) -> str:

@@ -42,16 +42,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
     prog, update = _progress_factory(args.quiet)
     mixed_kw = _mixed_options(args, out)
     ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
+    if getattr(args, "minifloat", None):  # minifloat conv/dense layers (FPGA path: --target hls)
+        from hilc.compiler.minifloat import hook_from_spec
+
+        ptq_args["graph_hook"] = hook_from_spec(args.minifloat)
+    if getattr(args, "precision", None) == "auto-fpga":
+        ptq_args["fpga_error_ratio"] = args.fpga_error_ratio
+    if args.cluster is not None:
+        ptq_args["cluster"] = args.cluster
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                    args.dump_after, progress=update, cpu=args.cpu, flash_bytes=args.flash,
                                    board=args.board, patch=args.patch, sram_bytes=args.sram, parallel=parallel,
-                                   **ptq_args, **mixed_kw)
+                                   order=args.order, **ptq_args, **mixed_kw)
     else:
         result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
                                args.dump_after, cpu=args.cpu, flash_bytes=args.flash, board=args.board,
-                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, **ptq_args, **mixed_kw)
+                               patch=args.patch, sram_bytes=args.sram, parallel=parallel, order=args.order,
+                               **ptq_args, **mixed_kw)
     data_free = result.report.get("calibration", {}).get("data_free")
     if data_free is not None and not args.quiet:
         print(f"no --calib: calibrated data-free on {data_free['samples']} {data_free['source']}", file=sys.stderr)
@@ -205,6 +214,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hilc.compiler.calibrate import load_samples
     from hilc.hil.runner import run_command
 
+    if getattr(args, "farm", None):
+        return _farm_run(args, args.check)
+    if not args.board:
+        raise HilcError("run needs --board NAME (or --farm INVENTORY.toml)")
     board, graph = _board_and_graph(args)
     x = load_samples(args.input)
     if not np.issubdtype(x.dtype, np.floating):
@@ -231,6 +244,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0 if bad == 0 else 1
     if not args.quiet:
         print(f"wrote {out}: {y.dtype} {list(y.shape)} from {board.name}")
+    return 0
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    return _farm_run(args, check=True)
+
+
+def _farm_run(args: argparse.Namespace, check: bool) -> int:
+    """``run --farm`` / ``regress``: inputs spread over the inventory's boards (Ray actors)."""
+    from hilc.compiler.arith import dequantize_host
+    from hilc.compiler.calibrate import load_samples
+    from hilc.compiler.pipeline import load_artifacts
+    from hilc.distributed import require_ray
+    from hilc.hil.farm import farm_command, simulator_raw
+    from hilc.progress import parts_progress
+    from hilc.sim.simulator import check_shape
+
+    require_ray()
+    graph = load_artifacts(args.compiled)
+    x = load_samples(args.input)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
+    try:
+        check_shape(graph, graph.inputs[0], x.shape)
+    except HilcError as e:
+        raise HilcError(f"{args.input}: {e}") from None
+    with parts_progress("running on the board farm", args.quiet) as update:
+        y, res = farm_command(Path(args.compiled), graph, x.astype(np.float32), args.farm, args.kind,
+                              args.cluster or "local", args.chunk, update)
+    bad = 0
+    if check:
+        sim = simulator_raw(graph, x.astype(np.float32))
+        bad = int(np.sum(np.any(sim.reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
+    if args.output:
+        out = Path(args.output)
+        if not args.raw:
+            qo = graph.tensors[graph.outputs[0]].quant
+            y = dequantize_host(y, qo.scale, qo.zero_point)
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, y)
+        os.replace(tmp, out)
+    if not args.quiet:
+        for name, count in res.per_board.items():
+            why = f"  BAD: {res.bad_boards[name]}" if name in res.bad_boards else ""
+            print(f"{name:20s} {count:6d} inputs{why}")
+        if res.reassigned:
+            print(f"{res.reassigned} chunk(s) reassigned after board failures")
+    if check:
+        msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {len(res.per_board)} boards"
+        print(msg if bad == 0 else f"MISMATCH: {msg}")
+        return 0 if bad == 0 else 1
     return 0
 
 
@@ -289,6 +353,43 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hilc.api import evaluate
+    from hilc.compiler.calibrate import load_samples
+
+    if args.cluster is not None:
+        from hilc.distributed import require_ray
+
+        require_ray()
+    x = load_samples(args.input)
+    labels = load_samples(args.labels) if args.labels else None
+    reference = load_samples(args.reference) if args.reference else None
+    if args.engine == "tvm":  # before any work: a missing extra is one line
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()
+    res = evaluate(args.compiled, x, labels=labels, reference=reference, cluster=args.cluster, shard=args.shard,
+                   quiet=args.quiet, engine=args.engine)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp.npy")
+        np.save(tmp, res.outputs)
+        os.replace(tmp, out)
+    if args.json:
+        print(json.dumps(res.metrics, indent=1))
+    else:
+        m = res.metrics
+        parts = [f"{m['samples']} samples in {m['seconds']:.2f} s ({m['samples_per_s']:.1f}/s"
+                 + (f", {m['shards']} shards on Ray)" if "shards" in m else ")")]
+        if "top1" in m:
+            parts.append(f"top-1 {m['top1']:.2%}")
+        if "top1_agreement" in m:
+            parts.append(f"top-1 agreement with the reference {m['top1_agreement']:.2%}, "
+                         f"max |diff| {m['max_abs_diff']:.4g}")
+        print("; ".join(parts))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hilc.api import inspect
     from hilc.inspect_onnx import print_inspection
@@ -344,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-based inference of the first layers: auto (fit --sram with the fewest extra MACs), "
                         "off, or SPLIT:N (split after node/tensor SPLIT, N x N patches)")
     c.add_argument("--sram", type=int, metavar="BYTES", help="SRAM budget (default: the board's SRAM)")
-    c.add_argument("--precision", default="int8", choices=["int8", "mixed"],
+    c.add_argument("--order", default="memory", choices=["memory", "import"],
+                   help="node order: memory (the order with the lowest peak SRAM) or import (the ONNX file's)")
+    c.add_argument("--precision", default="int8", choices=["int8", "mixed", "auto-fpga"],
                    help="mixed: per-layer weight (8/4/2) and activation (8/4) bits by HAWQ-V3's ILP under the budgets")
     c.add_argument("--bitops-ratio", type=float, metavar="R",
                    help="with --precision mixed: R times fewer BitOps than int8")
@@ -356,9 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")
     c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
                    help="time AdaRound may take over all layers (default 30)")
+    c.add_argument("--fpga-error-ratio", type=float, default=1.0, metavar="R",
+                   help="with --precision auto-fpga (integer or minifloat of 3-8 bits per layer, least FPGA cost): "
+                        "summed layer output error at most R times int8's (default 1)")
+    c.add_argument("--minifloat", metavar="FORMAT[xACT]|LAYER=FORMAT[xACT],...",
+                   help="minifloat conv/dense layers (E4M3, E3M2, E2M1, any ExMy of 3-8 bits): weights in FORMAT, the "
+                        "layer input cast to ACT; simulator and --target hls only (no MCU kernels)")
     c.add_argument("--input-range", metavar="LO,HI",
                    help="without --calib, for a model without BatchNorm statistics: the input value range "
                         "of the synthesised calibration inputs (default 0,1)")
+    c.add_argument("--cluster", metavar="auto|local|ADDRESS",
+                   help="compute the calibration statistics in shards on a Ray cluster (hilc[ray])")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -382,13 +493,30 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run inputs on a board over the serial link")
     r.add_argument("compiled")
     r.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
-    r.add_argument("--board", required=True)
+    r.add_argument("--board", help="a board (see hilc boards); or --farm")
     r.add_argument("-o", "--output", required=True)
+    r.add_argument("--farm", metavar="INVENTORY.toml", help="spread the inputs over the boards of an inventory "
+                   "(Ray actors, hilc[ray]; see hilc regress)")
+    r.add_argument("--kind", help="with --farm: the kind of board to use (default: the only kind listed)")
+    r.add_argument("--cluster", metavar="auto|local|ADDRESS", help="with --farm: the Ray cluster (default local)")
+    r.add_argument("--chunk", type=int, default=4, help="with --farm: inputs per work unit (default 4)")
     r.add_argument("--check", action="store_true", help="compare with the simulator bit for bit; exit 1 on mismatch")
     r.add_argument("--port", help="serial port or pyserial URL (default: the board file's)")
     r.add_argument("--raw", action="store_true")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    rg = sub.add_parser("regress", help="run inputs across every board of a farm and check them bit for bit")
+    rg.add_argument("compiled")
+    rg.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
+    rg.add_argument("--farm", required=True, metavar="INVENTORY.toml", help="board inventory (TOML)")
+    rg.add_argument("--kind", help="the kind of board to use (default: the only kind listed)")
+    rg.add_argument("--cluster", metavar="auto|local|ADDRESS", help="the Ray cluster (default: local)")
+    rg.add_argument("--chunk", type=int, default=4, help="inputs per work unit (default 4)")
+    rg.add_argument("-o", "--output", help="also write the outputs (.npy)")
+    rg.add_argument("--raw", action="store_true")
+    rg.add_argument("-q", "--quiet", action="store_true")
+    rg.set_defaults(func=cmd_regress)
 
     pr = sub.add_parser("profile", help="per-layer tick counts of one inference on a board")
     pr.add_argument("compiled")
@@ -414,6 +542,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", required=True, help="output .onnx")
     ex.add_argument("-q", "--quiet", action="store_true")
     ex.set_defaults(func=cmd_export_onnx)
+
+    ev = sub.add_parser("evaluate", help="accuracy of a compiled model on a dataset (bit-accurate simulator)")
+    ev.add_argument("compiled", help="directory written by hilc compile")
+    ev.add_argument("input", help=".npy inputs (float32, first axis = samples, the model's own layout)")
+    ev.add_argument("--labels", help=".npy integer class labels: top-1 accuracy")
+    ev.add_argument("--reference", help=".npy reference outputs (e.g. the float model's): top-1 agreement")
+    ev.add_argument("-o", "--output", help="also write the simulator's outputs here (.npy)")
+    ev.add_argument("--cluster", metavar="auto|local|ADDRESS", help="run shards as Ray tasks (hilc[ray])")
+    ev.add_argument("--shard", type=int, default=None, metavar="N", help="samples per shard (default 64)")
+    ev.add_argument("--engine", default="numpy", choices=["numpy", "tvm"],
+                    help="numpy: the golden simulator; tvm: the same integers from a TVM-built module (hilc[tvm])")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
 
     ins = sub.add_parser("inspect", help="operators, parameters, MACs, activation memory and fitting boards")
     ins.add_argument("model", help="ONNX model")

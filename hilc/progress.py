@@ -52,3 +52,35 @@ def status(label: str, quiet: bool = False) -> Iterator[None]:
 
     with Console(stderr=True).status(label):
         yield
+
+
+class PartsProgress:
+    """``update(done, total)`` for the whole job plus ``part(name, done, total=None, note="")``
+    for each piece of it (a Ray shard count, a board of a farm)."""
+
+    def __init__(self, prog, total_task) -> None:
+        self.prog, self.total_task, self.parts = prog, total_task, {}
+
+    def __call__(self, done: int, total: int) -> None:
+        self.prog.update(self.total_task, completed=done, total=total)
+
+    def part(self, name: str, done: int, total: int | None = None, note: str = "") -> None:
+        if name not in self.parts:
+            self.parts[name] = self.prog.add_task(f"  {name}", total=total)
+        self.prog.update(self.parts[name], completed=done, total=total,
+                         description=f"  {name}{(' ' + note) if note else ''}")
+
+
+@contextmanager
+def parts_progress(label: str, quiet: bool = False) -> Iterator[PartsProgress | None]:
+    """A total bar with one line per part below it (distributed work); None when quiet."""
+    if not enabled(quiet):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+    with prog:
+        yield PartsProgress(prog, prog.add_task(label, total=None))

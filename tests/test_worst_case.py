@@ -338,11 +338,15 @@ def test_8bit_layers_at_the_int32_limit_run_exact_and_one_more_term_is_refused(k
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 2])
 def test_sub_byte_weights_at_the_int32_limit_and_past_it(bits, tmp_path):
-    term = (2 ** (bits - 1) - 1) * 255
+    # The DSP kernels sum w * 2**(8-bits) (weights unpacked into the high bits of SIMD lanes), so a
+    # packed layer's int32 limit is 2**(8-bits) times lower than its plain accumulator's.
+    term = ((2 ** (bits - 1) - 1) * 255) << (8 - bits)
     k = arith.INT32_MAX // term
     g = quantized(str(limit_dense(tmp_path, k, "at")), calib_01((1, k), 2), bits)
     _at_limit_checks(g, k)
-    _refused(limit_dense(tmp_path, k + 1, "over"), calib_01((1, k + 1), 2), bits, (k + 1) * term)
+    with pytest.raises(UnsupportedModelError, match=rf"^\w+ \(limit_\w+\): the {bits}-bit SIMD kernel's scaled "
+                                                    rf"int32 sum could overflow \(bound {(k + 1) * term} > 2\^31-1\)"):
+        quantized(str(limit_dense(tmp_path, k + 1, "over")), calib_01((1, k + 1), 2), bits)
 
 
 def test_overflowing_model_is_refused_by_the_cli_in_one_line(tmp_path):

@@ -52,7 +52,7 @@ def check_samples(graph: Graph, x: np.ndarray, source: str) -> np.ndarray:
 
 
 class _Stats:
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator | None) -> None:
         self.lo, self.hi = np.inf, -np.inf
         self.samples: list[np.ndarray] = []
         self.kept = 0
@@ -92,27 +92,87 @@ def _mse_range(vals: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     return best
 
 
+def _observe(graph: Graph, x: np.ndarray, first_batch: int, n_total: int, method: str,
+             batch_size: int, progress=None, offset: int = 0) -> dict[str, _Stats]:
+    """Statistics of ``x`` (whole batches of the full loop, starting at batch ``first_batch``).
+
+    Each batch draws its subsamples from its own generator seeded by the batch index, so the
+    statistics of a shard do not depend on which shards ran before it: merged in batch order
+    (``_merge``) they equal those of one pass over all samples, whichever machine ran each shard."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        # one BLAS thread: a multi-threaded GEMM may sum in another order and move the float ranges
+        # by an ulp, so the result would depend on the machine's (or the Ray worker's) thread count
+        stats = _observe_batches(graph, x, first_batch, n_total, method, batch_size, progress, offset)
+    if method == "minmax":  # only lo/hi are used: do not ship the (tiny) samples around
+        for s in stats.values():
+            s.samples = []
+    return stats
+
+
+def _observe_batches(graph: Graph, x: np.ndarray, first_batch: int, n_total: int, method: str,
+                     batch_size: int, progress, offset: int) -> dict[str, _Stats]:
+    stats: dict[str, _Stats] = {}
+    name = graph.inputs[0]
+    n = len(x)
+    for i, start in enumerate(range(0, n, batch_size)):
+        rng = np.random.default_rng([0, first_batch + i])
+
+        def observe(tname: str, v: np.ndarray, rng=rng) -> None:
+            per_sample = max(1, v.size // max(1, v.shape[0]))
+            frac = min(1.0, SAMPLES_PER_TENSOR / (per_sample * n_total))
+            s = stats.setdefault(tname, _Stats(rng))
+            s.rng = rng
+            s.add(v, frac if method != "minmax" else 0.0)
+
+        run_float(graph, {name: to_physical(graph, name, x[start:start + batch_size])}, observe=observe)
+        if progress is not None:
+            progress(offset + min(n, start + batch_size), n_total)
+    return stats
+
+
+def _merge(parts: list[dict[str, _Stats]]) -> dict[str, _Stats]:
+    """Shard statistics merged in shard order: min of mins, max of maxes, samples concatenated."""
+    out: dict[str, _Stats] = {}
+    for part in parts:
+        for t, s in part.items():
+            m = out.setdefault(t, _Stats(None))
+            m.lo, m.hi = min(m.lo, s.lo), max(m.hi, s.hi)
+            m.samples.extend(s.samples)
+    return out
+
+
+def _observe_shard(graph: Graph, x: np.ndarray, start: int, batch_size: int, n_total: int,
+                   method: str) -> dict[str, _Stats]:
+    stats = _observe(graph, x, start // batch_size, n_total, method, batch_size)
+    for s in stats.values():
+        s.rng = None  # a Generator need not travel back
+    return stats
+
+
 def calibrate(graph: Graph, samples: np.ndarray, method: str = "minmax", percentile: float = 99.99,
-              batch_size: int = 64, progress=None, source: str = "calibration data") -> Graph:
-    """Run the float graph on ``samples`` (model layout) and record every tensor's range."""
+              batch_size: int = 64, progress=None, source: str = "calibration data",
+              cluster: str | None = None, shard: int | None = None) -> Graph:
+    """Run the float graph on ``samples`` (model layout) and record every tensor's range.
+
+    ``cluster`` (``hilc[ray]``): run shards of ``shard`` samples (a multiple of ``batch_size``) as
+    Ray tasks; the ranges are identical to a single-process run."""
     if method not in METHODS:
         raise HilcError(f"unknown calibration method '{method}' (choose from {', '.join(METHODS)})")
     x = check_samples(graph, samples, source)
     g = graph.copy()
-    rng = np.random.default_rng(0)
-    stats: dict[str, _Stats] = {}
     n = len(x)
-    name = g.inputs[0]
+    if cluster is None:
+        stats = _observe(g, x, 0, n, method, batch_size, progress)
+    else:
+        from hilc.distributed import map_shards, shard_bounds
 
-    def observe(tname: str, v: np.ndarray) -> None:
-        per_sample = max(1, v.size // max(1, v.shape[0]))
-        frac = min(1.0, SAMPLES_PER_TENSOR / (per_sample * n))
-        stats.setdefault(tname, _Stats(rng)).add(v, frac if method != "minmax" else 0.0)
-
-    for start in range(0, n, batch_size):
-        run_float(g, {name: to_physical(g, name, x[start:start + batch_size])}, observe=observe)
-        if progress is not None:
-            progress(min(n, start + batch_size), n)
+        # whole batches per shard: the float run of a batch is then the same computation everywhere
+        shard = max(1, (shard or 2 * batch_size) // batch_size) * batch_size
+        parts = map_shards(_observe_shard, g, x, shard_bounds(n, shard), cluster, progress,
+                           extra=(batch_size, n, method))
+        stats = _merge(parts)
     g.meta["calibration"] = {t: [float(v) for v in s.range(method, percentile)] for t, s in stats.items()}
     g.meta["calibration_method"] = {"method": method, "samples": int(n),
                                     **({"percentile": percentile} if method == "percentile" else {})}

@@ -367,8 +367,23 @@ def _outputs(graph: Graph, qx_float: np.ndarray) -> np.ndarray:
     return dequantize_host(y, qo.scale, qo.zero_point).astype(np.float64)
 
 
+def _candidate_mse(graph: Graph, x: np.ndarray, ref: np.ndarray, scale: float, kind: str, name: str,
+                   bits: int) -> float:
+    """The output perturbation with one layer's weights ("w") or one activation ("a") lowered."""
+    from hilc.compiler.quantize import quantize
+
+    g = assign_bitwidths(graph, {name: bits}) if kind == "w" else assign_bitwidths(graph, None, {name: bits})
+    return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
+
+
+def _sensitivity_shard(shared: tuple, cands: list, start: int) -> list[float]:
+    graph, x, ref, scale = shared
+    return [_candidate_mse(graph, x, ref, scale, *c) for c in cands]
+
+
 def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | None = None,
-                        max_samples: int = 128, extended: bool = False) -> dict[str, Any]:
+                        max_samples: int = 128, extended: bool = False,
+                        cluster: str | None = None) -> dict[str, Any]:
     """Perturbation of the output for each (layer, weight width) and (activation, width) lowered
     alone: ``{"weights": {layer: {bits: mse}}, "acts": {root: {bits: mse}}, "baseline": ...}``.
 
@@ -399,13 +414,21 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     def mse(g: Graph) -> float:
         return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
 
+    # activations: one candidate each (Ray tasks with a cluster); weights after PTQ, below
+    cands = [("a", r, b) for r in space.roots for b in space.abits if b != 8]
+    if cluster is not None:  # hilc[ray]: one Ray task per candidate, the graph and inputs shipped once
+        from hilc.distributed import map_shards, shard_bounds
+
+        parts = map_shards(_sensitivity_shard, (graph, x, ref, scale), cands, shard_bounds(len(cands), 1), cluster)
+        measured = dict(zip(cands, [v for part in parts for v in part], strict=True))
+    else:
+        measured = {c: _candidate_mse(graph, x, ref, scale, *c) for c in cands}
     # each sub-byte width: every layer's learned rounding, fitted as if it alone were lowered, so
     # the ILP sees the cost after the PTQ that ``ptq_lowered`` applies to the allocation
     fitted = {b: isolated_ptq(graph, x, b) for b in space.wbits if b < 8}
     weights = {la.name: {str(b): (0.0 if b == 8 else mse(with_layer(graph, fitted[b], la.name)))
                          for b in space.wbits} for la in space.layers}
-    acts = {r: {str(b): (0.0 if b == 8 else mse(assign_bitwidths(graph, None, {r: b}))) for b in space.abits}
-            for r in space.roots}
+    acts = {r: {str(b): (0.0 if b == 8 else measured[("a", r, b)]) for b in space.abits} for r in space.roots}
     data = {"key": key, "samples": int(len(x)), "metric": "mean squared output change / mean squared output",
             "weights": weights, "acts": acts, "seconds": round(time.perf_counter() - t0, 3), "cached": False,
             "prepared": {k: graph.meta[k] for k in ("subbyte_ranges", "input_means")}}
@@ -758,7 +781,8 @@ def with_layer(graph: Graph, fitted: Graph, name: str) -> Graph:
 def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "int8",
                     budgets: Budgets | None = None, weight_bits: dict[str, int] | None = None,
                     act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
-                    board: str | None = None, extended: bool = False) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    board: str | None = None, extended: bool = False,
+                    cluster: str | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write."""
     budgets = budgets or Budgets()
@@ -784,7 +808,7 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     from hilc.compiler.costmodel import load_cost_model
 
     t0 = time.perf_counter()
-    sens = measure_sensitivity(graph, samples, cache, extended=extended)
+    sens = measure_sensitivity(graph, samples, cache, extended=extended, cluster=cluster)
     graph = with_prepared(graph, sens["prepared"])
     try:
         cost = load_cost_model(board)

@@ -49,8 +49,9 @@ the node order that only the split tensor leaves.
 
 In-place depthwise: after the stage, a depthwise conv whose output has its input's shape writes
 over its input channel by channel through a one-channel plane (``hilc_dwconv_inplace_s8``,
-portable C), which MCUNetV2 also uses. Not done: reordering operators to lower the peak (the
-planner keeps the node order it is given).
+portable C), which MCUNetV2 also uses. Operator order: the pipeline runs the whole graph in its
+memory order first (``hilc.compiler.schedule``), and each packed candidate tries the memory order
+of its layer-by-layer rest as well (``reorder``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import numpy as np
 from hilc.compiler.ir import Graph, Node, Tensor
 from hilc.compiler.memory import _DTYPE_BYTES, MemoryPlan, plan_memory, tensor_bytes
 from hilc.compiler.ops import OPS
+from hilc.compiler.schedule import apply_order, search_order
 from hilc.errors import HilcError
 
 WINDOWED = {"conv2d", "maxpool"}
@@ -361,6 +363,8 @@ class Candidate:
     macs: int
     lower_bound: int  # arena lower bound + I/O + scratch: no packing can go below it
     peak: int | None = None  # full plan (arena + I/O + scratch) once packed
+    order: list[int] | None = None  # node order whose plan has ``peak`` (None: the graph's own)
+    peak_given_order: int | None = None  # ``peak`` with the graph's own order of the layer-by-layer rest
 
 
 def _layer_macs(graph: Graph) -> list[int]:
@@ -463,13 +467,17 @@ def _resolve_split(graph: Graph, split: str, valid: list[int]) -> int:
     raise HilcError(f"--patch: no node or tensor named '{split}'")
 
 
-def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) -> Graph:
+def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, reorder: bool = True) -> Graph:
     """The scheduling pass: returns a copy of the graph with ``meta["patch"]`` set (or unchanged
     for ``off``, and for ``auto`` when layer by layer already fits ``budget``).
 
     ``auto`` picks, among every valid split point and grid (2..8), the schedule whose full static
     plan fits ``budget`` with the fewest MACs (ties: the lower peak); without a budget it takes the
     lowest peak. If nothing fits, the error names the smallest peak hilc can reach.
+
+    With ``reorder`` every packed candidate also tries the memory order of the layer-by-layer rest
+    (``hilc.compiler.schedule``: which tensors wait beside the whole split tensor) and keeps the
+    better; the returned graph runs in the chosen order (the stage stays the prefix).
     """
     kind, split, n = parse_mode(mode)
     if kind == "off":
@@ -487,7 +495,7 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) ->
             raise HilcError(f"--patch: a {n}x{n} grid does not fit the {h}x{w} split tensor "
                             f"'{graph.nodes[k].outputs[0]}'")
         best = build_candidate(graph, k, n, layer_macs)
-        best.peak = _full_peak(graph, best, scratch)
+        best.peak = _full_peak(graph, best, scratch, reorder)
     else:
         if budget is not None and lw_peak <= budget:
             return graph
@@ -504,7 +512,7 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) ->
             for c in sorted(cands, key=lambda c: (c.macs, c.lower_bound)):
                 if c.lower_bound > budget:
                     continue
-                c.peak = _full_peak(graph, c, scratch)
+                c.peak = _full_peak(graph, c, scratch, reorder)
                 if c.peak <= budget:
                     best = c
                     break
@@ -515,7 +523,7 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) ->
             for c in sorted(cands, key=lambda c: (c.lower_bound, c.macs)):
                 if low is not None and c.lower_bound >= low.peak:
                     break
-                c.peak = _full_peak(graph, c, scratch)
+                c.peak = _full_peak(graph, c, scratch, reorder)
                 if low is None or (c.peak, c.macs) < (low.peak, low.macs):
                     low = c
             assert low is not None
@@ -525,8 +533,12 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) ->
                                 f"can reach is {smallest} bytes (layer by layer: {lw_peak}; "
                                 f"split after {low.plan['split_node']} with {low.n}x{low.n} patches)")
             best = low
-    g = graph.copy()
+    g = graph.copy() if best.order is None else apply_order(graph, best.order)
     p = best.plan
+    p["stage"] = [nd.name for nd in g.nodes[: best.k + 1]]
+    if reorder:
+        p["peak_sram_bytes_import_order"] = _import_order_peak(graph, best, scratch)
+        p["peak_sram_bytes_given_order"] = best.peak_given_order
     p.update(macs=best.macs, macs_layerwise=macs_lw, mac_overhead=round(best.macs / macs_lw - 1, 6),
              peak_sram_bytes=best.peak, peak_sram_bytes_layerwise=lw_peak,
              peak_sram_bytes_layerwise_inplace_dw=plan_memory(graph, inplace_depthwise=True).peak_sram_bytes + scratch,
@@ -538,8 +550,34 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None) ->
     return g
 
 
-def _full_peak(graph: Graph, c: Candidate, scratch: int) -> int:
-    return plan_patch_memory(graph, c.plan).peak_sram_bytes + scratch
+def _full_peak(graph: Graph, c: Candidate, scratch: int, reorder: bool = False) -> int:
+    """The candidate's full plan; with ``reorder`` also with the memory order of the nodes after
+    the split (``c.order`` keeps that order when it packs strictly better)."""
+    base = plan_patch_memory(graph, c.plan)
+    c.peak_given_order = base.peak_sram_bytes + scratch
+    if not reorder or c.k + 1 >= len(graph.nodes):
+        return c.peak_given_order
+    found = search_order(graph, start=c.k + 1)
+    if found.order == list(range(len(graph.nodes))):
+        return c.peak_given_order
+    plan = plan_patch_memory(apply_order(graph, found.order), c.plan)
+    if (plan.lower_bound, plan.arena_bytes) < (base.lower_bound, base.arena_bytes):
+        c.order = found.order
+        return plan.peak_sram_bytes + scratch
+    return c.peak_given_order
+
+
+def _import_order_peak(graph: Graph, c: Candidate, scratch: int) -> int:
+    """The chosen schedule's peak had the nodes after the split run in the ONNX file's order."""
+    names = graph.meta.get("schedule", {}).get("import_order")
+    if not names:
+        return c.peak_given_order if c.peak_given_order is not None else c.peak
+    rank = {n: i for i, n in enumerate(names)}
+    k = c.k
+    rest = sorted(range(k + 1, len(graph.nodes)), key=lambda i: rank.get(graph.nodes[i].name, i))
+    order = list(range(k + 1)) + rest
+    g = graph if order == list(range(len(graph.nodes))) else apply_order(graph, order)
+    return plan_patch_memory(g, c.plan).peak_sram_bytes + scratch
 
 
 def report_fields(graph: Graph) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   input_range: tuple[float, float] | None = None, precision: str = "int8",
                   budgets: Any = None, weight_bits: dict[str, int] | None = None,
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
-                  extended_bits: bool = False) -> CompileResult:
+                  extended_bits: bool = False, cluster: str | None = None,
+                  fpga_error_ratio: float = 1.0, order: str = "memory") -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -59,7 +60,16 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     "bias-correct", "adaround", "all", "none"; default "auto" = all when some weights are below
     8 bits), AdaRound sharing ``ptq_budget`` seconds. ``graph_hook`` edits the float graph after
     the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
-    calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm)."""
+    calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm).
+    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster.
+    ``order``: "memory" runs the nodes in the order that lowers peak SRAM (hilc/compiler/schedule.py),
+    "import" keeps the ONNX file's order."""
+    if order not in ("memory", "import"):
+        raise HilcError(f"--order: expected memory or import, got '{order}'")
+    if cluster is not None:  # a missing extra fails before any work
+        from hilc.distributed import require_ray
+
+        require_ray()
     board_obj = None
     fpga_board = None
     if target == "hls":  # an FPGA board: checked here, before any work
@@ -113,18 +123,25 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if samples is not None:
         if calib is None:
             source = "synthesised inputs"
-        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source)
+        g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source, cluster=cluster)
         if calib is None:
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
     mixed_info, files = {}, {}
-    if precision != "int8" or budgets is not None or weight_bits or act_bits:
+    fpga_info = None
+    if precision == "auto-fpga":  # per layer integer or minifloat, by the FPGA cost model
+        from hilc.targets.hls.cost import auto_fpga
+
+        g, fpga_info = auto_fpga(g, samples, fpga_error_ratio)
+    elif precision != "int8" or budgets is not None or weight_bits or act_bits:
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
-                                               sensitivity_cache, board, extended_bits)
+                                               sensitivity_cache, board, extended_bits, cluster=cluster)
     q = quantize(g)
+    if fpga_info is not None:
+        q.meta["precision"] = "auto-fpga"
     if mixed_info:
         from hilc.compiler.mixed import pack_subbyte_activations
 
@@ -133,6 +150,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         q.meta["precision"] = "mixed"
     if "quantize" in (dump_after or []):
         dumps["quantize"] = q.summary()
+    if order == "memory" and target != "hls":  # operator order for peak SRAM (the HLS design streams)
+        from hilc.compiler.schedule import reorder_for_memory
+
+        q = reorder_for_memory(q)
     extra: dict[str, Any] = {}
     budget = sram_bytes if sram_bytes is not None else (board_obj.ram_bytes if board_obj is not None else None)
     if patch != "off":
@@ -142,7 +163,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         if sram_bytes is None and board_obj is not None:  # the firmware's stack and frames share the SRAM
             patch_budget = budget - firmware_ram_reserve(q)
             extra["firmware_ram_reserve_bytes"] = budget - patch_budget
-        q = plan_patches(q, patch, patch_budget)
+        q = plan_patches(q, patch, patch_budget, reorder=order == "memory")
         if "plan_patches" in (dump_after or []):
             dumps["plan_patches"] = q.summary() + "\n" + _patch_summary(q)
         extra.update(report_fields(q))
@@ -179,6 +200,12 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                      constants_flash_bytes=c_model.const_bytes,
                      memory=[{"tensor": t, "offset": off, "bytes": arena_tensor_bytes(q, t)}
                              for t, off in sorted(plan.offsets.items(), key=lambda kv: kv[1])])
+        if "schedule" in q.meta:  # what the operator order saved (schedule.py)
+            from hilc.compiler.schedule import import_order_peak
+
+            extra["peak_sram_bytes_import_order"] = import_order_peak(q, plan, c_model.scratch_bytes)
+    if "schedule" in q.meta:
+        extra["schedule"] = q.meta["schedule"]
     extra["ptq"] = ptq_report
     hls_design = None
     if target == "hls":
@@ -197,6 +224,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     extra["model_hash"] = f"{q.content_hash():016x}"
     if mixed_info:
         extra["mixed_precision"] = mixed_info
+    if fpga_info is not None:  # --precision auto-fpga: the per-layer integer/minifloat choice
+        extra["fpga_precision"] = fpga_info
     report = build_report(q, str(model), target, extra)
     return CompileResult(q, report, dumps, c_model, cpu, board_obj, hls_design, files)
 

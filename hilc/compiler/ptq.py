@@ -200,7 +200,18 @@ def _weights_by_group(graph: Graph, node: Node, w: np.ndarray) -> list[np.ndarra
 
 
 def _grid(node: Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The weight grid ``quantize`` will use: (per-channel scale, integer weights nearest, qmax)."""
+    """The weight grid ``quantize`` will use: (per-channel scale, integer weights nearest, qmax).
+    A minifloat layer (``attrs['format']``): the decoded grid values instead of integers."""
+    if node.attrs.get("format"):
+        from hilc.compiler import minifloat as mf
+
+        fmt = mf.parse(node.attrs["format"])
+        preset = node.attrs.get("w_scale")
+        if preset is not None and node.attrs.get("w_scale_bits") == fmt.name:
+            s = np.asarray(preset, np.float64)
+        else:
+            _, s = mf.quantize_weights(fmt, w)
+        return s, mf.grid_values(fmt, w, s), fmt.max_value
     bits = node.attrs.get("weight_bits", 8)
     qmax = 2 ** (bits - 1) - 1
     preset = node.attrs.get("w_scale")
@@ -229,7 +240,7 @@ def _pin(graph: Graph, node: Node, q: np.ndarray, s: np.ndarray, bias: np.ndarra
     graph.constants[node.params["weight"]] = (q * s.reshape(shape)).astype(np.float32)
     graph.constants[node.params["bias"]] = bias.astype(np.float32)
     node.attrs["w_scale"] = [float(v) for v in s]
-    node.attrs["w_scale_bits"] = node.attrs.get("weight_bits", 8)
+    node.attrs["w_scale_bits"] = node.attrs.get("format") or node.attrs.get("weight_bits", 8)
 
 
 def _walk(reference: Graph, current: Graph, x: np.ndarray,
@@ -305,7 +316,7 @@ def _h(v: np.ndarray) -> np.ndarray:
 
 def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.ndarray, s: np.ndarray,
                     qmax: int, seconds: float | None, iters: int = 2000, lam: float = 0.01,
-                    min_iters: int = 200) -> np.ndarray:
+                    min_iters: int = 200, grid: np.ndarray | None = None) -> np.ndarray:
     """Integer weights [O, K] near ``t`` (weights over their scale, within +-qmax), each rounded
     up or down to minimise sum_o (w_o G w_o - 2 w_o c_o) with w = s * q.
 
@@ -314,9 +325,15 @@ def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.
     ``min_iters``), so the regulariser's annealing always runs to its end; ``seconds=None``
     runs exactly ``iters`` steps (the same inputs give the same integers, however busy the
     machine)."""
-    floor = np.floor(t)
-    can_up = floor + 1 <= qmax
-    rest = np.clip(t - floor, 1e-4, 1 - 1e-4)
+    if grid is None:  # integers: the grid step is 1
+        floor = np.floor(t)
+        can_up = floor + 1 <= qmax
+        step = 1.0
+    else:  # a minifloat grid (sorted values): round between the neighbouring grid points
+        lo = np.clip(np.searchsorted(grid, t, side="right") - 1, 0, len(grid) - 2)
+        floor, step = grid[lo], grid[lo + 1] - grid[lo]
+        can_up = np.ones(t.shape, bool)
+    rest = np.clip((t - floor) / step, 1e-4, 1 - 1e-4)
     v = -np.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1.0)  # h(v) = rest
     m1, m2 = np.zeros_like(v), np.zeros_like(v)
     lr, b1, b2 = 0.05, 0.9, 0.999
@@ -332,8 +349,8 @@ def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.
             warm = iters // 5
         sig = 1.0 / (1.0 + np.exp(-v))
         hv = np.clip(sig * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0) * can_up
-        wt = s[:, None] * (floor + hv)
-        g_h = 2.0 * norm * (wt @ gram - cross.T) * s[:, None]  # d rec / d h
+        wt = s[:, None] * (floor + hv * step)
+        g_h = 2.0 * norm * (wt @ gram - cross.T) * s[:, None] * step  # d rec / d h
         if it >= warm:
             beta = 20.0 + (2.0 - 20.0) * (it - warm) / max(1, iters - warm)
             d = 2.0 * hv - 1.0
@@ -344,16 +361,22 @@ def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.
         m2 = b2 * m2 + (1 - b2) * g_v * g_v
         v -= lr * (m1 / (1 - b1 ** (it + 1))) / (np.sqrt(m2 / (1 - b2 ** (it + 1))) + 1e-8)
         it += 1
-    return np.clip(floor + (_h(v) >= 0.5) * can_up, -qmax, qmax)
+    return np.clip(floor + (_h(v) >= 0.5) * can_up * step, -qmax, qmax)
 
 
-def _best_scales(gram: np.ndarray, w: np.ndarray, s_max: np.ndarray, qmax: int) -> np.ndarray:
+def _best_scales(gram: np.ndarray, w: np.ndarray, s_max: np.ndarray, qmax: int, fmt=None) -> np.ndarray:
     """Per output channel, the scale among shrinkings of max|w|/qmax whose nearest rounding
-    gives the least output error d^T G d (clipping a few large weights buys finer steps)."""
+    gives the least output error d^T G d (clipping a few large weights buys finer steps).
+    ``fmt``: a minifloat format (nearest rounding onto its grid instead of integers)."""
+    from hilc.compiler import minifloat as mf
+
     best, best_err = s_max.copy(), np.full(len(s_max), np.inf)
     for alpha in np.linspace(0.4, 1.0, 31):
         s = s_max * alpha
-        d = w - s[:, None] * np.clip(np.rint(w / s[:, None]), -qmax, qmax)
+        if fmt is None:
+            d = w - s[:, None] * np.clip(np.rint(w / s[:, None]), -qmax, qmax)
+        else:
+            d = w - s[:, None] * mf.quantize_values(fmt, w / s[:, None])
         err = ((d @ gram) * d).sum(axis=1)
         better = err < best_err
         best[better], best_err[better] = s[better], err[better]
@@ -412,14 +435,21 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
         share = max(0.0, end - time.perf_counter()) * costs[node.name] / remaining[0]
         remaining[0] -= costs[node.name]
         if adaround and (adaround_only is None or node.name in adaround_only):
+            fmt, grid, s_top = None, None, s
+            if node.attrs.get("format"):  # a minifloat grid: round between its neighbouring values
+                from hilc.compiler import minifloat as mf
+
+                fmt = mf.parse(node.attrs["format"])
+                grid = np.sort(mf.decode(fmt, fmt.valid_codes()))
+                s_top = np.maximum(np.abs(w.reshape(len(w), -1)).max(axis=1), 1e-30) / qmax
             q_groups, s_groups = [], []
             for gi, wg in enumerate(w_groups):
                 sl = slice(gi * og, (gi + 1) * og)
-                sg = _best_scales(gram[gi] / m, wg, s[sl], qmax)
+                sg = _best_scales(gram[gi] / m, wg, s_top[sl], qmax, fmt)
                 tg = np.clip(wg / sg[:, None], -qmax, qmax)
                 q_groups.append(_adaround_group(gram[gi] / m, cross[gi] / m, float(energy[sl].sum() / m), tg, sg,
                                                 qmax, None if budget_s is None else share / len(w_groups),
-                                                iters=iterations))
+                                                iters=iterations, grid=grid))
                 s_groups.append(sg)
             q = np.concatenate(q_groups, axis=0).reshape(w.shape)
             s = np.concatenate(s_groups)

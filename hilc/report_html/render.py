@@ -156,6 +156,35 @@ def _bits_plot(report: dict) -> str:
     return _png(fig)
 
 
+def _pareto_plot(cmp: dict) -> str:
+    """report.json's ``minifloat`` comparison (benchmarks/minifloat.py): accuracy vs the FPGA cost
+    model's LUT + 100 x DSP, one marker per variant kind, the Pareto front joined."""
+    import matplotlib.pyplot as plt
+
+    pts = cmp["points"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    styles = {"int": ("o", "#0969da", "integer"), "mf": ("s", "#bf8700", "minifloat weights"),
+              "mfxmf": ("^", "#cf222e", "minifloat x minifloat"), "mixed": ("*", "#1a7f37", "mixed (picker)")}
+    for kind, (marker, colour, label) in styles.items():
+        sel = [p for p in pts if p["kind"] == kind]
+        if sel:
+            ax.scatter([p["lut"] + 100 * p["dsp"] for p in sel], [p["accuracy"] for p in sel], marker=marker,
+                       color=colour, label=label, s=60 if kind == "mixed" else 36)
+            for p in sel:
+                ax.annotate(p["label"], (p["lut"] + 100 * p["dsp"], p["accuracy"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    front = sorted((p for p in pts if p["label"] in cmp.get("pareto", [])), key=lambda p: p["lut"] + 100 * p["dsp"])
+    if front:
+        ax.plot([p["lut"] + 100 * p["dsp"] for p in front], [p["accuracy"] for p in front], color="#57606a",
+                lw=1, ls="--", label="Pareto front")
+    ax.set_xlabel("cost: LUT + 100 x DSP (analytical model)")
+    ax.set_ylabel(cmp.get("metric", "accuracy"), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Accuracy vs FPGA cost: integer, minifloat, mixed")
+    return _png(fig)
+
+
 def _patch_rows(patch: Any) -> list[tuple[str, str]]:
     """The scalar fields of report.json's ``patch`` entry (per-patch windows stay in the JSON)."""
     if not isinstance(patch, dict):
@@ -253,6 +282,9 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
     if lat:
         plots.append(("latency", "Per-layer latency", _latency_plot(lat)))
     plots.append(("bits", "Bit-width map", _bits_plot(report)))
+    if report.get("minifloat", {}).get("points"):
+        plots.append(("pareto", "Accuracy vs FPGA cost (integer / minifloat / mixed)",
+                      _pareto_plot(report["minifloat"])))
     patch = report.get("patch")
     extra = []
     if "arena_bytes" in report:

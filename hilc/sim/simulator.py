@@ -129,7 +129,8 @@ def run_int_batched(graph: Graph, qx: np.ndarray, batch_size: int = 32, workers:
     return np.concatenate(parts, axis=0)
 
 
-def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 32, engine: str = "numpy") -> np.ndarray:
+def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 32, engine: str = "numpy",
+             workers: int | None = None) -> np.ndarray:
     """Run the integer graph on real inputs in the model's own layout; returns the first output,
     dequantized to float32 (or the raw integer tensor with ``raw``). ``engine``: "numpy" (the
     golden simulator) or "tvm" (the same integers from a TVM-built module, much faster)."""
@@ -146,7 +147,7 @@ def simulate(graph: Graph, x: np.ndarray, raw: bool = False, batch_size: int = 3
     if len(qx) == 0:
         raise HilcError("input array holds no samples")
     out_name = graph.outputs[0]
-    y = to_logical(graph, out_name, run_int_batched(graph, qx, batch_size, engine=engine))
+    y = to_logical(graph, out_name, run_int_batched(graph, qx, batch_size, workers=workers, engine=engine))
     if raw:
         return y
     qo = graph.tensors[out_name].quant

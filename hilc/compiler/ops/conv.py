@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from hilc.compiler import arith
+from hilc.compiler import arith, minifloat
 from hilc.compiler.ir import Graph, Node
 from hilc.compiler.ops.base import (
     Op,
@@ -125,8 +125,12 @@ class Conv2D(Op):
 
     def eval_int(self, node, graph, xs):
         a = node.attrs
-        w, offset = _prepared(node, graph)
         out_shape = graph.tensors[node.outputs[0]].shape
+        if a.get("format"):  # minifloat: exact products in fixed point (hilc.compiler.minifloat)
+            xa, wf = minifloat.layer_inputs(node, graph, xs[0])
+            acc = _conv(xa, wf, node, out_shape, 0, _ExactProduct(a["raw_bound"]), exact_dtype(a["raw_bound"]))
+            return [minifloat.requantize_layer(node, graph, acc)]
+        w, offset = _prepared(node, graph)
         acc = _conv(xs[0], w, node, out_shape, a["zp_in"], _ExactProduct(a["raw_bound"]),
                     exact_dtype(a["raw_bound"]))
         acc = acc + offset if acc.dtype == np.int64 else acc.astype(np.float64) + offset
@@ -136,6 +140,7 @@ class Conv2D(Op):
     def lower_tvm(self, node, graph, tb):
         """eval_int in TE: sum over raw x (borders hold zp_in) plus the per-channel constant
         ``bias - zp_in * sum(w)``, then the dyadic requantization."""
+        refuse_minifloat(node, "TVM")
         te = tb.te
         a = node.attrs
         _, _, _, c = graph.tensors[node.inputs[0]].shape
@@ -180,6 +185,7 @@ class Conv2D(Op):
         return x[1] * x[2]
 
     def lower_c(self, node, graph, em) -> str:
+        refuse_minifloat(node, "MCU C")
         a = node.attrs
         _, h, w, c = graph.tensors[node.inputs[0]].shape
         _, oh, ow, oc = graph.tensors[node.outputs[0]].shape
@@ -223,8 +229,18 @@ def linear_offset(node: Node, graph: Graph) -> np.ndarray:
     return graph.param(node, "bias").astype(np.int64) - node.attrs["zp_in"] * wsum
 
 
+def refuse_minifloat(node: Node, backend: str) -> None:
+    if node.attrs.get("format"):
+        raise UnsupportedModelError(
+            f"{node.name} ({node.onnx_name}): {node.attrs['format']} minifloat layer: the {backend} backend has no "
+            "minifloat kernels (use --target hls or the simulator)")
+
+
 def quantize_linear_layer(node: Node, graph: Graph) -> None:
     """Shared by conv2d and dense: per-channel int8 weights, int32 bias, dyadic requantization."""
+    if node.attrs.get("format"):
+        minifloat.quantize_layer(node, graph)
+        return
     qi, qo = in_quant(graph, node), out_quant(graph, node)
     w = graph.param(node, "weight").astype(np.float64)
     b = graph.param(node, "bias").astype(np.float64)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hilc.compiler import arith
+from hilc.compiler import arith, minifloat
 from hilc.compiler.ops.base import Op, apply_float_activation, exact_matmul, onnx_importer, register
-from hilc.compiler.ops.conv import _prepared, linear_offset, quantize_linear_layer
+from hilc.compiler.ops.conv import _prepared, linear_offset, quantize_linear_layer, refuse_minifloat
 
 
 @register
@@ -31,14 +31,19 @@ class Dense(Op):
 
     def eval_int(self, node, graph, xs):
         a = node.attrs
-        w, offset = _prepared(node, graph)
         x = xs[0]
+        if a.get("format"):  # minifloat: exact products in fixed point (hilc.compiler.minifloat)
+            xa, wf = minifloat.layer_inputs(node, graph, x)
+            acc = exact_matmul(xa.reshape(-1, x.shape[-1]), wf.T, a["raw_bound"]).reshape(*x.shape[:-1], wf.shape[0])
+            return [minifloat.requantize_layer(node, graph, acc)]
+        w, offset = _prepared(node, graph)
         acc = exact_matmul(x.reshape(-1, x.shape[-1]), w.T, a["raw_bound"]).reshape(*x.shape[:-1], w.shape[0])
         acc = acc + offset if acc.dtype == np.int64 else acc.astype(np.float64) + offset
         return [arith.requantize(acc, graph.param(node, "mult"), graph.param(node, "shift"), a["zp_out"],
                                  a["lo"], a["hi"], acc_bound=a["acc_bound"], scratch=True)]
 
     def lower_tvm(self, node, graph, tb):
+        refuse_minifloat(node, "TVM")
         te = tb.te
         a = node.attrs
         x = tb.input(node)
@@ -62,6 +67,7 @@ class Dense(Op):
         return rows * int(w.size)
 
     def lower_c(self, node, graph, em) -> str:
+        refuse_minifloat(node, "MCU C")
         a = node.attrs
         shape = graph.tensors[node.inputs[0]].shape
         w = graph.param(node, "weight")

@@ -90,7 +90,7 @@ def lower_conv2d(ctx, node: Node) -> dict:
     wb = int(a.get("weight_bits", 8))
     ab = _bits(g, node.inputs[0])
     wq = g.param(node, "weight").reshape(oc, kh * kw * cg)
-    return dict(
+    return _minifloat(ctx, node, dict(
         kind="conv2d", h=h, w=w, c=c, oh=oh, ow=ow, oc=oc, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
         pt=a["pads"][0], pl=a["pads"][1], groups=groups, cg=cg, og=og, span=span,
         row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
@@ -105,7 +105,7 @@ def lower_conv2d(ctx, node: Node) -> dict:
         pe_options=divisors(og), simd_options=divisors(cg), macs=oh * ow * oc * kh * kw * cg,
         doc=f"{node.name}: conv {kh}x{kw}/{sh}x{sw}, {c}->{oc} channels, {groups} group(s), "
             f"{h}x{w} -> {oh}x{ow}, weights {wb}-bit, activations {ab}-bit",
-    )
+    ), wq)
 
 
 @lowering("dense")
@@ -117,7 +117,7 @@ def lower_dense(ctx, node: Node) -> dict:
     wb = int(a.get("weight_bits", 8))
     ab = _bits(g, node.inputs[0])
     rows = int(np.prod(shape[1:-1], dtype=np.int64))
-    return dict(
+    return _minifloat(ctx, node, dict(
         kind="dense", rows=rows, k=k, o=o,
         weight=ctx.rom(f"{node.name}_weight", wq, f"ap_int<{wb}>"),
         bias=ctx.rom(f"{node.name}_bias", g.param(node, "bias"), "ap_int<32>"),
@@ -128,7 +128,36 @@ def lower_dense(ctx, node: Node) -> dict:
         diff_t=f"ap_int<{ab + 1}>", w_t=f"ap_int<{wb}>", weight_bits=wb, act_bits=ab,
         pe_options=divisors(o), simd_options=divisors(k), macs=rows * o * k,
         doc=f"{node.name}: dense {k}->{o} over {rows} row(s), weights {wb}-bit, activations {ab}-bit",
-    )
+    ), wq)
+
+
+def _minifloat(ctx, node: Node, cfg: dict, wq: np.ndarray) -> dict:
+    """A conv2d/dense with a minifloat ``format``: weight codes in ap_uint ROMs, the MAC of
+    hilc_hls.h (exponent add + significand product + shift; the input cast first when the layer
+    has an ``act_format``), a wide accumulator and its narrowed requantization."""
+    a = node.attrs
+    if not a.get("format"):
+        return cfg
+    from hilc.compiler import minifloat as mf
+
+    fmt, afmt = mf.layer_formats(node)
+    acc_bits = _acc_bits(a["acc_bound"])
+    if acc_bits > 63:
+        raise cannot(node, f"{fmt.name} accumulator of {acc_bits} bits (at most 63)")
+    wt = f"ap_uint<{fmt.bits}>"
+    ctx.roms = [r for r in ctx.roms if r["name"] not in (cfg["weight"], cfg["bias"])]  # the integer ones
+    if afmt is None:
+        mac = f"hilc_mfw_mul<{fmt.e}, {fmt.m}>(d, wv)"
+    else:
+        cast = f"hilc_mf_cast<{afmt.e}, {afmt.m}, {a['act_q']}, {afmt.max_mag}>(d)"
+        mac = f"hilc_mf_mul<{afmt.e}, {afmt.m}, {fmt.e}, {fmt.m}>({cast}, wv)"
+    cfg.update(weight=ctx.rom(f"{node.name}_weight", wq, wt), w_t=wt, mac=mac, requant="hilc_requant_wide",
+               bias=ctx.rom(f"{node.name}_bias", ctx.graph.param(node, "bias"), "ap_int<64>"),
+               acc_bits=acc_bits, acc_t=f"ap_int<{acc_bits}>", format=fmt.name,
+               act_format=afmt.name if afmt is not None else None,
+               doc=cfg["doc"] + f"; minifloat {fmt.name} weights"
+               + (f", {afmt.name} input cast (q={a['act_q']})" if afmt is not None else ""))
+    return cfg
 
 
 @lowering("maxpool", "avgpool")

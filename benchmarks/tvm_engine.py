@@ -3,7 +3,7 @@
 
 Prints a table and writes benchmarks/results/tvm.json. Run from the repository root:
 
-    python benchmarks/tvm.py
+    python benchmarks/tvm_engine.py
 """
 
 from __future__ import annotations

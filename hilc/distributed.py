@@ -1,0 +1,148 @@
+"""Scale-out on Ray (``hilc[ray]``): bulk work split into shards that run as Ray tasks.
+
+The integer (or float) graph and its constants go to Ray's object store once (``ray.put``); each
+shard gets a reference to it plus its own slice of the inputs. Shards are whole batches of the
+single-process loop and their results are merged in shard order, so every answer is identical to
+a run without ``--cluster`` (min/max merge by min/max, sampled values concatenate in batch order,
+bit-exact outputs concatenate in order).
+
+``cluster``: ``"local"`` starts a private Ray instance on this machine (loopback only, no
+dashboard); ``"auto"`` joins the cluster this machine belongs to (``ray start`` / RAY_ADDRESS);
+anything else is a cluster address (``HOST:PORT`` or ``ray://HOST:PORT``). When Ray is already
+initialised in this process (a test fixture, a notebook) that instance is used as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from hilc.errors import HilcError
+
+INSTALL = "pip install 'hilc[ray]'"
+SHARD_SAMPLES = 64  # default shard size: see benchmarks/ray_scaling.py for how it was chosen
+
+
+def require_ray() -> Any:
+    """The ray module, or a one-line error with the install command."""
+    try:
+        import ray
+    except ImportError:
+        raise HilcError(f"--cluster needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def connect(cluster: str) -> Any:
+    """Join (or start) the Ray cluster named by ``cluster``; returns the ray module."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                                  configure_logging=False)
+    if cluster == "local":
+        kwargs.update(address="local", _node_ip_address="127.0.0.1")
+    elif cluster == "auto":
+        kwargs.update(address="auto")
+    else:
+        _check_reachable(cluster)
+        kwargs.update(address=cluster)
+    try:
+        ray.init(**kwargs)
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError, grpc errors: all mean "not reachable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "this machine (no running cluster found; start one with 'ray start --head')" \
+            if cluster == "auto" else cluster
+        raise HilcError(f"cannot reach the Ray cluster at {where}: {first}") from None
+    return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connect first: Ray itself retries an unreachable GCS for minutes before failing."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise HilcError(f"--cluster {address!r}: expected auto, local or HOST:PORT (or ray://HOST:PORT)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise HilcError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def shard_bounds(n: int, shard: int) -> list[tuple[int, int]]:
+    if shard < 1:
+        raise HilcError(f"shard size {shard}: must be at least 1")
+    return [(s, min(n, s + shard)) for s in range(0, n, shard)]
+
+
+def map_shards(fn: Callable[..., Any], shared: Any, x: np.ndarray, bounds: Sequence[tuple[int, int]],
+               cluster: str, progress: Callable[[int, int], None] | None = None,
+               extra: tuple = (), num_cpus: float = 1) -> list[Any]:
+    """``[fn(shared, x[a:b], a, *extra) for a, b in bounds]`` as Ray tasks, results in shard order.
+
+    ``shared`` is put in the object store once; ``progress(done_samples, total)`` is called as
+    shards finish (in whatever order they finish)."""
+    ray = connect(cluster)
+    shared_ref = ray.put(shared)
+    task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    refs = [task.remote(shared_ref, x[a:b], a, *extra) for a, b in bounds]
+    size = {r: b - a for r, (a, b) in zip(refs, bounds, strict=True)}
+    total, done = int(sum(size.values())), 0
+    pending = list(refs)
+    part = getattr(progress, "part", None)  # a hilc.progress.PartsProgress also shows the shard count
+    if part is not None:
+        part("shards", 0, len(refs))
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done += size[ready[0]]
+        if progress is not None:
+            progress(done, total)
+        if part is not None:
+            part("shards", len(refs) - len(pending), len(refs), f"({len(pending)} running or queued)")
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as e:
+        raise HilcError(f"a shard failed on the Ray cluster: {str(e).strip().splitlines()[-1]}") from None
+
+
+# --- accuracy evaluation of a compiled model -------------------------------------------------------
+
+def _sim_shard(graph, x: np.ndarray, start: int, raw: bool, engine: str = "numpy") -> np.ndarray:
+    from hilc.sim.simulator import simulate
+
+    # one thread per task: Ray runs one task per CPU it was given, so more threads would oversubscribe
+    return simulate(graph, x, raw=raw, workers=1, engine=engine)
+
+
+def simulate_sharded(graph, x: np.ndarray, raw: bool = False, cluster: str | None = None,
+                     shard: int = SHARD_SAMPLES, progress: Callable[[int, int], None] | None = None,
+                     engine: str = "numpy") -> np.ndarray:
+    """The simulator's outputs for ``x`` (``engine`` numpy or tvm: the same integers); with
+    ``cluster`` run as Ray tasks of ``shard`` samples."""
+    from hilc.sim.simulator import simulate
+
+    if cluster is None:
+        return simulate(graph, x, raw=raw, engine=engine)
+    parts = map_shards(_sim_shard, graph, x, shard_bounds(len(x), shard), cluster, progress, extra=(raw, engine))
+    return np.concatenate(parts)
+
+
+def accuracy(y: np.ndarray, labels: np.ndarray | None = None, reference: np.ndarray | None = None) -> dict[str, Any]:
+    """Top-1 against labels and/or agreement with reference outputs (e.g. the float model's)."""
+    out: dict[str, Any] = {"samples": int(len(y))}
+    pred = y.reshape(len(y), -1).argmax(axis=1)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(y):
+            raise HilcError(f"labels: {len(labels)} labels for {len(y)} inputs")
+        out["top1"] = float(np.mean(pred == labels))
+    if reference is not None:
+        reference = np.asarray(reference)
+        if reference.shape != y.shape:
+            raise HilcError(f"reference: shape {list(reference.shape)}, the outputs have {list(y.shape)}")
+        out["top1_agreement"] = float(np.mean(pred == reference.reshape(len(y), -1).argmax(axis=1)))
+        out["max_abs_diff"] = float(np.max(np.abs(y.astype(np.float64) - reference)))
+    return out

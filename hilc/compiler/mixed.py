@@ -396,7 +396,7 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     from hilc.sim.simulator import to_physical
 
     x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:max_samples])
-    key = _key(graph, x, "extended" if extended else "")
+    key = _key(graph, x, ("extended" if extended else "") + f"ptq{SENSITIVITY_ITERATIONS}")
     if cache is not None and Path(cache).exists():
         try:
             data = json.loads(Path(cache).read_text())
@@ -411,8 +411,11 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     ref = _outputs(quantize(graph), x)
     scale = float(np.mean(ref**2)) or 1.0
 
-    cands = [("w", la.name, b) for la in space.layers for b in space.wbits if b != 8]
-    cands += [("a", r, b) for r in space.roots for b in space.abits if b != 8]
+    def mse(g: Graph) -> float:
+        return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
+
+    # activations: one candidate each (Ray tasks with a cluster); weights after PTQ, below
+    cands = [("a", r, b) for r in space.roots for b in space.abits if b != 8]
     if cluster is not None:  # hilc[ray]: one Ray task per candidate, the graph and inputs shipped once
         from hilc.distributed import map_shards, shard_bounds
 
@@ -420,8 +423,11 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
         measured = dict(zip(cands, [v for part in parts for v in part], strict=True))
     else:
         measured = {c: _candidate_mse(graph, x, ref, scale, *c) for c in cands}
-    weights = {la.name: {str(b): (0.0 if b == 8 else measured[("w", la.name, b)]) for b in space.wbits}
-               for la in space.layers}
+    # each sub-byte width: every layer's learned rounding, fitted as if it alone were lowered, so
+    # the ILP sees the cost after the PTQ that ``ptq_lowered`` applies to the allocation
+    fitted = {b: isolated_ptq(graph, x, b) for b in space.wbits if b < 8}
+    weights = {la.name: {str(b): (0.0 if b == 8 else mse(with_layer(graph, fitted[b], la.name)))
+                         for b in space.wbits} for la in space.layers}
     acts = {r: {str(b): (0.0 if b == 8 else measured[("a", r, b)]) for b in space.abits} for r in space.roots}
     data = {"key": key, "samples": int(len(x)), "metric": "mean squared output change / mean squared output",
             "weights": weights, "acts": acts, "seconds": round(time.perf_counter() - t0, 3), "cached": False,
@@ -691,6 +697,85 @@ def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None)
     return None if best_x is None else p.allocation(best_x, 0.0)
 
 
+# --- post-training quantization of the allocation -------------------------------------------
+
+ADAROUND_ITERATIONS = 2000  # a step count, not a time budget: the same inputs give the same model
+SENSITIVITY_ITERATIONS = 500  # per-layer sensitivity ranks widths; fewer steps do (search time)
+
+
+def ptq_lowered(reference: Graph, assigned: Graph, samples: np.ndarray, max_samples: int = 128,
+                iterations: int = ADAROUND_ITERATIONS) -> Graph:
+    """After the ILP: learned rounding (AdaRound, with its per-channel scale choice) for the
+    layers whose weights went below 8 bits, and bias correction for every layer, against the
+    calibrated float graph ``reference`` (``hilc.compiler.ptq.correct_layers``). Constants change,
+    never the arithmetic; with no lowered layer the graph is returned as it is."""
+    from hilc.compiler.ptq import correct_layers
+    from hilc.sim.simulator import to_physical
+
+    lowered = {n.name for n in assigned.nodes if n.op in LINEAR_OPS and n.attrs.get("weight_bits", 8) < 8}
+    if not lowered:
+        return assigned
+    g = assigned.copy()
+    for n, rn in zip(g.nodes, reference.nodes, strict=True):
+        if n.op in LINEAR_OPS and "bias" in rn.params:  # the data-driven correction replaces the mean-based one
+            n.params["bias"] = rn.params["bias"]
+    x = to_physical(reference, reference.inputs[0], np.asarray(samples, np.float32)[:max_samples])
+    g = correct_layers(reference, g, x, bias_correct=True, adaround=True, budget_s=None, iterations=iterations,
+                       adaround_only=lowered, act_quant=_fake_act_quant(g))
+    g.meta["ptq"] = ["bias-correct", "adaround"]
+    return g
+
+
+def _fake_act_quant(graph: Graph):
+    """Fake quantization of the sub-byte activations of ``graph`` (``meta['act_bits']``), on the
+    grid ``quantize`` will give them, for the PTQ walk; None when every activation is 8-bit."""
+    from hilc.compiler.arith import choose_qparams, qrange
+
+    grids = {}
+    for t, bits in graph.meta.get("act_bits", {}).items():
+        if bits < 8 and t in graph.meta.get("calibration", {}):
+            lo, hi = graph.meta.get("subbyte_ranges", {}).get(t, {}).get(str(bits), graph.meta["calibration"][t])
+            s, zp = choose_qparams(lo, hi, bits)
+            grids[t] = (s, zp, *qrange(bits))
+    if not grids:
+        return None
+
+    def fq(name: str, v: np.ndarray) -> np.ndarray:
+        if name not in grids:
+            return v
+        s, zp, qmin, qmax = grids[name]
+        return ((np.clip(np.rint(v / s) + zp, qmin, qmax) - zp) * s).astype(np.float32)
+
+    return fq
+
+
+def isolated_ptq(graph: Graph, x: np.ndarray, bits: int, iterations: int = SENSITIVITY_ITERATIONS) -> Graph:
+    """Every conv/dense at ``bits``-bit weights, each rounded by AdaRound and bias-corrected on
+    the float inputs it sees in ``graph`` (as if it alone were lowered): one walk for all layers."""
+    from hilc.compiler.ptq import correct_layers
+
+    g = graph.copy()
+    for n in g.nodes:
+        if n.op in LINEAR_OPS:
+            n.attrs["weight_bits"] = bits
+            n.attrs.pop("w_scale", None)
+    return correct_layers(graph, g, x, bias_correct=True, adaround=True, budget_s=None, iterations=iterations,
+                          isolated=True)
+
+
+def with_layer(graph: Graph, fitted: Graph, name: str) -> Graph:
+    """``graph`` with layer ``name``'s weights, bias, width and grid taken from ``fitted``."""
+    g = graph.copy()
+    node = next(n for n in g.nodes if n.name == name)
+    src = next(n for n in fitted.nodes if n.name == name)
+    for p in ("weight", "bias"):
+        node.params[p] = g.add_constant(f"{name}.{p}_ptq", fitted.param(src, p))
+    for a in ("weight_bits", "w_scale", "w_scale_bits"):
+        node.attrs[a] = src.attrs[a]
+    g.meta.setdefault("act_bits", {})
+    return g
+
+
 # --- the compile step --------------------------------------------------------------------------
 
 def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "int8",
@@ -737,11 +822,17 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     space.sram = sram_model(quantize(graph), space)
     alloc = allocate(space, sens, budgets, cost)
     g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+    t_ptq = time.perf_counter()
+    g = ptq_lowered(graph, g, samples, sens["samples"])
+    ptq_seconds = time.perf_counter() - t_ptq
     info = alloc.summary()
     info.update(search="hawq-v3 ilp (scipy.optimize.milp)", sensitivity_seconds=sens["seconds"],
                 sensitivity_cached=sens["cached"], search_seconds=round(time.perf_counter() - t0, 3),
                 latency_model=cost.board, candidates={"weights": list(space.wbits), "acts": list(space.abits)},
                 budgets={k: v for k, v in vars(budgets).items() if v is not None})
+    if g.meta.get("ptq"):
+        info["ptq"] = {"methods": g.meta["ptq"], "adaround_iterations": ADAROUND_ITERATIONS,
+                       "seconds": round(ptq_seconds, 3)}
     # measured effect: the same perturbation metric on the whole mixed graph
     from hilc.sim.simulator import to_physical
 

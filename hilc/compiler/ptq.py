@@ -244,10 +244,12 @@ def _pin(graph: Graph, node: Node, q: np.ndarray, s: np.ndarray, bias: np.ndarra
 
 
 def _walk(reference: Graph, current: Graph, x: np.ndarray,
-          at_linear: Callable[[Node, Node, np.ndarray, np.ndarray], None]) -> None:
+          at_linear: Callable[[Node, Node, np.ndarray, np.ndarray], None],
+          act_quant: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
     """Run two graphs of the same structure node by node on physical inputs x (in chunks of
     samples); before each conv/dense, ``at_linear(ref_node, cur_node, ref_input, cur_input)``
-    may change ``current``'s constants of that node, which the walk then uses."""
+    may change ``current``'s constants of that node, which the walk then uses. ``act_quant(name,
+    value)``, if given, replaces each of ``current``'s tensors (fake activation quantization)."""
     from hilc.compiler.ops import OPS
 
     last_use = {t: i for i, n in enumerate(current.nodes) for t in n.inputs}
@@ -260,6 +262,8 @@ def _walk(reference: Graph, current: Graph, x: np.ndarray,
             parts = [OPS[n.op].eval_float(n, g, [v[s:s + CHUNK] for v in xs]) for s in range(0, len(x), CHUNK)]
             for k, name in enumerate(n.outputs):
                 env[name] = np.concatenate([p[k] for p in parts]).astype(np.float32, copy=False)
+                if act_quant is not None and env is envs[1]:
+                    env[name] = act_quant(name, env[name])
             for t in n.inputs:
                 if last_use.get(t) == i and t not in current.outputs:
                     env.pop(t, None)
@@ -311,14 +315,16 @@ def _h(v: np.ndarray) -> np.ndarray:
 
 
 def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.ndarray, s: np.ndarray,
-                    qmax: int, seconds: float, iters: int = 2000, lam: float = 0.01,
+                    qmax: int, seconds: float | None, iters: int = 2000, lam: float = 0.01,
                     min_iters: int = 200, grid: np.ndarray | None = None) -> np.ndarray:
     """Integer weights [O, K] near ``t`` (weights over their scale, within +-qmax), each rounded
     up or down to minimise sum_o (w_o G w_o - 2 w_o c_o) with w = s * q.
 
     ``gram`` = X^T X / M [K, K], ``cross`` = X^T Y / M [K, O]; ``y_energy`` normalises the loss.
     The step count is fitted to ``seconds`` after timing the first steps (at least
-    ``min_iters``), so the regulariser's annealing always runs to its end."""
+    ``min_iters``), so the regulariser's annealing always runs to its end; ``seconds=None``
+    runs exactly ``iters`` steps (the same inputs give the same integers, however busy the
+    machine)."""
     if grid is None:  # integers: the grid step is 1
         floor = np.floor(t)
         can_up = floor + 1 <= qmax
@@ -337,7 +343,7 @@ def _adaround_group(gram: np.ndarray, cross: np.ndarray, y_energy: float, t: np.
     probe = 20
     it = 0
     while it < iters:
-        if it == probe:  # now we know the cost of a step: fit the schedule to the time given
+        if it == probe and seconds is not None:  # now we know the cost of a step: fit the schedule to the time given
             per_step = (time.perf_counter() - t0) / probe
             iters = int(min(iters, max(min_iters, seconds / max(per_step, 1e-9))))
             warm = iters // 5
@@ -379,12 +385,22 @@ def _best_scales(gram: np.ndarray, w: np.ndarray, s_max: np.ndarray, qmax: int, 
 
 @_single_blas
 def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: bool = True,
-                   adaround: bool = False, budget_s: float = 30.0, iterations: int = 2000) -> Graph:
+                   adaround: bool = False, budget_s: float | None = 30.0, iterations: int = 2000,
+                   adaround_only: set[str] | None = None, isolated: bool = False,
+                   act_quant: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Graph:
     """Layer by layer in order: round (nearest, or learned with ``adaround``, which also picks
     each channel's scale) and, with ``bias_correct``, set the bias that removes the mean output
     shift. Targets are the ``reference`` float graph's pre-activation outputs; inputs are what
     the layer sees in the graph as processed so far (earlier layers already on their grid), so
-    one walk through both graphs does it all. Per layer only K x K statistics are kept."""
+    one walk through both graphs does it all. Per layer only K x K statistics are kept.
+
+    ``budget_s=None``: every AdaRound runs ``iterations`` steps (deterministic; otherwise the
+    step counts are fitted to the time budget). ``adaround_only``: learned rounding for these
+    layers only (the others round to nearest, and are bias-corrected). ``isolated``: each layer
+    is fitted on the reference's inputs, as if it alone were quantized (what a per-layer
+    sensitivity measurement needs). ``act_quant``: fake activation quantization applied to the
+    processed graph's tensors during the walk (see ``_walk``), so rounding and bias absorb the
+    activation error too."""
     g = graph.copy()
     layers = linear_nodes(g)
     # the budget is shared in proportion to each layer's cost per Adam step: O * K^2 for the
@@ -392,7 +408,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     costs = {n.name: g.param(n, "weight").shape[0] * g.param(n, "weight")[0].size ** 2
              + STEP_OVERHEAD * n.attrs.get("group", 1) for n in layers}
     remaining = [float(sum(costs.values())) or 1.0]
-    end = time.perf_counter() + budget_s
+    end = time.perf_counter() + (budget_s or 0.0)
 
     def visit(rn: Node, node: Node, x_ref: np.ndarray, x_cur: np.ndarray) -> None:
         w = g.param(node, "weight").astype(np.float64)
@@ -408,7 +424,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
         for c in _chunks(len(x_ref)):
             # the target, less the bias as it stands (bias correction below takes what is left)
             y = _linear(reference, rn, x_ref[c:c + CHUNK]).astype(np.float64) - bias
-            for gi, r in enumerate(_rows(g, node, x_cur[c:c + CHUNK])):
+            for gi, r in enumerate(_rows(g, node, (x_ref if isolated else x_cur)[c:c + CHUNK])):
                 r = r.astype(np.float64)
                 gram[gi] += r.T @ r
                 cross[gi] += r.T @ y[:, gi * og:(gi + 1) * og]
@@ -418,7 +434,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             m += len(y)
         share = max(0.0, end - time.perf_counter()) * costs[node.name] / remaining[0]
         remaining[0] -= costs[node.name]
-        if adaround:
+        if adaround and (adaround_only is None or node.name in adaround_only):
             fmt, grid, s_top = None, None, s
             if node.attrs.get("format"):  # a minifloat grid: round between its neighbouring values
                 from hilc.compiler import minifloat as mf
@@ -432,7 +448,8 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
                 sg = _best_scales(gram[gi] / m, wg, s_top[sl], qmax, fmt)
                 tg = np.clip(wg / sg[:, None], -qmax, qmax)
                 q_groups.append(_adaround_group(gram[gi] / m, cross[gi] / m, float(energy[sl].sum() / m), tg, sg,
-                                                qmax, share / len(w_groups), iters=iterations, grid=grid))
+                                                qmax, None if budget_s is None else share / len(w_groups),
+                                                iters=iterations, grid=grid))
                 s_groups.append(sg)
             q = np.concatenate(q_groups, axis=0).reshape(w.shape)
             s = np.concatenate(s_groups)
@@ -443,7 +460,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             bias = bias + sum_y / m - mean_q
         _pin(g, node, q, s, bias)
 
-    _walk(reference, g, x.astype(np.float32), visit)
+    _walk(reference, g, x.astype(np.float32), visit, act_quant)
     return g
 
 

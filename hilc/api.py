@@ -114,14 +114,11 @@ def run(m: Compiled | str | Path, x: np.ndarray, board: str, check: bool = False
     """Run inputs on a board over the serial link (``hilc run``); QEMU boards are started here."""
     from hilc.hil.boards import load_board
     from hilc.hil.runner import run_command
-    from hilc.sim.simulator import check_shape
+    from hilc.sim.simulator import check_inputs
 
     c = _written(m, "run")
     b = load_board(board)
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
-    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    x = check_inputs(c.graph, x)
     with _progress(quiet, f"running on {b.name}") as update:
         y, bad = run_command(c.path, b, c.graph, x, check, port, raw, update)
     return RunResult(y, b.name, bad if check else None)
@@ -144,13 +141,10 @@ def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None 
     import time
 
     from hilc.distributed import SHARD_SAMPLES, accuracy, shard_bounds, simulate_sharded
-    from hilc.sim.simulator import check_shape
+    from hilc.sim.simulator import check_inputs
 
     c = _compiled(m)
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
-    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    x = check_inputs(c.graph, x)
     shard = shard or SHARD_SAMPLES
     t0 = time.perf_counter()
     from hilc.progress import parts_progress
@@ -173,14 +167,11 @@ def regress(m: Compiled | str | Path, x: np.ndarray, farm: str | Path, kind: str
     from hilc.distributed import require_ray
     from hilc.hil.farm import farm_command, simulator_raw
     from hilc.progress import parts_progress
-    from hilc.sim.simulator import check_shape
+    from hilc.sim.simulator import check_inputs
 
     require_ray()
     c = _written(m, "regress")
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
-    check_shape(c.graph, c.graph.inputs[0], x.shape)
+    x = check_inputs(c.graph, x)
     x = x.astype(np.float32)
     with parts_progress("running on the board farm", quiet) as update:
         y, res = farm_command(c.path, c.graph, x, farm, kind, cluster, chunk, update)

@@ -111,6 +111,18 @@ def _input_range(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _load_inputs(path: str, graph) -> np.ndarray:
+    """Float inputs from a .npy, checked against the model's input; errors name the file."""
+    from hilc.compiler.calibrate import load_samples
+    from hilc.sim.simulator import check_inputs
+
+    x = load_samples(path)  # its errors name the file already
+    try:
+        return check_inputs(graph, x)
+    except HilcError as e:
+        raise HilcError(f"{path}: {e}") from None
+
+
 def _parse_parallel(items: list[str]) -> dict[str, tuple[int, int]]:
     """--parallel LAYER=PExSIMD (repeatable) -> {layer: (pe, simd)}."""
     out = {}
@@ -218,7 +230,6 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hilc.compiler.calibrate import load_samples
     from hilc.hil.runner import run_command
 
     if getattr(args, "farm", None):
@@ -226,15 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.board:
         raise HilcError("run needs --board NAME (or --farm INVENTORY.toml)")
     board, graph = _board_and_graph(args)
-    x = load_samples(args.input)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
-    try:
-        from hilc.sim.simulator import check_shape
-
-        check_shape(graph, graph.inputs[0], x.shape)
-    except HilcError as e:
-        raise HilcError(f"{args.input}: {e}") from None
+    x = _load_inputs(args.input, graph)
     prog, update = _progress_factory(args.quiet)
     if prog is not None:
         with prog:
@@ -261,22 +264,14 @@ def cmd_regress(args: argparse.Namespace) -> int:
 def _farm_run(args: argparse.Namespace, check: bool) -> int:
     """``run --farm`` / ``regress``: inputs spread over the inventory's boards (Ray actors)."""
     from hilc.compiler.arith import dequantize_host
-    from hilc.compiler.calibrate import load_samples
     from hilc.compiler.pipeline import load_artifacts
     from hilc.distributed import require_ray
     from hilc.hil.farm import farm_command, simulator_raw
     from hilc.progress import parts_progress
-    from hilc.sim.simulator import check_shape
 
     require_ray()
     graph = load_artifacts(args.compiled)
-    x = load_samples(args.input)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise HilcError(f"{args.input}: dtype {x.dtype}, expected float32 in the model's input range")
-    try:
-        check_shape(graph, graph.inputs[0], x.shape)
-    except HilcError as e:
-        raise HilcError(f"{args.input}: {e}") from None
+    x = _load_inputs(args.input, graph)
     with parts_progress("running on the board farm", args.quiet) as update:
         y, res = farm_command(Path(args.compiled), graph, x.astype(np.float32), args.farm, args.kind,
                               args.cluster or "local", args.chunk, update)

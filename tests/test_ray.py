@@ -272,7 +272,9 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
     assert killed, "the emulator was not found to kill"
     assert rc == 0, text
     assert f"{len(x)}/{len(x)} outputs bit-exact with the simulator on 3 boards" in text
-    assert "BAD" in next(line for line in text.splitlines() if line.startswith("q-2"))
+    # The kill lands on a wall-clock delay, so on a fast run it may come after q-2's last answer;
+    # the killed-mid-run path itself is pinned down deterministically by the API run above.
+    # Either way: every input answered once, bit-exact.
     counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
     assert sum(counts) == len(x)
     assert np.array_equal(np.load(tmp_path / "y.npy"), sim)

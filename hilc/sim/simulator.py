@@ -89,6 +89,15 @@ def check_shape(graph: Graph, name: str, shape: tuple[int, ...]) -> None:
                         f"got {list(shape)}")
 
 
+def check_inputs(graph: Graph, x: np.ndarray) -> np.ndarray:
+    """A user's float input batch, checked against the model's first input (dtype and shape)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
+    check_shape(graph, graph.inputs[0], x.shape)
+    return x
+
+
 def to_logical(graph: Graph, name: str, y: np.ndarray) -> np.ndarray:
     t = graph.tensors[name]
     lay = t.layout or tuple(range(y.ndim))

@@ -95,13 +95,7 @@ def lower_conv2d(ctx, node: Node) -> dict:
         pt=a["pads"][0], pl=a["pads"][1], groups=groups, cg=cg, og=og, span=span,
         row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
         emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit),
-        weight=ctx.rom(f"{node.name}_weight", wq, f"ap_int<{wb}>"),
-        bias=ctx.rom(f"{node.name}_bias", g.param(node, "bias"), "ap_int<32>"),
-        mult=ctx.rom(f"{node.name}_mult", g.param(node, "mult"), "ap_uint<31>"),
-        shift=ctx.rom(f"{node.name}_shift", g.param(node, "shift"), "ap_uint<6>"),
-        zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
-        acc_bits=_acc_bits(a["acc_bound"]), acc_t=f"ap_int<{_acc_bits(a['acc_bound'])}>",
-        diff_t=f"ap_int<{ab + 1}>", w_t=f"ap_int<{wb}>", weight_bits=wb, act_bits=ab,
+        **_linear_fields(ctx, node, wq, wb, ab),
         pe_options=divisors(og), simd_options=divisors(cg), macs=oh * ow * oc * kh * kw * cg,
         doc=f"{node.name}: conv {kh}x{kw}/{sh}x{sw}, {c}->{oc} channels, {groups} group(s), "
             f"{h}x{w} -> {oh}x{ow}, weights {wb}-bit, activations {ab}-bit",
@@ -119,16 +113,26 @@ def lower_dense(ctx, node: Node) -> dict:
     rows = int(np.prod(shape[1:-1], dtype=np.int64))
     return _minifloat(ctx, node, dict(
         kind="dense", rows=rows, k=k, o=o,
+        **_linear_fields(ctx, node, wq, wb, ab),
+        pe_options=divisors(o), simd_options=divisors(k), macs=rows * o * k,
+        doc=f"{node.name}: dense {k}->{o} over {rows} row(s), weights {wb}-bit, activations {ab}-bit",
+    ), wq)
+
+
+def _linear_fields(ctx, node: Node, wq: np.ndarray, wb: int, ab: int) -> dict:
+    """What conv2d and dense share: the weight/bias/requantization ROMs, zero points, clamp and
+    the accumulator and operand types."""
+    g, a = ctx.graph, node.attrs
+    acc_bits = _acc_bits(a["acc_bound"])
+    return dict(
         weight=ctx.rom(f"{node.name}_weight", wq, f"ap_int<{wb}>"),
         bias=ctx.rom(f"{node.name}_bias", g.param(node, "bias"), "ap_int<32>"),
         mult=ctx.rom(f"{node.name}_mult", g.param(node, "mult"), "ap_uint<31>"),
         shift=ctx.rom(f"{node.name}_shift", g.param(node, "shift"), "ap_uint<6>"),
         zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
-        acc_bits=_acc_bits(a["acc_bound"]), acc_t=f"ap_int<{_acc_bits(a['acc_bound'])}>",
+        acc_bits=acc_bits, acc_t=f"ap_int<{acc_bits}>",
         diff_t=f"ap_int<{ab + 1}>", w_t=f"ap_int<{wb}>", weight_bits=wb, act_bits=ab,
-        pe_options=divisors(o), simd_options=divisors(k), macs=rows * o * k,
-        doc=f"{node.name}: dense {k}->{o} over {rows} row(s), weights {wb}-bit, activations {ab}-bit",
-    ), wq)
+    )
 
 
 def _minifloat(ctx, node: Node, cfg: dict, wq: np.ndarray) -> dict:

@@ -9,7 +9,9 @@ import random
 import socket
 import threading
 
-from hilc.hil.protocol import RESET, encode_frame
+import numpy as np
+
+from hilc.hil.protocol import RESET, LinkError, encode_frame
 
 
 class FaultProxy:
@@ -85,3 +87,20 @@ class FaultProxy:
     def close(self) -> None:
         self.stop.set()
         self.server.close()
+
+
+def run_samples(link, samples: np.ndarray, expected: np.ndarray, **run_kw) -> tuple[int, int]:
+    """Every sample through ``link``: (bit-exact answers, clear LinkErrors). A wrong answer fails
+    the calling test at once: through a faulty link the host may give up, never be wrong."""
+    from hilc.hil.runner import _run_one
+
+    correct = errors = 0
+    for i, sample in enumerate(samples):
+        try:
+            got = _run_one(link, sample, expected.shape[1], **run_kw)
+        except LinkError:
+            errors += 1
+            continue
+        assert np.array_equal(got, expected[i]), f"wrong result for sample {i}"
+        correct += 1
+    return correct, errors

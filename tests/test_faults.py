@@ -126,11 +126,11 @@ def test_fault_injection_with_resets_and_truncated_frames_never_yields_a_wrong_r
     reset behind the host's back after 4% of its frames: every sample ends in the exact output or
     a clear error, never a wrong output."""
     import serial
-    from faultproxy import FaultProxy
+    from faultproxy import FaultProxy, run_samples
 
-    from hilc.hil.protocol import Link, LinkError
+    from hilc.hil.protocol import Link
     from hilc.hil.qemu import QemuBoard
-    from hilc.hil.runner import _run_one, ensure_firmware
+    from hilc.hil.runner import ensure_firmware
 
     out, g, x, qx, expected = compiled
     board = load_board(BOARD)
@@ -141,15 +141,7 @@ def test_fault_injection_with_resets_and_truncated_frames_never_yields_a_wrong_r
         link = Link(serial.serial_for_url(f"socket://127.0.0.1:{proxy.port}", timeout=0.2), timeout=0.4,
                     retries=8)
         link.chunk = 32  # two input chunks per sample, so resets land between chunks too
-        correct = errors = 0
-        for i, sample in enumerate(qx):
-            try:
-                got = _run_one(link, sample, expected.shape[1], resets=6)
-            except LinkError:
-                errors += 1
-                continue
-            assert np.array_equal(got, expected[i]), f"wrong result for sample {i}"
-            correct += 1
+        correct, errors = run_samples(link, qx, expected, resets=6)
     finally:
         proxy.close()
         qemu.stop()

@@ -193,11 +193,11 @@ def test_two_boards_side_by_side(tmp_path, digits):
 def test_fault_injection_never_yields_a_wrong_result(tmp_path, digits):
     """1% of the bytes in both directions corrupted or dropped: every sample ends in the right
     output or a clear LinkError, never in a wrong output."""
-    from faultproxy import FaultProxy
+    from faultproxy import FaultProxy, run_samples
 
-    from hilc.hil.protocol import Link, LinkError
+    from hilc.hil.protocol import Link
     from hilc.hil.qemu import QemuBoard
-    from hilc.hil.runner import _run_one, ensure_firmware
+    from hilc.hil.runner import ensure_firmware
 
     board = load_board("qemu-mps2-an386")
     result = compile_model(DIGITS_CNN, digits["x_train"][:64], board=board.name)
@@ -216,15 +216,7 @@ def test_fault_injection_never_yields_a_wrong_result(tmp_path, digits):
     try:
         link = Link(serial.serial_for_url(f"socket://127.0.0.1:{proxy.port}", timeout=0.2), timeout=0.4,
                     retries=8)
-        correct = errors = 0
-        for i, sample in enumerate(qx.reshape(len(x), -1)):
-            try:
-                got = _run_one(link, sample, expected.shape[1])
-            except LinkError:
-                errors += 1
-                continue
-            assert np.array_equal(got, expected[i]), f"wrong result for sample {i}"
-            correct += 1
+        correct, errors = run_samples(link, qx.reshape(len(x), -1), expected)
     finally:
         proxy.close()
         qemu.stop()

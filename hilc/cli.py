@@ -96,7 +96,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     pp = {"patch_precision": args.patch_precision} if args.patch_precision != "off" else {}
     if args.precision == "int8" and not budgets.any():
         return pp
-    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp}
+    ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
+    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
 
 
 def _input_range(text: str | None) -> tuple[float, float] | None:
@@ -456,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
+    c.add_argument("--finetune-steps", type=int, metavar="N",
+                   help="with --precision mixed: N steps of quantization-aware fine-tuning by distillation from the "
+                        "float model on the calibration inputs (default 300 when some width is below 8; 0: off)")
     c.add_argument("--patch-precision", default="off", choices=["off", "value"],
                    help="value: QuantMCU patch-branch precision; patches without input outliers run the patch stage "
                         "at lower activation widths (value-driven search; needs a patch schedule and --calib)")

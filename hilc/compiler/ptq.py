@@ -489,7 +489,7 @@ def _conv_input_grad(node: Node, w: np.ndarray, dz: np.ndarray, in_shape: tuple[
     o, kh, kw, cg = w.shape
     cin = in_shape[3]
     og = o // g
-    full = np.zeros((o, kh, kw, cin), np.float32)  # grouped weights as one dense kernel
+    full = np.zeros((o, kh, kw, cin), dz.dtype)  # grouped weights as one dense kernel
     for i in range(g):
         full[i * og:(i + 1) * og, :, :, i * cg:(i + 1) * cg] = w[i * og:(i + 1) * og]
     n, oh, ow, _ = dz.shape
@@ -497,7 +497,7 @@ def _conv_input_grad(node: Node, w: np.ndarray, dz: np.ndarray, in_shape: tuple[
     t, l, b, r = a["pads"]
     sh, sw = a["strides"]
     dh, dw = a["dilations"]
-    dx = np.zeros((n, in_shape[1] + t + b, in_shape[2] + l + r, cin), np.float32)
+    dx = np.zeros((n, in_shape[1] + t + b, in_shape[2] + l + r, cin), dz.dtype)
     for i in range(kh):
         for j in range(kw):
             dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, :, :, i, j]

@@ -113,3 +113,19 @@ def test_finetune_off_and_unsupported_graphs_are_returned_as_they_are(chain):
     h.nodes[1].op = "maxpool"  # no backward for it here
     out, info = qat.finetune(h, h, x, steps=5)
     assert out is h and "maxpool" in info["skipped"]
+
+
+def test_fake_quantized_forward_tracks_the_integer_model(chain):
+    """The training model is the integer one up to rounding ties: weights, biases (on the
+    accumulator's grid) and activations (learned scales included) on the grids ``quantize``
+    gives them; the logits agree to within a fraction of the output's step on average."""
+    g, calib, x = chain
+    low = mixed.ptq_lowered(g, _lowered(g), calib, iterations=100)
+    tuned, _ = qat.finetune(g, low, x, steps=30, batch=16, act_lr=0.05)
+    root = mixed.analyse(g).roots[0]
+    assert tuned.meta["subbyte_ranges"][root]["4"] != low.meta["subbyte_ranges"][root]["4"]  # learned
+    for v in (low, tuned):
+        q = quantize(v)
+        fq = qat.forward(v, qat.init_params(v), x, qat.act_grids(v))[0]
+        step = q.tensors[q.outputs[0]].quant.scale
+        assert np.mean(np.abs(fq - mixed._outputs(q, x))) < 0.3 * step

@@ -836,7 +836,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         from hilc.sim.simulator import to_physical
 
         x_ft = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
-        g, ft_info = qat.finetune(graph, g, x_ft, qat.FINETUNE_STEPS if finetune_steps is None else finetune_steps)
+        g, ft_info = qat.finetune(graph, g, x_ft,
+                                  qat.default_steps(len(x_ft)) if finetune_steps is None else finetune_steps)
     info = alloc.summary()
     info.update(search="hawq-v3 ilp (scipy.optimize.milp)", sensitivity_seconds=sens["seconds"],
                 sensitivity_cached=sens["cached"], search_seconds=round(search_seconds, 3),

@@ -26,7 +26,7 @@ returned unchanged, with the reason in the report.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,8 @@ class Params:
     b: dict[str, np.ndarray]
     scale: dict[str, np.ndarray]  # per output channel, broadcast to the weight's shape
     qmax: dict[str, int]
+    act: dict[str, np.ndarray] = field(default_factory=dict)  # learned activation scales, by root tensor
+    act_of: dict[str, str] = field(default_factory=dict)  # tensor -> the root whose scale it takes
 
 
 def unsupported(graph: Graph) -> str | None:
@@ -108,7 +110,22 @@ def fake_weight(w: np.ndarray, s: np.ndarray, qmax: int) -> tuple[np.ndarray, np
 def fake_act(v: np.ndarray, grid: tuple[float, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     s, zp, qmin, qmax = grid
     t = np.rint(v / s) + zp
-    return ((np.clip(t, qmin, qmax) - zp) * s).astype(np.float32), (t >= qmin) & (t <= qmax)
+    return ((np.clip(t, qmin, qmax) - zp) * s).astype(v.dtype), (t >= qmin) & (t <= qmax)
+
+
+def fake_act_scale_grad(v: np.ndarray, grid: tuple[float, int, int, int]) -> np.ndarray:
+    """d fake_act / d scale with the zero point fixed (LSQ, Esser et al. 2020): the rounding
+    residue inside the range, the clipped level outside it."""
+    s, zp, qmin, qmax = grid
+    r = v / s
+    t = np.rint(r) + zp
+    return np.where(t < qmin, qmin - zp, np.where(t > qmax, qmax - zp, np.rint(r) - r))
+
+
+def _grid_of(t: str, grids: dict, p: Params) -> tuple[float, int, int, int]:
+    g = grids[t]
+    root = p.act_of.get(t)
+    return g if root is None else (float(p.act[root]), *g[1:])
 
 
 # --- forward and backward, op by op -----------------------------------------------------------
@@ -195,11 +212,16 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
             w, wmask = (fake_weight(p.w[n.name], p.scale[n.name], p.qmax[n.name]) if quant_weights
                         else (p.w[n.name], None))
             rec.update(w=w, wmask=wmask)
+            b = p.b[n.name]
+            if quant_weights and grids is not None and n.inputs[0] in grids:
+                # the integer bias: on the accumulator's grid s_in * s_w (coarse with sub-byte widths)
+                s_acc = _grid_of(n.inputs[0], grids, p)[0] * p.scale[n.name].reshape(-1)
+                b = (np.rint(b / s_acc) * s_acc).astype(b.dtype)
             if n.op == "conv2d":
                 oh, ow = graph.tensors[n.outputs[0]].shape[1:3]
-                z, rec["cols"] = _conv_fwd(n, xs[0], w, p.b[n.name], (oh, ow))
+                z, rec["cols"] = _conv_fwd(n, xs[0], w, b, (oh, ow))
             else:
-                z = xs[0] @ w.T + p.b[n.name]
+                z = xs[0] @ w.T + b
         elif n.op == "add":
             s0, s1 = n.attrs.get("signs", [1, 1])
             z = s0 * xs[0] + s1 * xs[1]
@@ -220,7 +242,10 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
         qmask = None
         out = n.outputs[0]
         if grids is not None and out in grids and out != logits:
-            y, qmask = fake_act(y, grids[out])
+            grid = _grid_of(out, grids, p)
+            if keep and out in p.act_of:
+                rec["lsq"] = (p.act_of[out], fake_act_scale_grad(y, grid))
+            y, qmask = fake_act(y, grid)
         env[out] = y
         if keep:
             rec.update(mask=mask, qmask=qmask, shapes=[v.shape for v in xs])
@@ -230,16 +255,24 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
     return env[logits], []
 
 
-def backward(graph: Graph, p: Params, state: list, dlogits: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Gradients of the weights (the latent float ones, straight through) and biases."""
+def backward(graph: Graph, p: Params, state: list, dlogits: np.ndarray,
+             extra: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Gradients of the weights (the latent float ones, straight through) and biases.
+    ``extra``: gradients of other loss terms with respect to intermediate tensors (features)."""
     tape, _, env = state
     nodes, logits = _body(graph)
-    grads: dict[str, np.ndarray] = {logits: dlogits.astype(np.float32)}
+    grads: dict[str, np.ndarray] = dict(extra or {})
+    grads[logits] = grads[logits] + dlogits if logits in grads else dlogits
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for n, rec in zip(reversed(nodes), reversed(tape), strict=True):
         dy = grads.pop(n.outputs[0], None)
         if dy is None:
             continue
+        if "lsq" in rec:
+            root, gs = rec["lsq"]
+            d = np.array(float((dy * gs).sum()))
+            key = "act:" + root
+            out[key] = (out[key][0] + d, None) if key in out else (d, None)
         for m in (rec["qmask"], rec["mask"]):
             if m is not None:
                 dy = dy * m
@@ -270,6 +303,19 @@ def backward(graph: Graph, p: Params, state: list, dlogits: np.ndarray) -> dict[
 
 
 # --- the loss ---------------------------------------------------------------------------------
+
+def feature_loss(student: dict[str, np.ndarray], teacher: dict[str, np.ndarray],
+                 names: list[str]) -> tuple[float, dict[str, np.ndarray]]:
+    """Sum over the named tensors of the mean squared difference over the teacher's variance
+    (each feature map counts alike, whatever its scale), and its gradients."""
+    loss, grads = 0.0, {}
+    for t in names:
+        d = student[t] - teacher[t]
+        var = float(np.var(teacher[t])) or 1.0
+        loss += float(np.mean(d.astype(np.float64) ** 2)) / var
+        grads[t] = (2.0 / (d.size * var) * d).astype(d.dtype)
+    return loss, grads
+
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
@@ -308,16 +354,59 @@ def augment(rng: np.random.Generator, x: np.ndarray, shift: int = 3, flip: bool 
     return (x * scale.reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
 
 
+def _learnable_acts(graph: Graph, grids: dict, p: Params) -> None:
+    """Every calibrated activation (not the input, not the logits) gets a learned scale, shared
+    with the tensors that inherit its quantization."""
+    from hilc.compiler.mixed import _followers
+    from hilc.compiler.ops import OPS
+
+    _, logits = _body(graph)
+    for n in graph.nodes:
+        r = n.outputs[0]
+        if r in grids and r != logits and r not in graph.outputs and OPS[n.op].output_rule(n) == "calibrated":
+            p.act[r] = np.array(grids[r][0])
+            for t in _followers(graph, r):
+                if t in grids:
+                    p.act_of[t] = r
+
+
+def _write_act_ranges(g: Graph, grids: dict, p: Params) -> None:
+    """The learned scales as the ranges ``quantize`` reads (``choose_qparams`` gives them back
+    with the same zero point): calibration for 8-bit tensors, the sub-byte ranges otherwise."""
+    if not p.act:
+        return
+    cal = dict(g.meta.get("calibration", {}))
+    sub = {t: dict(v) for t, v in g.meta.get("subbyte_ranges", {}).items()}
+    bits = g.meta.get("act_bits", {})
+    for t, r in p.act_of.items():
+        s = float(p.act[r])
+        _, zp, qmin, qmax = grids[t]
+        lo, hi = (qmin - zp) * s, (qmax - zp) * s
+        b = int(bits.get(t, 8))
+        if b < 8:
+            sub.setdefault(t, {})[str(b)] = [lo, hi]
+        elif t == r:
+            cal[t] = [lo, hi]
+    g.meta["calibration"] = cal
+    g.meta["subbyte_ranges"] = sub
+
+
 # --- the driver --------------------------------------------------------------------------------
 
+FINETUNE_EPOCHS = 75  # passes over the calibration inputs by default: 300 steps of 32 for 128 inputs
 FINETUNE_STEPS = 300
+
+
+def default_steps(n: int, batch: int = 32) -> int:
+    """The default step count for ``n`` calibration inputs (a count, never a clock)."""
+    return max(1, -(-FINETUNE_EPOCHS * n // batch))
 
 
 @_single_blas
 def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = FINETUNE_STEPS, batch: int = 32,
-             lr: float = 0.02, bias_lr: float = 1e-3, temperature: float = 1.0, seed: int = 0,
-             augmentation: bool = True, mixup: float = 0.0,
-             step_unit: str = "grid") -> tuple[Graph, dict[str, Any]]:
+             lr: float = 0.005, bias_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
+             augmentation: bool = True, mixup: float = 0.0, step_unit: str = "grid", features: float = 1.0,
+             act_lr: float = 0.01) -> tuple[Graph, dict[str, Any]]:
     """Fine-tune ``graph`` (bit-widths assigned, grids possibly pinned by ``ptq``) against the
     float ``reference`` on physical calibration inputs ``x``; returns the graph with every
     conv/dense weight on its (pinned) grid and a report. ``lr`` is the weight's Adam step in units
@@ -334,10 +423,16 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = FINETUN
     grids = act_grids(graph)
     p = init_params(graph)
     teacher_p = init_params(reference)
+    if act_lr > 0:
+        _learnable_acts(graph, grids, p)
+    act_m = {r: [np.zeros(()), np.zeros(())] for r in p.act}
+    act_s0 = {r: float(v) for r, v in p.act.items()}
     unit = {k: p.scale[k] if step_unit == "grid" else np.float32(np.sqrt(np.mean(p.w[k] ** 2))) for k in p.w}
     m1 = {k: [np.zeros_like(p.w[k]), np.zeros_like(p.b[k])] for k in p.w}
     m2 = {k: [np.zeros_like(p.w[k]), np.zeros_like(p.b[k])] for k in p.w}
     b1, b2 = 0.9, 0.999
+    body, logits = _body(graph)
+    feats = [n.outputs[0] for n in body if n.op in ("conv2d", "add") and n.outputs[0] != logits]
     order = np.concatenate([rng.permutation(len(x)) for _ in range((steps * batch) // len(x) + 1)])
     losses = []
     for it in range(steps):
@@ -346,19 +441,31 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = FINETUN
         if mixup > 0:  # blends of two inputs: the teacher labels every point between them
             lam = rng.beta(mixup, mixup, len(xb)).astype(np.float32).reshape((-1,) + (1,) * (xb.ndim - 1))
             xb = lam * xb + (1 - lam) * xb[rng.permutation(len(xb))]
-        teacher, _ = forward(reference, teacher_p, xb, None, quant_weights=False)
+        teacher, t_state = forward(reference, teacher_p, xb, None, quant_weights=False, keep=features > 0)
         student, state = forward(graph, p, xb, grids, keep=True)
         loss, dl = distill_loss(student, teacher, temperature)
+        extra = None
+        if features > 0:  # every layer's output against the float one: far more signal per image
+            fl, extra = feature_loss(state[2], t_state[2], feats)
+            extra = {k: features * v for k, v in extra.items()}
+            loss += features * fl
         losses.append(loss)
-        grads = backward(graph, p, state, dl)
+        grads = backward(graph, p, state, dl, extra)
         decay = 0.5 * (1 + np.cos(np.pi * it / steps))  # cosine schedule: the last steps settle
-        for k, (dw, db) in grads.items():
+        for k, (ds, _) in [(k, v) for k, v in grads.items() if k.startswith("act:")]:
+            r = k[4:]
+            act_m[r][0] = b1 * act_m[r][0] + (1 - b1) * ds
+            act_m[r][1] = b2 * act_m[r][1] + (1 - b2) * ds * ds
+            upd = (act_m[r][0] / (1 - b1 ** (it + 1))) / (np.sqrt(act_m[r][1] / (1 - b2 ** (it + 1))) + 1e-12)
+            p.act[r] = np.maximum(p.act[r] - decay * act_lr * act_s0[r] * upd, 0.05 * act_s0[r])
+        for k, (dw, db) in [(k, v) for k, v in grads.items() if not k.startswith("act:")]:
             for j, (g, par, step) in enumerate(((dw, p.w[k], lr * unit[k]), (db, p.b[k], bias_lr))):
                 m1[k][j] = b1 * m1[k][j] + (1 - b1) * g
                 m2[k][j] = b2 * m2[k][j] + (1 - b2) * g * g
                 upd = (m1[k][j] / (1 - b1 ** (it + 1))) / (np.sqrt(m2[k][j] / (1 - b2 ** (it + 1))) + 1e-12)
                 par -= (decay * step * upd).astype(np.float32)
     g = graph.copy()
+    _write_act_ranges(g, grids, p)
     for n in g.nodes:
         if n.name in p.w:
             s = p.scale[n.name]

@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")
     c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
-                   help="time AdaRound may take over all layers (default 30)")
+                   help="AdaRound's effort over all layers, in seconds at a nominal speed: converted to a step "
+                        "count, so the same inputs give the same model on any machine (default 30)")
     c.add_argument("--fpga-error-ratio", type=float, default=1.0, metavar="R",
                    help="with --precision auto-fpga (integer or minifloat of 3-8 bits per layer, least FPGA cost): "
                         "summed layer output error at most R times int8's (default 1)")

@@ -146,3 +146,31 @@ def accuracy(y: np.ndarray, labels: np.ndarray | None = None, reference: np.ndar
         out["top1_agreement"] = float(np.mean(pred == reference.reshape(len(y), -1).argmax(axis=1)))
         out["max_abs_diff"] = float(np.max(np.abs(y.astype(np.float64) - reference)))
     return out
+
+
+# --- searches: one Ray task per candidate ----------------------------------------------------------
+
+def map_candidates(fn: Callable[..., list[Any]], shared: Any, cands: Sequence[Any], cluster: str, label: str,
+                   extra: tuple = ()) -> list[Any]:
+    """``fn(shared, cands[i:i+1], i, *extra)[0]`` for every candidate, one Ray task each, in
+    candidate order (the order they were given, whatever order they finish in). ``shared`` (the
+    graph, the inputs) goes to the object store once. Progress: candidates done, total and the
+    task count, on a terminal."""
+    from hilc.progress import parts_progress
+
+    if not cands:
+        return []
+    with parts_progress(f"{label} on Ray ({cluster})") as update:
+        parts = map_shards(fn, shared, list(cands), shard_bounds(len(cands), 1), cluster, update, extra)
+    return [v for part in parts for v in part]
+
+
+def sensitivity_candidates(shared: tuple, cands: Sequence[tuple[str, str, int]], cluster: str) -> dict[tuple, float]:
+    """Mixed precision: the output perturbation of every (kind, layer or activation, width)
+    candidate (``hilc.compiler.mixed._sensitivity_shard``), one Ray task each; ``shared`` is
+    ``(graph, inputs, reference outputs, scale)``. Weight candidates ("wptq") fit one layer's
+    learned rounding each, which is the same fit as the single process's walk over all layers."""
+    from hilc.compiler.mixed import _sensitivity_shard
+
+    values = map_candidates(_sensitivity_shard, shared, cands, cluster, "sensitivity")
+    return dict(zip(cands, values, strict=True))

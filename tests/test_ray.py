@@ -5,6 +5,7 @@ Ray costs several seconds."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -69,14 +70,25 @@ def test_sharded_evaluation_is_bit_exact(ray_local, resnet8, crops32):
     assert hilc.evaluate(resnet8, crops32[:256], labels=labels[:256], cluster="local").metrics["top1"] == 0.5
 
 
-def test_sharded_sensitivity_equals_single_process(ray_local, float_graph, crops32):
+def test_sharded_sensitivity_equals_single_process(ray_local, digits, tmp_path):
     from hilc.compiler import mixed
 
-    g = calibrate.calibrate(float_graph, crops32[:64])
-    one = mixed.measure_sensitivity(g, crops32[:64], max_samples=16)
-    dist = mixed.measure_sensitivity(g, crops32[:64], max_samples=16, cluster="local")
-    assert dist["weights"] == one["weights"] and dist["acts"] == one["acts"]
-    assert dist["prepared"] == one["prepared"]
+    x = digits["x_train"][:64]
+    g = import_onnx(DIGITS_CNN)
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+    g = calibrate.calibrate(g, x)
+    one = mixed.measure_sensitivity(g, x, max_samples=32)
+    # every candidate a Ray task: activations, and each layer's PTQ-fitted weights at 4 and 2 bits
+    dist = mixed.measure_sensitivity(g, x, max_samples=32, cluster="local", cache=tmp_path / "sensitivity.json")
+    assert [list(v) for v in dist["weights"].values()] == [["8", "4", "2"]] * 4
+    assert all(v["2"] > v["4"] > 0 for v in dist["weights"].values())
+    drop = ("seconds", "cached")
+    assert {k: v for k, v in dist.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+    # sensitivity.json as the single process writes it (its timing aside)
+    mixed.measure_sensitivity(g, x, max_samples=32, cache=tmp_path / "one.json")
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("sensitivity.json", "one.json"))
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
 def test_cli_compile_with_cluster_writes_the_same_model(ray_local, crops32, tmp_path):

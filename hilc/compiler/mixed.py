@@ -377,8 +377,17 @@ def _candidate_mse(graph: Graph, x: np.ndarray, ref: np.ndarray, scale: float, k
 
 
 def _sensitivity_shard(shared: tuple, cands: list, start: int) -> list[float]:
+    from hilc.compiler.quantize import quantize
+
     graph, x, ref, scale = shared
-    return [_candidate_mse(graph, x, ref, scale, *c) for c in cands]
+    out = []
+    for kind, name, bits in cands:
+        if kind == "wptq":  # one layer's learned rounding alone: the same fit as in isolated_ptq's walk
+            g = with_layer(graph, isolated_ptq(graph, x, bits, only={name}), name)
+            out.append(float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale)
+        else:
+            out.append(_candidate_mse(graph, x, ref, scale, kind, name, bits))
+    return out
 
 
 def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | None = None,
@@ -414,19 +423,20 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     def mse(g: Graph) -> float:
         return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
 
-    # activations: one candidate each (Ray tasks with a cluster); weights after PTQ, below
+    # candidates: each activation at each lower width; each layer at each sub-byte weight width,
+    # after its learned rounding fitted as if it alone were lowered ("wptq"), so the ILP sees the
+    # cost after the PTQ that ``ptq_lowered`` applies to the allocation
     cands = [("a", r, b) for r in space.roots for b in space.abits if b != 8]
+    wcands = [("wptq", la.name, b) for b in space.wbits if b < 8 for la in space.layers]
     if cluster is not None:  # hilc[ray]: one Ray task per candidate, the graph and inputs shipped once
-        from hilc.distributed import map_shards, shard_bounds
+        from hilc.distributed import sensitivity_candidates
 
-        parts = map_shards(_sensitivity_shard, (graph, x, ref, scale), cands, shard_bounds(len(cands), 1), cluster)
-        measured = dict(zip(cands, [v for part in parts for v in part], strict=True))
+        measured = sensitivity_candidates((graph, x, ref, scale), wcands + cands, cluster)
     else:
         measured = {c: _candidate_mse(graph, x, ref, scale, *c) for c in cands}
-    # each sub-byte width: every layer's learned rounding, fitted as if it alone were lowered, so
-    # the ILP sees the cost after the PTQ that ``ptq_lowered`` applies to the allocation
-    fitted = {b: isolated_ptq(graph, x, b) for b in space.wbits if b < 8}
-    weights = {la.name: {str(b): (0.0 if b == 8 else mse(with_layer(graph, fitted[b], la.name)))
+        fitted = {b: isolated_ptq(graph, x, b) for b in space.wbits if b < 8}  # one walk fits every layer
+        measured.update({c: mse(with_layer(graph, fitted[c[2]], c[1])) for c in wcands})
+    weights = {la.name: {str(b): (0.0 if b == 8 else measured[("wptq", la.name, b)])
                          for b in space.wbits} for la in space.layers}
     acts = {r: {str(b): (0.0 if b == 8 else measured[("a", r, b)]) for b in space.abits} for r in space.roots}
     data = {"key": key, "samples": int(len(x)), "metric": "mean squared output change / mean squared output",
@@ -749,9 +759,11 @@ def _fake_act_quant(graph: Graph):
     return fq
 
 
-def isolated_ptq(graph: Graph, x: np.ndarray, bits: int, iterations: int = SENSITIVITY_ITERATIONS) -> Graph:
+def isolated_ptq(graph: Graph, x: np.ndarray, bits: int, iterations: int = SENSITIVITY_ITERATIONS,
+                 only: set[str] | None = None) -> Graph:
     """Every conv/dense at ``bits``-bit weights, each rounded by AdaRound and bias-corrected on
-    the float inputs it sees in ``graph`` (as if it alone were lowered): one walk for all layers."""
+    the float inputs it sees in ``graph`` (as if it alone were lowered): one walk for all layers
+    (with ``only``: for those layers alone, each fitted the same)."""
     from hilc.compiler.ptq import correct_layers
 
     g = graph.copy()
@@ -760,7 +772,7 @@ def isolated_ptq(graph: Graph, x: np.ndarray, bits: int, iterations: int = SENSI
             n.attrs["weight_bits"] = bits
             n.attrs.pop("w_scale", None)
     return correct_layers(graph, g, x, bias_correct=True, adaround=True, budget_s=None, iterations=iterations,
-                          isolated=True)
+                          isolated=True, only=only)
 
 
 def with_layer(graph: Graph, fitted: Graph, name: str) -> Graph:

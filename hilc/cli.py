@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --calib, for a model without BatchNorm statistics: the input value range "
                         "of the synthesised calibration inputs (default 0,1)")
     c.add_argument("--cluster", metavar="auto|local|ADDRESS",
-                   help="compute the calibration statistics in shards on a Ray cluster (hilc[ray])")
+                   help="run the compile's bulk work on a Ray cluster (hilc[ray]): calibration statistics in "
+                        "shards, and the candidates of --precision mixed, --patch auto and --patch-precision "
+                        "value as tasks; the same compiled model")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

@@ -174,3 +174,70 @@ def sensitivity_candidates(shared: tuple, cands: Sequence[tuple[str, str, int]],
 
     values = map_candidates(_sensitivity_shard, shared, cands, cluster, "sensitivity")
     return dict(zip(cands, values, strict=True))
+
+
+def cluster_cpus(cluster: str) -> int:
+    """The CPUs of the cluster (at least 1): how many candidates a search packs ahead at a time."""
+    ray = connect(cluster)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _patch_candidates_task(shared: tuple, ks: list[int], start: int) -> list[list[Any]]:
+    from hilc.compiler.patches import _grids, build_candidate
+
+    graph, layer_macs = shared
+    return [[build_candidate(graph, k, n, layer_macs) for n in _grids(graph, k)] for k in ks]
+
+
+def patch_candidates(graph, valid: Sequence[int], layer_macs: list[int], cluster: str) -> list[Any]:
+    """The patch search's candidates (every split point x grid, ``patches.build_candidate``),
+    one Ray task per split point, in the single process's order."""
+    per_k = map_candidates(_patch_candidates_task, (graph, layer_macs), list(valid), cluster, "patch candidates")
+    return [c for cs in per_k for c in cs]
+
+
+def _full_peak_task(shared: tuple, cands: list, start: int) -> list[tuple]:
+    from hilc.compiler.patches import _full_peak
+
+    graph, scratch, reorder = shared
+    out = []
+    for c in cands:
+        peak = _full_peak(graph, c, scratch, reorder)
+        out.append((peak, c.order, c.peak_given_order))
+    return out
+
+
+def full_peaks(graph, cands: list, scratch: int, reorder: bool, cluster: str) -> list:
+    """Pack each candidate's full plan (``patches._full_peak``), one Ray task each; sets the
+    candidates' ``peak``, ``order`` and ``peak_given_order`` as the single process would."""
+    got = map_candidates(_full_peak_task, (graph, scratch, reorder), cands, cluster, "patch plans")
+    for c, (peak, order, given) in zip(cands, got, strict=True):
+        c.peak, c.order, c.peak_given_order = peak, order, given
+    return cands
+
+
+def _clip_task(shared: tuple, items: list, start: int) -> list[dict[str, list[float]]]:
+    from hilc.compiler.mixed import _mse_clip
+
+    widths = shared
+    return [{str(b): list(_mse_clip(v.astype(np.float64), lo, hi, b)) for b in widths} for v, lo, hi in items]
+
+
+def clip_ranges(items: Sequence[tuple[np.ndarray, float, float]], widths: Sequence[int],
+                cluster: str) -> list[dict[str, list[float]]]:
+    """Sub-byte widths: each activation's MSE-optimal clipped range at every width in ``widths``
+    (``mixed._mse_clip`` on its sampled values ``(values, lo, hi)``), a Ray task per activation."""
+    return map_candidates(_clip_task, tuple(widths), list(items), cluster, "clipped ranges")
+
+
+def _entropy_task(shared: Any, items: list, start: int) -> list[dict[int, float]]:
+    from hilc.compiler.patch_precision import _codes, _entropy
+
+    return [{b: _entropy(_codes(v.astype(np.float64), lo, hi, b)) for b, lo, hi in widths} for v, widths in items]
+
+
+def code_entropies(items: Sequence[tuple[np.ndarray, list[tuple[int, float, float]]]],
+                   cluster: str) -> list[dict[int, float]]:
+    """Patch precision's value-driven search: the entropy of each feature map's codes at each
+    candidate width ``(bits, lo, hi)`` (``patch_precision._entropy``), a Ray task per feature map."""
+    return map_candidates(_entropy_task, None, list(items), cluster, "patch-precision candidates")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from conftest import DATA, DIGITS_CNN, RESNET8
 
@@ -98,7 +99,10 @@ def test_cli_compile_with_cluster_writes_the_same_model(ray_local, crops32, tmp_
     for name, extra in (("one", []), ("ray", ["--cluster", "local"])):
         assert main(["compile", str(RESNET8), "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / name),
                      "-q", *extra]) == 0
-    assert (tmp_path / "one" / "graph.json").read_text() == (tmp_path / "ray" / "graph.json").read_text()
+    graphs = [json.loads((tmp_path / n / "graph.json").read_text()) for n in ("one", "ray")]
+    for g in graphs:
+        g["meta"]["patch"].pop("planner_seconds")
+    assert graphs[0] == graphs[1]
     a, b = np.load(tmp_path / "one" / "constants.npz"), np.load(tmp_path / "ray" / "constants.npz")
     assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
 
@@ -298,3 +302,48 @@ def test_evaluate_with_the_tvm_engine_single_and_on_ray_shards(ray_local, resnet
     assert np.array_equal(hilc.evaluate(resnet8, crops32[:64], raw=True, engine="tvm").outputs, ref.outputs)
     sharded = hilc.evaluate(resnet8, crops32[:64], raw=True, cluster="local", shard=32, engine="tvm")
     assert np.array_equal(sharded.outputs, ref.outputs) and sharded.metrics["shards"] == 2
+
+
+def test_patch_searches_on_ray_give_the_same_plan_and_widths(ray_local, tmp_path):
+    """--patch auto and --patch-precision value with --cluster: the candidates built, packed and
+    scored as Ray tasks; the same schedule, the same low-branch widths, the same model files."""
+    from test_patch_precision import _arch_models, blobs
+
+    from hilc.cli import main
+    from hilc.compiler import patches as P
+    from hilc.compiler.pipeline import compile_model
+
+    model = tmp_path / "m.onnx"
+    onnx.save(_arch_models().mobilenet_v2(0.35, 64, num_classes=10), str(model))
+    x = blobs(16, 0)
+    np.save(tmp_path / "calib.npy", x)
+    for name, extra in (("one", []), ("ray", ["--cluster", "local"])):
+        assert main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / name), "-q",
+                     "--patch", "auto", "--sram", "60000", "--patch-precision", "value", *extra]) == 0
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "ray")]
+    timing = ("planner_seconds", "search_seconds")
+    for key in ("patch", "patch_precision"):
+        a, b = ({k: v for k, v in r[key].items() if k not in timing} for r in reports)
+        assert a == b
+    assert reports[0]["patch_precision"]["search"], "the search lowered no feature map"
+    graphs = [json.loads((tmp_path / n / "graph.json").read_text()) for n in ("one", "ray")]
+    for g in graphs:
+        g["meta"]["patch"].pop("planner_seconds")
+    assert graphs[0] == graphs[1]
+    a, b = np.load(tmp_path / "one" / "constants.npz"), np.load(tmp_path / "ray" / "constants.npz")
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+    # the schedule search alone, in each of its modes: lowest peak, fewest MACs within a budget,
+    # and the error naming the smallest reachable peak
+    q = compile_model(model, x[:4]).graph
+    for budget in (None, 60000, 30000):
+        one, dist = P.plan_patches(q, "auto", budget), P.plan_patches(q, "auto", budget, cluster="local")
+        assert [n.name for n in one.nodes] == [n.name for n in dist.nodes]
+        assert {k: v for k, v in one.meta["patch"].items() if k not in timing} == \
+            {k: v for k, v in dist.meta["patch"].items() if k not in timing}
+    errors = []
+    for cluster in (None, "local"):
+        with pytest.raises(HilcError, match="no schedule fits 1000 bytes") as e:
+            P.plan_patches(q, "auto", 1000, cluster=cluster)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]

@@ -179,7 +179,8 @@ def _mse_clip(v: np.ndarray, lo: float, hi: float, bits: int) -> tuple[float, fl
     return float(best[0]), float(best[1])
 
 
-def prepare_subbyte(graph: Graph, samples: np.ndarray, max_samples: int = 128, keep: int = 1 << 16) -> Graph:
+def prepare_subbyte(graph: Graph, samples: np.ndarray, max_samples: int = 128, keep: int = 1 << 16,
+                    cluster: str | None = None) -> Graph:
     """Statistics sub-byte widths need, from one float run on calibration data, kept in ``meta``:
 
     * ``subbyte_ranges``: for each eligible activation, the MSE-optimal clipped range at each
@@ -187,6 +188,8 @@ def prepare_subbyte(graph: Graph, samples: np.ndarray, max_samples: int = 128, k
       over them; the quantizer uses it when the tensor is given that width);
     * ``input_means``: the mean of each conv/dense input per channel, for the bias correction
       of sub-byte weights (``assign_bitwidths``).
+
+    ``cluster`` (``hilc[ray]``): the clipped ranges are searched on Ray, a task per activation.
     """
     from hilc.sim.simulator import run_float, to_physical
 
@@ -209,9 +212,16 @@ def prepare_subbyte(graph: Graph, samples: np.ndarray, max_samples: int = 128, k
     run_float(g, {g.inputs[0]: x}, observe=observe)
     ranges = g.meta.get("calibration", {})
     sub: dict[str, dict[str, list[float]]] = {}
+    if cluster is not None:  # the same searches, each activation's on Ray; followers share their root's
+        from hilc.distributed import clip_ranges
+
+        roots = [r for r in space.roots if r in vals and r in ranges]
+        clips = clip_ranges([(vals[r], *ranges[r]) for r in roots], [b for b in space.abits if b < 8], cluster)
+        found = dict(zip(roots, clips, strict=True))
     for t, r in followers.items():
         if r in vals and r in ranges:
-            sub[t] = {str(b): list(_mse_clip(vals[r].astype(np.float64), *ranges[r], b)) for b in space.abits if b < 8}
+            sub[t] = {b: list(v) for b, v in found[r].items()} if cluster is not None else \
+                {str(b): list(_mse_clip(vals[r].astype(np.float64), *ranges[r], b)) for b in space.abits if b < 8}
     g.meta["subbyte_ranges"] = sub
     g.meta["input_means"] = means
     return g
@@ -415,7 +425,7 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
         except (OSError, json.JSONDecodeError):
             pass  # an unreadable cache is remeasured
     t0 = time.perf_counter()
-    graph = prepare_subbyte(graph, samples, max_samples)
+    graph = prepare_subbyte(graph, samples, max_samples, cluster=cluster)
     space = analyse(graph, extended)
     ref = _outputs(quantize(graph), x)
     scale = float(np.mean(ref**2)) or 1.0

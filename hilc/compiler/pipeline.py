@@ -62,7 +62,9 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     8 bits), AdaRound sharing ``ptq_budget`` seconds. ``graph_hook`` edits the float graph after
     the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
     calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm).
-    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster.
+    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster, and
+    the bulk of the searches (mixed-precision sensitivities, patch schedule, patch precision)
+    run as Ray tasks; the compiled model is the same as without it.
     ``order``: "memory" runs the nodes in the order that lowers peak SRAM (hilc/compiler/schedule.py),
     "import" keeps the ONNX file's order."""
     if order not in ("memory", "import"):
@@ -168,7 +170,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         if sram_bytes is None and board_obj is not None:  # the firmware's stack and frames share the SRAM
             patch_budget = budget - firmware_ram_reserve(q)
             extra["firmware_ram_reserve_bytes"] = budget - patch_budget
-        q = plan_patches(q, patch, patch_budget, reorder=order == "memory")
+        q = plan_patches(q, patch, patch_budget, reorder=order == "memory", cluster=cluster)
         if "plan_patches" in (dump_after or []):
             dumps["plan_patches"] = q.summary() + "\n" + _patch_summary(q)
         extra.update(report_fields(q))
@@ -183,7 +185,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if patch_precision != "off":  # QuantMCU patch-branch precision (hilc/compiler/patch_precision.py)
         from hilc.compiler.patch_precision import apply_patch_precision
 
-        q, extra["patch_precision"] = apply_patch_precision(q, g, samples, patch_precision)
+        q, extra["patch_precision"] = apply_patch_precision(q, g, samples, patch_precision, cluster=cluster)
     c_model = None
     if target == "c":
         from hilc.targets.c.codegen import generate_c

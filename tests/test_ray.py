@@ -347,3 +347,67 @@ def test_patch_searches_on_ray_give_the_same_plan_and_widths(ray_local, tmp_path
             P.plan_patches(q, "auto", 1000, cluster=cluster)
         errors.append(str(e.value))
     assert errors[0] == errors[1]
+
+
+def _kill_board_emulator(board: str) -> int | None:
+    """SIGKILL the QEMU process farm board ``board`` runs now (found by its firmware's temp folder,
+    so a board that switched firmware is still found); returns its pid."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system-arm" in cmd.split("\0")[0] and f"hilc-farm-{board}-" in cmd:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_regress_spreads_several_models_over_the_farm(ray_local, digits_board, digits, tmp_path, capsys):
+    """Two compiled models on 3 QEMU boards at once (boards switch firmware between them); one
+    board killed mid-run: each model's inputs answered exactly once, bit-exact with its own
+    simulator."""
+    from hilc.cli import main
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+    from hilc.hil.farm import farm_models, simulator_raw
+
+    out1, g1 = digits_board
+    out2 = tmp_path / "digits2"
+    r2 = compile_model(DIGITS_CNN, digits["x_train"][64:128], board="qemu-mps2-an386")  # other scales: other firmware
+    write_artifacts(out2, r2)
+    g2 = r2.graph
+    assert g1.content_hash() != g2.content_hash()
+    x = digits["x_test"][:60]
+    inv = _inventory(tmp_path, '[[board]]\nname = "q"\nkind = "qemu-mps2-an386"\ncount = 3\n')
+    killed: list = []
+
+    def on_chunk(done: int) -> None:
+        if done >= 16 and not killed:
+            killed.append(_kill_board_emulator("q-1"))
+
+    results = farm_models([(out1, g1, x), (out2, g2, x[:40])], inv, on_chunk=on_chunk)
+    assert killed and killed[0] is not None
+    for (y, res), g, n in zip(results, (g1, g2), (60, 40), strict=True):
+        assert list(res.bad_boards) == ["q-1"] and res.reassigned == 1
+        assert len(res.answered_by) == n and sum(res.per_board.values()) == n
+        assert np.array_equal(y, simulator_raw(g, x[:n]))
+    assert results[0][1].switches >= 1  # q-1's model went on on another board
+
+    np.save(tmp_path / "x.npy", x[:24])
+    rc = main(["regress", str(out1), str(out2), str(tmp_path / "x.npy"), "--farm", str(inv), "-o",
+               str(tmp_path / "ys"), "--raw"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    for out, g in ((out1, g1), (out2, g2)):
+        assert f"{out}: 24/24 outputs bit-exact with the simulator on 3 boards" in text
+        assert np.array_equal(np.load(tmp_path / "ys" / f"{out.name}.npy"), simulator_raw(g, x[:24]))
+    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
+    assert sum(counts) == 48
+
+    rs = hilc.regress([hilc.load(out1), hilc.load(out2)], [x[:8], x[8:20]], inv)
+    assert [r.mismatches for r in rs] == [0, 0] and [len(r.outputs) for r in rs] == [8, 12]

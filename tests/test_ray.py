@@ -71,8 +71,26 @@ def test_sharded_evaluation_is_bit_exact(ray_local, resnet8, crops32):
     assert hilc.evaluate(resnet8, crops32[:256], labels=labels[:256], cluster="local").metrics["top1"] == 0.5
 
 
-def test_sharded_sensitivity_equals_single_process(ray_local, digits, tmp_path):
+def test_sharded_sensitivity_equals_single_process(ray_local, digits, tmp_path, monkeypatch):
+    import contextlib
+
+    import hilc.progress
     from hilc.compiler import mixed
+
+    calls: list = []
+
+    class Recorder:  # what a terminal's progress display would be told
+        def __init__(self, label):
+            self.label = label
+
+        def __call__(self, done, total):
+            calls.append((self.label, "total", done, total))
+
+        def part(self, name, done, total=None, note=""):
+            calls.append((self.label, name, done, total))
+
+    monkeypatch.setattr(hilc.progress, "parts_progress", lambda label, quiet=False: contextlib.nullcontext(
+        Recorder(label)))
 
     x = digits["x_train"][:64]
     g = import_onnx(DIGITS_CNN)
@@ -84,6 +102,12 @@ def test_sharded_sensitivity_equals_single_process(ray_local, digits, tmp_path):
     dist = mixed.measure_sensitivity(g, x, max_samples=32, cluster="local", cache=tmp_path / "sensitivity.json")
     assert [list(v) for v in dist["weights"].values()] == [["8", "4", "2"]] * 4
     assert all(v["2"] > v["4"] > 0 for v in dist["weights"].values())
+    # progress: per task and in total, for each distributed step (clipped ranges, candidates)
+    labels = sorted({c[0] for c in calls})
+    assert labels == ["clipped ranges on Ray (local)", "sensitivity on Ray (local)"]
+    sens = [c[1:] for c in calls if c[0] == "sensitivity on Ray (local)"]
+    n = 4 * 2 + 4  # 4 layers x (4, 2) bits + 4 activations x 4 bits
+    assert sens[0] == ("shards", 0, n) and sens[-1] == ("shards", n, n) and ("total", n, n) in sens
     drop = ("seconds", "cached")
     assert {k: v for k, v in dist.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
     # sensitivity.json as the single process writes it (its timing aside)

@@ -86,7 +86,7 @@ def map_shards(fn: Callable[..., Any], shared: Any, x: np.ndarray, bounds: Seque
     ``shared`` is put in the object store once; ``progress(done_samples, total)`` is called as
     shards finish (in whatever order they finish)."""
     ray = connect(cluster)
-    shared_ref = ray.put(shared)
+    shared_ref = shared if isinstance(shared, ray.ObjectRef) else ray.put(shared)  # a ref: put once by the caller
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
     refs = [task.remote(shared_ref, x[a:b], a, *extra) for a, b in bounds]
     size = {r: b - a for r, (a, b) in zip(refs, bounds, strict=True)}
@@ -182,35 +182,51 @@ def cluster_cpus(cluster: str) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _patch_candidates_task(shared: tuple, ks: list[int], start: int) -> list[list[Any]]:
+def _patch_candidates_task(graph, ks: list[int], start: int, layer_macs: list[int]) -> list[list[tuple]]:
     from hilc.compiler.patches import _grids, build_candidate
 
-    graph, layer_macs = shared
-    return [[build_candidate(graph, k, n, layer_macs) for n in _grids(graph, k)] for k in ks]
+    out = []
+    for k in ks:
+        cs = [build_candidate(graph, k, n, layer_macs) for n in _grids(graph, k)]
+        out.append([(c.k, c.n, c.macs, c.lower_bound) for c in cs])  # the plans stay here: big, rebuilt on demand
+    return out
 
 
 def patch_candidates(graph, valid: Sequence[int], layer_macs: list[int], cluster: str) -> list[Any]:
     """The patch search's candidates (every split point x grid, ``patches.build_candidate``),
-    one Ray task per split point, in the single process's order."""
-    per_k = map_candidates(_patch_candidates_task, (graph, layer_macs), list(valid), cluster, "patch candidates")
-    return [c for cs in per_k for c in cs]
+    one Ray task per split point, in the single process's order. Their plans (thousands of
+    windows) are not sent back: the scan needs MACs and bounds only; ``full_peaks`` rebuilds a
+    plan where it packs it and the search rebuilds the chosen one (``patches._with_plan``)."""
+    from hilc.compiler.patches import Candidate
+
+    per_k = map_candidates(_patch_candidates_task, graph, list(valid), cluster, "patch candidates",
+                           extra=(layer_macs,))
+    return [Candidate(k, n, None, macs, bound) for cs in per_k for k, n, macs, bound in cs]
 
 
-def _full_peak_task(shared: tuple, cands: list, start: int) -> list[tuple]:
-    from hilc.compiler.patches import _full_peak
+def put(obj: Any, cluster: str) -> Any:
+    """``obj`` in the object store once, for several ``map_candidates`` calls."""
+    return connect(cluster).put(obj)
 
-    graph, scratch, reorder = shared
+
+def _full_peak_task(graph, cands: list, start: int, scratch: int, reorder: bool,
+                    layer_macs: list[int]) -> list[tuple]:
+    from hilc.compiler.patches import _full_peak, build_candidate
+
     out = []
-    for c in cands:
+    for k, n in cands:
+        c = build_candidate(graph, k, n, layer_macs)
         peak = _full_peak(graph, c, scratch, reorder)
         out.append((peak, c.order, c.peak_given_order))
     return out
 
 
-def full_peaks(graph, cands: list, scratch: int, reorder: bool, cluster: str) -> list:
+def full_peaks(graph, cands: list, scratch: int, reorder: bool, cluster: str, layer_macs: list[int]) -> list:
     """Pack each candidate's full plan (``patches._full_peak``), one Ray task each; sets the
-    candidates' ``peak``, ``order`` and ``peak_given_order`` as the single process would."""
-    got = map_candidates(_full_peak_task, (graph, scratch, reorder), cands, cluster, "patch plans")
+    candidates' ``peak``, ``order`` and ``peak_given_order`` as the single process would.
+    ``graph`` may be an object-store reference (``put``)."""
+    got = map_candidates(_full_peak_task, graph, [(c.k, c.n) for c in cands], cluster, "patch plans",
+                         extra=(scratch, reorder, layer_macs))
     for c, (peak, order, given) in zip(cands, got, strict=True):
         c.peak, c.order, c.peak_given_order = peak, order, given
     return cands

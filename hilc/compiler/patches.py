@@ -377,7 +377,7 @@ def mcunet_peak(graph: Graph, plan: dict[str, Any] | None = None) -> int:
 class Candidate:
     k: int
     n: int
-    plan: dict[str, Any]
+    plan: dict[str, Any] | None  # None: built on Ray, not yet rebuilt here (_with_plan)
     macs: int
     lower_bound: int  # arena lower bound + I/O + scratch: no packing can go below it
     peak: int | None = None  # full plan (arena + I/O + scratch) once packed
@@ -546,7 +546,7 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
                              lambda c: bool(lowest) and c.lower_bound >= lowest[0].peak):
                 if not lowest or (c.peak, c.macs) < (lowest[0].peak, lowest[0].macs):
                     lowest[:] = [c]
-            low = lowest[0] if lowest else None
+            low = _with_plan(graph, lowest[0], layer_macs) if lowest else None
             assert low is not None
             if budget is not None:
                 smallest = min(low.peak, lw_peak)
@@ -554,6 +554,7 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
                                 f"can reach is {smallest} bytes (layer by layer: {lw_peak}; "
                                 f"split after {low.plan['split_node']} with {low.n}x{low.n} patches)")
             best = low
+    best = _with_plan(graph, best, layer_macs)
     g = graph.copy() if best.order is None else apply_order(graph, best.order)
     p = best.plan
     p["stage"] = [nd.name for nd in g.nodes[: best.k + 1]]
@@ -569,6 +570,13 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
         p.update(layerwise_over_budget_bytes=lw_peak - budget, headroom_bytes=budget - best.peak)
     g.meta["patch"] = p
     return g
+
+
+def _with_plan(graph: Graph, c: Candidate, layer_macs: list[int]) -> Candidate:
+    """``c`` with its plan (candidates built on Ray come back without theirs: rebuilt here)."""
+    if c.plan is None:
+        c.plan = build_candidate(graph, c.k, c.n, layer_macs).plan
+    return c
 
 
 def _grids(graph: Graph, k: int) -> range:
@@ -589,14 +597,17 @@ def _packed(graph: Graph, cands: list[Candidate], scratch: int, reorder: bool, c
             c.peak = _full_peak(graph, c, scratch, reorder)
             yield c
         return
-    from hilc.distributed import cluster_cpus, full_peaks
+    from hilc.distributed import cluster_cpus, full_peaks, put
 
     batch = cluster_cpus(cluster)
+    ref = None
     for i in range(0, len(cands), batch):
         chunk = cands[i:i + batch]
         if stop(chunk[0]):
             return
-        full_peaks(graph, chunk, scratch, reorder, cluster)  # sets each one's peak, order, peak_given_order
+        ref = ref or put(graph, cluster)  # the graph to the object store once for every batch
+        # sets each one's peak, order and peak_given_order
+        full_peaks(ref, chunk, scratch, reorder, cluster, _layer_macs(graph))
         for c in chunk:
             if stop(c):
                 return

@@ -774,6 +774,8 @@ def isolated_ptq(graph: Graph, x: np.ndarray, bits: int, iterations: int = SENSI
     """Every conv/dense at ``bits``-bit weights, each rounded by AdaRound and bias-corrected on
     the float inputs it sees in ``graph`` (as if it alone were lowered): one walk for all layers
     (with ``only``: for those layers alone, each fitted the same)."""
+    from threadpoolctl import threadpool_limits
+
     from hilc.compiler.ptq import correct_layers
 
     g = graph.copy()
@@ -781,8 +783,11 @@ def isolated_ptq(graph: Graph, x: np.ndarray, bits: int, iterations: int = SENSI
         if n.op in LINEAR_OPS:
             n.attrs["weight_bits"] = bits
             n.attrs.pop("w_scale", None)
-    return correct_layers(graph, g, x, bias_correct=True, adaround=True, budget_s=None, iterations=iterations,
-                          isolated=True, only=only)
+    # one BLAS thread, as in a Ray worker: a GEMM split over threads may round differently, and the
+    # sensitivities must not depend on where they were measured (no slower here: measured)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return correct_layers(graph, g, x, bias_correct=True, adaround=True, budget_s=None, iterations=iterations,
+                              isolated=True, only=only)
 
 
 def with_layer(graph: Graph, fitted: Graph, name: str) -> Graph:

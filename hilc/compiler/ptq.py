@@ -413,9 +413,14 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     remaining = [float(sum(costs.values())) or 1.0]
     end = time.perf_counter() + (budget_s or 0.0)
 
+    pending = set(only) if only is not None else set()
+
     def visit(rn: Node, node: Node, x_ref: np.ndarray, x_cur: np.ndarray) -> None:
         if only is not None and node.name not in only:
+            if not pending:  # every layer asked for is fitted: the rest of the walk is not needed
+                raise _WalkDone
             return
+        pending.discard(node.name)
         w = g.param(node, "weight").astype(np.float64)
         bias = g.param(node, "bias").astype(np.float64)
         s, q, qmax = _grid(node, w)
@@ -465,8 +470,15 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             bias = bias + sum_y / m - mean_q
         _pin(g, node, q, s, bias)
 
-    _walk(reference, g, x.astype(np.float32), visit, act_quant)
+    try:
+        _walk(reference, g, x.astype(np.float32), visit, act_quant)
+    except _WalkDone:
+        pass
     return g
+
+
+class _WalkDone(Exception):
+    """Ends ``correct_layers``' walk early once the ``only`` layers are fitted."""
 
 
 # --- data-free calibration -----------------------------------------------------------------

@@ -247,8 +247,7 @@ def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str 
         on_start(dict(pids))
     total = sum(len(j.qx) for j in jobs)
     # work items (model, (start, end)), model by model
-    chunks = deque((key, (a, min(len(j.qx), a + chunk)))
-                   for key, j in enumerate(jobs) for a in range(0, len(j.qx), chunk))
+    chunks = _Queues([deque((a, min(len(j.qx), a + chunk)) for a in range(0, len(j.qx), chunk)) for j in jobs])
     results: dict[tuple[int, int], tuple[np.ndarray, str]] = {}
     in_flight: dict[Any, tuple[str, tuple[int, tuple[int, int]]]] = {}
     idle = deque(healthy)
@@ -268,15 +267,10 @@ def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str 
                 part(label(key), 0, len(j.qx))
 
     def take(name: str) -> tuple[int, tuple[int, int]] | None:
-        """The board's next item: one of the model it runs, else the first it can run."""
-        for item in chunks:
-            if item[0] == current.get(name):
-                chunks.remove(item)
-                return item
-        for item in chunks:
-            if item[0] in can_run[name]:
-                chunks.remove(item)
-                return item
+        """The board's next item: one of the model it runs, else of the first model it can run."""
+        for key in (current.get(name), *sorted(can_run[name])):
+            if key is not None and key in can_run[name] and chunks.per_model[key]:
+                return key, chunks.per_model[key].popleft()
         return None
 
     try:
@@ -296,7 +290,7 @@ def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str 
                 sent_at[name] = time.monotonic()
             idle.extend(waiting)
             if not in_flight:
-                left = sorted({jobs[k].out_dir.name for k, _ in chunks})
+                left = [jobs[k].out_dir.name for k, q in enumerate(chunks.per_model) if q]
                 raise HilcError(f"every board that can run {', '.join(left)} failed with {len(chunks)} chunks left: "
                                 + "; ".join(f"{k}: {v}" for k, v in bad.items()), exit_code=1)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
@@ -308,7 +302,7 @@ def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str 
                         in_flight.pop(ref)
                         span = item[1]
                         bad[name] = f"no answer to {span[1] - span[0]} inputs within {deadline:.3g} s"
-                        chunks.appendleft(item)
+                        chunks.put_back(item)
                         reassigned += 1
                         _kill_emulator(pids.get(name), hosts.get(name))
                         ray.kill(actors[name])
@@ -321,7 +315,7 @@ def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str 
                 y, pids[name] = ray.get(ready[0])
             except Exception as e:  # the board (or its actor) failed: drop it, give the chunk to another
                 bad[name] = _why(e)
-                chunks.appendleft(item)
+                chunks.put_back(item)
                 reassigned += 1
                 if part is not None:
                     part(name, answered[name], None, f"BAD: {bad[name]} (chunk reassigned)")
@@ -355,6 +349,22 @@ def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str 
         per_board = {b.name: by.count(b.name) for b in boards}
         out.append(FarmResult(np.concatenate(outs), by, bad, reassigned, per_board, switches))
     return out
+
+
+class _Queues:
+    """The work items left, a queue per model (a chunk given back goes first in its model's)."""
+
+    def __init__(self, per_model: list[deque]) -> None:
+        self.per_model = per_model
+
+    def __bool__(self) -> bool:
+        return any(self.per_model)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.per_model)
+
+    def put_back(self, item: tuple[int, tuple[int, int]]) -> None:
+        self.per_model[item[0]].appendleft(item[1])
 
 
 def _kill_emulator(pid: int | None, host: str | None) -> None:

@@ -129,3 +129,48 @@ def test_resnet8_cli_mixed_search_identical_on_both_engines(crops32, tmp_path):
     for k in ("weight_bits", "act_bits", "predicted_perturbation", "measured_perturbation", "bitops"):
         assert a["mixed_precision"][k] == b["mixed_precision"][k], k
     assert any(v < 8 for v in a["mixed_precision"]["weight_bits"].values())
+
+
+# ops whose TVM lowering takes quantization scalars (zero points, clamp bounds, add's multipliers)
+SCALAR_OPS = ["clip", "sub_and_mul", "add_two_branches", "concat_channels", "avgpool_pad_include",
+              "matmul_activations", "reduce_mean_tokens", "conv_stride2_asym_pad"]
+
+
+def _op_cases(names=None):
+    from opmodels import cases
+    from test_tvm import extra_cases
+
+    return [c for c in cases() + extra_cases() if names is None or c.name in names]
+
+
+def _two_calibrations_share_one_module(case, tmp_path):
+    """The same model calibrated on two input ranges (other scales, zero points, multipliers):
+    one parametric module, bit for bit the simulator on both."""
+    import onnx
+    from test_tvm import op_inputs
+
+    from hilc.compiler.pipeline import compile_model
+
+    onnx.save(case.model, str(tmp_path / "m.onnx"))
+    graphs = [compile_model(tmp_path / "m.onnx", case.inputs(64, 0)).graph,
+              compile_model(tmp_path / "m.onnx", 0.55 * case.inputs(64, 3) + 0.1).graph]
+    x = op_inputs(case)
+    models = []
+    for q in graphs:
+        m, got, ref = _run_both(q, x)
+        assert np.array_equal(got, ref), f"{int((got != ref).sum())} of {ref.size} outputs differ"
+        models.append(m)
+    assert models[0].key == models[1].key and models[1].from_cache
+    return models
+
+
+@pytest.mark.parametrize("case", _op_cases(SCALAR_OPS + ["pad_constant"]), ids=lambda c: c.name)
+def test_single_operator_models_share_one_module_across_calibrations(case, tmp_path):
+    models = _two_calibrations_share_one_module(case, tmp_path)
+    assert models[0].scalars != models[1].scalars  # the scalars differ, passed at run time
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c.name)
+def test_every_single_operator_model_on_a_parametric_module(case, tmp_path):
+    _two_calibrations_share_one_module(case, tmp_path)

@@ -50,6 +50,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         ptq_args["fpga_error_ratio"] = args.fpga_error_ratio
     if args.cluster is not None:
         ptq_args["cluster"] = args.cluster
+    if args.engine != "numpy":  # the mixed-precision search's integer-model runs
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()  # before any work: a missing extra is one line
+        ptq_args["engine"] = args.engine
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
@@ -500,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the compile's bulk work on a Ray cluster (hilc[ray]): calibration statistics in "
                         "shards, and the candidates of --precision mixed, --patch auto and --patch-precision "
                         "value as tasks; the same compiled model")
+    c.add_argument("--engine", default="numpy", choices=["numpy", "tvm"],
+                   help="what runs the integer model in the --precision mixed search: numpy (the simulator) or tvm "
+                        "(the same integers from one TVM module per graph structure; hilc[tvm])")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

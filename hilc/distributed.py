@@ -168,7 +168,7 @@ def map_candidates(fn: Callable[..., list[Any]], shared: Any, cands: Sequence[An
 def sensitivity_candidates(shared: tuple, cands: Sequence[tuple[str, str, int]], cluster: str) -> dict[tuple, float]:
     """Mixed precision: the output perturbation of every (kind, layer or activation, width)
     candidate (``hilc.compiler.mixed._sensitivity_shard``), one Ray task each; ``shared`` is
-    ``(graph, inputs, reference outputs, scale)``. Weight candidates ("wptq") fit one layer's
+    ``(graph, inputs, reference outputs, scale[, engine])``. Weight candidates ("wptq") fit one layer's
     learned rounding each, which is the same fit as the single process's walk over all layers."""
     from hilc.compiler.mixed import _sensitivity_shard
 

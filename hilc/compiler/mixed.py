@@ -361,9 +361,10 @@ def _key(graph: Graph, samples: np.ndarray, extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 
-def _outputs(graph: Graph, qx_float: np.ndarray) -> np.ndarray:
+def _outputs(graph: Graph, qx_float: np.ndarray, engine: str = "numpy") -> np.ndarray:
     """Dequantized first output of a quantized graph on real physical inputs; for a model that
-    ends in a softmax, its logits (probabilities saturate and hide the perturbation)."""
+    ends in a softmax, its logits (probabilities saturate and hide the perturbation). ``engine``
+    "tvm": the same integers from one TVM module per graph structure (hilc.targets.tvm)."""
     from hilc.compiler.arith import dequantize_host, quantize_host
     from hilc.sim.simulator import run_int_batched
 
@@ -372,47 +373,58 @@ def _outputs(graph: Graph, qx_float: np.ndarray) -> np.ndarray:
         graph = Graph(graph.name, graph.nodes[:graph.nodes.index(last)], graph.tensors, graph.constants,
                       graph.inputs, [last.inputs[0]], graph.meta, graph.cache)
     q = graph.tensors[graph.inputs[0]].quant
-    y = run_int_batched(graph, quantize_host(qx_float, q.scale, q.zero_point, q.bits))
+    qx = quantize_host(qx_float, q.scale, q.zero_point, q.bits)
+    if engine == "tvm":  # every candidate's values as arguments of the structure's one build
+        from hilc.targets.tvm.engine import run_int_parametric
+
+        y = run_int_parametric(graph, {graph.inputs[0]: qx})[graph.outputs[0]]
+    else:
+        y = run_int_batched(graph, qx)
     qo = graph.tensors[graph.outputs[0]].quant
     return dequantize_host(y, qo.scale, qo.zero_point).astype(np.float64)
 
 
 def _candidate_mse(graph: Graph, x: np.ndarray, ref: np.ndarray, scale: float, kind: str, name: str,
-                   bits: int) -> float:
+                   bits: int, engine: str = "numpy") -> float:
     """The output perturbation with one layer's weights ("w") or one activation ("a") lowered."""
     from hilc.compiler.quantize import quantize
 
     g = assign_bitwidths(graph, {name: bits}) if kind == "w" else assign_bitwidths(graph, None, {name: bits})
-    return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
+    return float(np.mean((_outputs(quantize(g), x, engine) - ref) ** 2)) / scale
 
 
 def _sensitivity_shard(shared: tuple, cands: list, start: int) -> list[float]:
     from hilc.compiler.quantize import quantize
 
-    graph, x, ref, scale = shared
+    graph, x, ref, scale, *engine = shared
     out = []
     for kind, name, bits in cands:
         if kind == "wptq":  # one layer's learned rounding alone: the same fit as in isolated_ptq's walk
             g = with_layer(graph, isolated_ptq(graph, x, bits, only={name}), name)
-            out.append(float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale)
+            out.append(float(np.mean((_outputs(quantize(g), x, *engine) - ref) ** 2)) / scale)
         else:
-            out.append(_candidate_mse(graph, x, ref, scale, kind, name, bits))
+            out.append(_candidate_mse(graph, x, ref, scale, kind, name, bits, *engine))
     return out
 
 
 def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | None = None,
                         max_samples: int = 128, extended: bool = False,
-                        cluster: str | None = None) -> dict[str, Any]:
+                        cluster: str | None = None, engine: str = "numpy") -> dict[str, Any]:
     """Perturbation of the output for each (layer, weight width) and (activation, width) lowered
     alone: ``{"weights": {layer: {bits: mse}}, "acts": {root: {bits: mse}}, "baseline": ...}``.
 
     ``graph`` is a calibrated float graph; ``samples`` real inputs in the model's layout. The
     statistics of ``prepare_subbyte`` are measured first and returned under ``prepared`` (apply
     them with ``with_prepared``). With ``cache`` (a JSON file), results are stored keyed by a hash
-    of the graph and the samples and reused on the next search.
+    of the graph and the samples and reused on the next search. ``engine`` runs the integer
+    model of each candidate: "numpy" (the simulator) or "tvm" (the same integers, hilc[tvm]).
     """
     from hilc.compiler.quantize import quantize
     from hilc.sim.simulator import to_physical
+    from hilc.targets.tvm import check_engine, require_tvm
+
+    if check_engine(engine) == "tvm":  # a missing extra fails before any work
+        require_tvm()
 
     x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:max_samples])
     key = _key(graph, x, ("extended" if extended else "") + f"ptq{SENSITIVITY_ITERATIONS}")
@@ -427,11 +439,11 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     t0 = time.perf_counter()
     graph = prepare_subbyte(graph, samples, max_samples, cluster=cluster)
     space = analyse(graph, extended)
-    ref = _outputs(quantize(graph), x)
+    ref = _outputs(quantize(graph), x, engine)
     scale = float(np.mean(ref**2)) or 1.0
 
     def mse(g: Graph) -> float:
-        return float(np.mean((_outputs(quantize(g), x) - ref) ** 2)) / scale
+        return float(np.mean((_outputs(quantize(g), x, engine) - ref) ** 2)) / scale
 
     # candidates: each activation at each lower width; each layer at each sub-byte weight width,
     # after its learned rounding fitted as if it alone were lowered ("wptq"), so the ILP sees the
@@ -441,9 +453,9 @@ def measure_sensitivity(graph: Graph, samples: np.ndarray, cache: str | Path | N
     if cluster is not None:  # hilc[ray]: one Ray task per candidate, the graph and inputs shipped once
         from hilc.distributed import sensitivity_candidates
 
-        measured = sensitivity_candidates((graph, x, ref, scale), wcands + cands, cluster)
+        measured = sensitivity_candidates((graph, x, ref, scale, engine), wcands + cands, cluster)
     else:
-        measured = {c: _candidate_mse(graph, x, ref, scale, *c) for c in cands}
+        measured = {c: _candidate_mse(graph, x, ref, scale, *c, engine) for c in cands}
         fitted = {b: isolated_ptq(graph, x, b) for b in space.wbits if b < 8}  # one walk fits every layer
         measured.update({c: mse(with_layer(graph, fitted[c[2]], c[1])) for c in wcands})
     weights = {la.name: {str(b): (0.0 if b == 8 else measured[("wptq", la.name, b)])
@@ -809,9 +821,10 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                     budgets: Budgets | None = None, weight_bits: dict[str, int] | None = None,
                     act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
                     board: str | None = None, extended: bool = False,
-                    cluster: str | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    cluster: str | None = None, engine: str = "numpy") -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
-    ``precision='mixed'``), the report's ``mixed_precision`` section and files to write."""
+    ``precision='mixed'``), the report's ``mixed_precision`` section and files to write.
+    ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations."""
     budgets = budgets or Budgets()
     if precision not in ("int8", "mixed"):
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
@@ -835,7 +848,7 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     from hilc.compiler.costmodel import load_cost_model
 
     t0 = time.perf_counter()
-    sens = measure_sensitivity(graph, samples, cache, extended=extended, cluster=cluster)
+    sens = measure_sensitivity(graph, samples, cache, extended=extended, cluster=cluster, engine=engine)
     graph = with_prepared(graph, sens["prepared"])
     try:
         cost = load_cost_model(board)
@@ -864,8 +877,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     from hilc.sim.simulator import to_physical
 
     x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
-    ref = _outputs(quantize(graph), x)
-    measured = float(np.mean((_outputs(quantize(g), x) - ref) ** 2))
+    ref = _outputs(quantize(graph), x, engine)
+    measured = float(np.mean((_outputs(quantize(g), x, engine) - ref) ** 2))
     info["measured_perturbation"] = measured / (float(np.mean(ref**2)) or 1.0)
     files = {"sensitivity.json": json.dumps(sens, indent=1)}
     return g, info, files

@@ -51,7 +51,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
                   extended_bits: bool = False, cluster: str | None = None,
                   fpga_error_ratio: float = 1.0, order: str = "memory",
-                  patch_precision: str = "off") -> CompileResult:
+                  patch_precision: str = "off", engine: str = "numpy") -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -66,7 +66,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     the bulk of the searches (mixed-precision sensitivities, patch schedule, patch precision)
     run as Ray tasks; the compiled model is the same as without it.
     ``order``: "memory" runs the nodes in the order that lowers peak SRAM (hilc/compiler/schedule.py),
-    "import" keeps the ONNX file's order."""
+    "import" keeps the ONNX file's order. ``engine``: what runs the integer model in the
+    mixed-precision search, "numpy" (the simulator) or "tvm" (hilc[tvm], the same integers)."""
     if order not in ("memory", "import"):
         raise HilcError(f"--order: expected memory or import, got '{order}'")
     if cluster is not None:  # a missing extra fails before any work
@@ -145,7 +146,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
-                                               sensitivity_cache, board, extended_bits, cluster=cluster)
+                                               sensitivity_cache, board, extended_bits, cluster=cluster,
+                                               engine=engine)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"

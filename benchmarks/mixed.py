@@ -188,9 +188,11 @@ def search_time(res: dict, rows: list, crops) -> None:
     m = r.report["mixed_precision"]
     res["resnet8_search_2x_cold"] = {"search_seconds": m["search_seconds"],
                                      "sensitivity_seconds": m["sensitivity_seconds"],
-                                     "ptq_seconds": (m.get("ptq") or {}).get("seconds")}
+                                     "ptq_seconds": (m.get("ptq") or {}).get("seconds"),
+                                     "finetune_seconds": (m.get("finetune") or {}).get("seconds")}
     rows.append(("resnet8 2x search, sensitivity cold (of it: sensitivity, PTQ)", f"{m['search_seconds']:.1f} s",
-                 f"{m['sensitivity_seconds']:.1f} s, {(m.get('ptq') or {}).get('seconds', 0):.1f} s"))
+                 f"{m['sensitivity_seconds']:.1f} s, {(m.get('ptq') or {}).get('seconds', 0):.1f} s; then fine-tuning "
+                 f"{(m.get('finetune') or {}).get('seconds', 0):.1f} s"))
 
 
 def main() -> None:

@@ -50,8 +50,14 @@ def csim_vs_sim(g, x, out):
 
 
 def test_digits_cnn_minifloat_layers_csim_bit_exact(digits_float, digits, tmp_path):
-    """E4M3 x E4M3, E3M2 x E3M2, E2M1 x E2M1 and integer x E4M3 layers in one design."""
-    g = quantize(mixed(digits_float))
+    """E4M3 x E4M3, E3M2 x E3M2, E2M1 x E2M1 and integer x E4M3 layers in one design, the input
+    casts' shifts searched on calibration data (E2M1's finer than its full-range one)."""
+    searched = mf.search_act_shifts(mixed(digits_float), digits["x_train"][:64])
+    g = quantize(searched)
+    assert searched.meta["act_cast_search"]["conv2d_2"]["act_q"] < searched.meta["act_cast_search"]["conv2d_2"][
+        "full_range_q"]
+    assert all(n.attrs["act_q"] == searched.meta["act_cast_search"][n.name]["act_q"] for n in g.nodes
+               if n.attrs.get("act_format"))
     fmts = [(n.attrs["format"], n.attrs.get("act_format")) for n in g.nodes if n.op in ("conv2d", "dense")]
     assert fmts == MIX[:4]
     got, sim, design = csim_vs_sim(g, digits["x_test"][:24], tmp_path)

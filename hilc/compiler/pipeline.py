@@ -131,6 +131,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source, cluster=cluster)
         if calib is None:
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
+    if samples is not None and any(n.attrs.get("act_format") for n in g.nodes):  # minifloat input casts
+        from hilc.compiler.minifloat import search_act_shifts
+
+        g = search_act_shifts(g, samples)  # per-tensor power-of-two scale by least squared error
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
     mixed_info, files = {}, {}

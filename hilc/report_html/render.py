@@ -307,7 +307,9 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
                      + (f" = {prof['total_instructions']:,} instructions" if "total_instructions" in prof else ""))
     fp = report.get("fpga_precision")
     if fp and fp.get("layers"):  # --precision auto-fpga: the pick, its price, the HLS estimate, the PTQ
-        picks = ", ".join(f"{la['name']} {la['choice'].split(':')[1]} ({la['pe']}x{la['simd']})" for la in fp["layers"])
+        from hilc.targets.hls.cost import choice_label
+
+        picks = ", ".join(f"{la['name']} {choice_label(la['choice'])} ({la['pe']}x{la['simd']})" for la in fp["layers"])
         extra.append(f"auto-fpga pick: {picks}; cost model {fp['cost']['lut']:,} LUT / {fp['cost']['dsp']} DSP "
                      f"(int8 {fp['int8_cost']['lut']:,} / {fp['int8_cost']['dsp']})")
         h = fp.get("hls_estimate")

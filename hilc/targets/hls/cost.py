@@ -128,6 +128,12 @@ def candidates(bits: list[int]) -> list[tuple[str, str | int]]:
     return out
 
 
+def choice_label(key: str) -> str:
+    """A candidate key as people read it: ``int:6`` -> ``int6``, ``mf:E2M1`` -> ``E2M1``."""
+    kind, _, val = key.partition(":")
+    return f"int{val}" if kind == "int" else val
+
+
 def _fake_weights(w: np.ndarray, cand: tuple[str, str | int]) -> np.ndarray:
     from hilc.compiler import arith
 

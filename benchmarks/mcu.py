@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from arch_models import mobilenet_v2  # noqa: E402
+from common import print_table, write_results  # noqa: E402
 from conftest import AD01, DATA, RESNET8  # noqa: E402
 
 from hilc.compiler.pipeline import compile_model, write_artifacts  # noqa: E402
@@ -75,12 +76,8 @@ def main() -> None:
         rows.append(("DSP (SMLAD) kernels vs portable: instruction ratio", f"{res['dsp_speedup_instructions']:.2f}x",
                      "> 1"))
 
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>34}  {note}")
-    out = ROOT / "benchmarks" / "results" / "mcu.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print_table(rows, 34)
+    write_results("mcu.json", res)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from arch_models import mcunet_like, mobilenet_v2  # noqa: E402
+from common import print_table, write_results  # noqa: E402
 
 from hilc.compiler import patches as P  # noqa: E402
 from hilc.compiler.pipeline import compile_model, write_artifacts  # noqa: E402
@@ -292,13 +293,8 @@ def main() -> None:
 
 
 def _print(rows: list, res: dict, fname: str) -> None:
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>28}  {note}")
-    out = ROOT / "benchmarks" / "results" / fname
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print_table(rows, 28)
+    write_results(fname, res)
 
 
 if __name__ == "__main__":

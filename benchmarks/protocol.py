@@ -6,7 +6,6 @@ Prints a table and writes benchmarks/results/protocol.json. Run: python benchmar
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from common import write_results  # noqa: E402
 from conftest import DATA, RESNET8  # noqa: E402
 
 from hilc.compiler.pipeline import compile_model, write_artifacts  # noqa: E402
@@ -59,9 +59,7 @@ def main() -> None:
     print(f"raw link        {SIZE / raw_s / 1024:8.1f} KiB/s  ({raw_s:.2f} s for 64 KiB)")
     print(f"protocol payload {SIZE / proto_s / 1024:7.1f} KiB/s  ({proto_s:.2f} s, {step}-byte frames)")
     print(f"protocol / raw  {raw_s / proto_s:8.1%}  (target >= 80%)")
-    out = ROOT / "benchmarks" / "results" / "protocol.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results("protocol.json", res)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Prints a table and writes benchmarks/results/reliab.json. Run: python benchmarks
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from common import write_results  # noqa: E402
 from test_fuzz_protocol import CORPUS, FUZZ_RUNS, build_harness  # noqa: E402
 
 
@@ -46,9 +46,7 @@ def main() -> None:
           f"({f['execs_per_s']:,}/s) |")
     print(f"| crashes / exit code | {f['crashes']} / {f['exit_code']} |")
     print(f"| edges covered, new units found | {f['edges']}, {f['new_units']} |")
-    out = ROOT / "benchmarks" / "results" / "reliab.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results("reliab.json", res)
 
 
 if __name__ == "__main__":

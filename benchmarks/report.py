@@ -9,7 +9,6 @@ benchmarks/results/report.json. Run from the repository root:  python benchmarks
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from arch_models import mobilenet_v2  # noqa: E402
+from common import print_table, write_results  # noqa: E402
 from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
 
 import hilc  # noqa: E402
@@ -81,12 +81,8 @@ def main() -> None:
         dt = time.perf_counter() - t0
         res["report_resnet8"] = {"seconds": round(dt, 2), "html_bytes": page.stat().st_size}
         rows.append(("hilc report resnet8 (no profile: 2 plots)", f"{dt:.2f} s, {page.stat().st_size:,} B", ""))
-    w = max(len(r[0]) for r in rows)
-    for a, b, c in rows:
-        print(f"{a:<{w}}  {b:<48} {c}")
-    out = ROOT / "benchmarks" / "results" / "report.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    print_table(rows, 48)
+    write_results("report.json", res)
 
 
 if __name__ == "__main__":

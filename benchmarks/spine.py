@@ -7,7 +7,6 @@ Prints a table and writes benchmarks/results/spine.json. Run from the repository
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from common import print_table, write_results  # noqa: E402
 from conftest import AD01, DATA, DIGITS_CNN, RESNET8, ort_quantize_qdq, ort_run  # noqa: E402
 
 from hilc.compiler import arith  # noqa: E402
@@ -121,14 +121,8 @@ def main() -> None:
     rows.append(("ad01 reconstruction MSE float / int8", f"{mse_f:.3f} / {mse_i:.3f} ({mse_i / mse_f - 1:+.2%})",
                  "within 5%"))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':>24}  target")
-    for name, value, target in rows:
-        print(f"{name:<{width}}  {value:>24}  {target}")
-    out = ROOT / "benchmarks" / "results" / "spine.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print_table(rows, 24, header=("measure", "value", "target"))
+    write_results("spine.json", res)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from common import print_table, write_results  # noqa: E402
 from conftest import DATA, ort_run  # noqa: E402
 from opmodels import cases  # noqa: E402
 
@@ -117,12 +118,8 @@ def main() -> None:
         rows.append(("DSP kernels (M4) vs portable (M3): instruction ratio", f"{res['dsp_speedup_instructions']:.2f}x",
                      ""))
 
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>40}  {note}")
-    out = ROOT / "benchmarks" / "results" / "transformer.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print_table(rows, 40)
+    write_results("transformer.json", res)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from common import write_results  # noqa: E402
 from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
 
 from hilc.compiler import calibrate as calib_mod  # noqa: E402
@@ -180,9 +181,8 @@ def main() -> None:
         for p in res[m]["points"]:
             print(f"{m:8s} {p['label']:18s} {p['bits'] or '-':>4} {p['accuracy']:9.2%} {p['lut']:8d} {p['dsp']:5d}"
                   f"  {'*' if p['label'] in front else ''}")
-    out = ROOT / "benchmarks" / "results" / "minifloat.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    print()
+    write_results("minifloat.json", res)
     # the HTML report of the int8 digits CNN, carrying the comparison: the Pareto plot
     with tempfile.TemporaryDirectory() as tmp:
         write_artifacts(tmp, compile_model(DIGITS_CNN, xtr[:256]))

@@ -119,3 +119,21 @@ def test_auto_fpga_is_deterministic_and_ptq_runs_on_the_chosen_grids(digits):
     for n in a.nodes:
         if n.attrs.get("format"):
             assert n.attrs["w_scale_bits"] == n.attrs["format"]
+
+
+def test_pricing_parallelism_is_the_designs_and_falls_back_off_the_hls_target(digits):
+    import pytest
+
+    from hilc.errors import HilcError
+    from hilc.targets.hls.codegen import generate_hls
+
+    g = float_graph(DIGITS_CNN, digits["x_train"][:32])
+    lanes, source = cost.pricing_parallelism(g, "pynq-z2", None, for_hls=True)
+    design = generate_hls(quantize(g), "pynq-z2")
+    assert lanes == {r["name"]: (r["pe"], r["simd"]) for r in design.estimate["layers"] if "pe" in r}
+    assert "HLS design for pynq-z2" in source
+    bad = {"no_such_layer": (1, 1)}  # a design the backend refuses
+    with pytest.raises(HilcError, match="no_such_layer"):
+        cost.pricing_parallelism(g, "pynq-z2", bad, for_hls=True)
+    lanes, source = cost.pricing_parallelism(g, "pynq-z2", bad, for_hls=False)
+    assert lanes == {} and source.startswith("one lane per layer") and "no_such_layer" in source

@@ -146,11 +146,12 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     fpga_info = None
     if precision == "auto-fpga":  # per layer integer or minifloat, by the FPGA cost model
         from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD
-        from hilc.targets.hls.cost import auto_fpga, design_parallelism
+        from hilc.targets.hls.cost import auto_fpga, pricing_parallelism
 
         # priced at the HLS design's PE x SIMD (the board's default, or --parallel), which the design keeps
-        lanes = design_parallelism(g, fpga_board or DEFAULT_FPGA_BOARD, parallel)
-        g, fpga_info = auto_fpga(g, samples, fpga_error_ratio, parallel=lanes, ptq_methods=fpga_ptq)
+        lanes, source = pricing_parallelism(g, fpga_board or DEFAULT_FPGA_BOARD, parallel, target == "hls")
+        g, fpga_info = auto_fpga(g, samples, fpga_error_ratio, parallel=lanes, ptq_methods=fpga_ptq,
+                                 parallel_source=source)
         parallel = {**lanes, **(parallel or {})}
     elif precision != "int8" or budgets is not None or weight_bits or act_bits:
         from hilc.compiler.mixed import apply_precision

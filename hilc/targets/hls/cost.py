@@ -232,6 +232,22 @@ def design_parallelism(graph: Graph, board: Any = None,
     return {r["name"]: (int(r["pe"]), int(r["simd"])) for r in design.estimate["layers"] if "pe" in r}
 
 
+def pricing_parallelism(graph: Graph, board: Any, parallel: dict[str, tuple[int, int]] | None,
+                        for_hls: bool) -> tuple[dict[str, tuple[int, int]], str]:
+    """The PE x SIMD the picker prices with, and where it came from. For ``--target hls`` the design's
+    (its errors stand: the design would fail the same way); for other targets the default FPGA
+    board's design when the model lowers to it, else one lane per layer."""
+    from hilc.errors import HilcError
+
+    name = getattr(board, "name", board)
+    if for_hls:
+        return design_parallelism(graph, board, parallel), f"the HLS design for {name}"
+    try:
+        return design_parallelism(graph, board, parallel), f"the HLS design for {name}"
+    except HilcError as e:
+        return {}, f"one lane per layer ({name}: {e})"
+
+
 def split_ptq(spec: str | list[str] | None) -> tuple[str, list[str]]:
     """``--ptq`` for ``--precision auto-fpga``: equalization (format-independent, it keeps the float
     function) runs before calibration and the pick; bias correction and learned rounding run after
@@ -330,7 +346,8 @@ def ptq_after_pick(reference: Graph, picked: Graph, samples: np.ndarray, methods
 
 def auto_fpga(graph: Graph, samples: np.ndarray, error_ratio: float = 1.0, bits: list[int] | None = None,
               parallel: dict[str, tuple[int, int]] | None = None,
-              ptq_methods: list[str] | None = None) -> tuple[Graph, dict[str, Any]]:
+              ptq_methods: list[str] | None = None,
+              parallel_source: str | None = None) -> tuple[Graph, dict[str, Any]]:
     """``--precision auto-fpga``: per conv/dense, integer or minifloat weights of 3..8 bits, the
     cheapest (LUT + 100 DSP, each layer priced with its ``parallel`` PE x SIMD lanes: the HLS
     design's) whose summed output-error proxy is at most ``error_ratio`` times that of int8
@@ -348,6 +365,7 @@ def auto_fpga(graph: Graph, samples: np.ndarray, error_ratio: float = 1.0, bits:
             "error": float(sum(errs[n][k] for n, k in choice.items())),
             "cost": _cost_of(costs, choice), "int8_cost": _cost_of(costs, {n: "int:8" for n in choice}),
             "parallel": {n: list(parallel.get(n, (1, 1))) for n in choice},
+            "parallel_source": parallel_source or ("given" if parallel else "one lane per layer"),
             "layers": [{"name": n, "choice": k, "pe": costs[n][k]["pe"], "simd": costs[n][k]["simd"],
                         "lanes": costs[n][k]["pe"] * costs[n][k]["simd"], "acc_bits": costs[n][k]["acc_bits"],
                         "lut": costs[n][k]["lut"], "dsp": costs[n][k]["dsp"], "ff": costs[n][k]["ff"],

@@ -133,3 +133,24 @@ def test_cli_minifloat_option_compiles_for_hls_and_the_c_target_refuses(tmp_path
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no minifloat kernels" in r.stderr, r.stderr
     r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "x", "--minifloat", "nope=E3M2")
     assert r.returncode == 2 and "no conv/dense layer named nope" in r.stderr
+
+
+def test_minifloat_input_casts_get_bias_correction_and_adaround_after_calibration(digits):
+    """With input casts, equalization runs before calibration and bias correction + AdaRound after
+    the cast shifts are searched, with the casts simulated: closer to float than without them."""
+    from hilc.compiler.pipeline import compile_model
+    from hilc.sim.simulator import run_float, simulate, to_physical
+
+    x, xt = digits["x_train"][:64], digits["x_test"][:96]
+    hook = lambda g: mf.set_formats(g, "E2M1", "E2M1")  # noqa: E731
+    fg = float_graph(DIGITS_CNN, x)
+    ref = run_float(fg, {fg.inputs[0]: to_physical(fg, fg.inputs[0], xt)})[fg.outputs[0]].reshape(len(xt), -1)
+    errs = {}
+    for spec in ("equalize", "all"):
+        r = compile_model(DIGITS_CNN, x, ptq=spec, ptq_budget=None, graph_hook=hook)
+        names = [m["name"] for m in r.report["ptq"]["methods"]]
+        assert names[0] == "equalize" and len(names) == (2 if spec == "all" else 1)
+        y = simulate(r.graph, xt).reshape(len(xt), -1)
+        errs[spec] = float(((y - ref) ** 2).mean())
+    assert "minifloat input casts simulated" in names[1]
+    assert errs["all"] < errs["equalize"]

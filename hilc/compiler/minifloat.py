@@ -331,6 +331,66 @@ def search_act_shifts(graph, samples: np.ndarray, max_samples: int = 64):
     return g
 
 
+def cast_fake_quant(graph):
+    """Fake quantization of the minifloat input casts of a calibrated float graph (shifts as
+    ``search_act_shifts`` left them): the tensor feeding a layer with an ``act_format`` becomes
+    ``s_in * fix(cast_int(q - zp)) * 2**act_q``, on the int8 grid ``quantize`` gives it first. For
+    ``ptq._walk``'s ``act_quant``: it replaces the tensor for all its consumers (a residual add
+    beside the cast sees the cast too; the first layer's format wins where two casts share one)."""
+    from hilc.compiler.quantize import quantize
+
+    q = quantize(graph)
+    casts = {}
+    for n in graph.nodes:
+        t = n.inputs[0] if n.inputs else None
+        if n.op in ("conv2d", "dense") and n.attrs.get("act_format") and t in q.tensors and t not in casts:
+            fmt = parse(n.attrs["act_format"])
+            qi = q.tensors[t].quant
+            sh = int(n.attrs["act_q"]) if n.attrs.get("act_q_format") == fmt.name else act_shift(
+                fmt, max(qi.qmax - qi.zero_point, qi.zero_point - qi.qmin))
+            casts[t] = (qi, fmt, sh)
+
+    def act_quant(name: str, v: np.ndarray) -> np.ndarray:
+        if name not in casts:
+            return v
+        qi, fmt, sh = casts[name]
+        d = np.clip(np.rint(v.astype(np.float64) / qi.scale) + qi.zero_point, qi.qmin, qi.qmax).astype(np.int64)
+        fix = code_to_fix(fmt, cast_int(fmt, d - qi.zero_point, sh)).astype(np.float64)
+        return (np.ldexp(fix, sh) * qi.scale).astype(np.float32)
+
+    return act_quant
+
+
+def split_ptq_for_casts(spec, graph) -> tuple[str, list[str]]:
+    """``--ptq`` for a graph with minifloat input casts: equalization before calibration (it keeps
+    the float function), bias correction and AdaRound after it and after the cast shifts are
+    searched, so they fit the weights to the inputs as the casts leave them (``ptq_with_casts``)."""
+    from hilc.compiler.ptq import parse_methods
+
+    methods = parse_methods(spec, graph)
+    return ("equalize" if "equalize" in methods else "none"), [m for m in methods if m != "equalize"]
+
+
+def ptq_with_casts(graph, samples: np.ndarray, methods: list[str], budget_s: float | None,
+                   max_samples: int = 256):
+    """Bias correction / AdaRound (``ptq.correct_layers``) on a calibrated float graph whose input
+    casts are simulated during the walk (``cast_fake_quant``). Returns the graph and what ran."""
+    import time
+
+    from hilc.compiler.ptq import correct_layers
+    from hilc.sim.simulator import to_physical
+
+    t = time.perf_counter()
+    x = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:max_samples])
+    g = correct_layers(graph, graph, x, bias_correct="bias-correct" in methods, adaround="adaround" in methods,
+                       budget_s=budget_s, act_quant=cast_fake_quant(graph))
+    g.meta["ptq"] = [*graph.meta.get("ptq", []), *methods]
+    name = "+".join(m for m in ("bias-correct", "adaround") if m in methods)
+    return g, {"name": f"{name} (after calibration, minifloat input casts simulated)",
+               "seconds": round(time.perf_counter() - t, 3),
+               **({"budget_seconds": budget_s} if "adaround" in methods else {})}
+
+
 # --- weight quantizer: per-channel scale search -------------------------------------------------
 
 SHRINKS = np.linspace(0.5, 1.0, 26)

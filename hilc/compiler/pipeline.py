@@ -127,6 +127,11 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.targets.hls.cost import split_ptq
 
         ptq, fpga_ptq = split_ptq(ptq)
+    cast_ptq: list[str] = []
+    if precision != "auto-fpga" and not has_hints and any(n.attrs.get("act_format") for n in g.nodes):
+        from hilc.compiler.minifloat import split_ptq_for_casts
+
+        ptq, cast_ptq = split_ptq_for_casts(ptq, g)  # equalize now; the rest once the casts are known
     source = "calibration data" if isinstance(calib, np.ndarray) or calib is None else str(calib)
     g, samples, ptq_report = _post_training(g, samples, ptq, ptq_budget, input_range, has_hints, Path(model).name,
                                             source)
@@ -140,6 +145,11 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.minifloat import search_act_shifts
 
         g = search_act_shifts(g, samples)  # per-tensor power-of-two scale by least squared error
+        if cast_ptq:
+            from hilc.compiler.minifloat import ptq_with_casts
+
+            g, done = ptq_with_casts(g, samples, cast_ptq, ptq_budget)
+            ptq_report["methods"].append(done)
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
     mixed_info, files = {}, {}

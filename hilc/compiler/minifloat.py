@@ -336,7 +336,8 @@ def cast_fake_quant(graph):
     ``search_act_shifts`` left them): the tensor feeding a layer with an ``act_format`` becomes
     ``s_in * fix(cast_int(q - zp)) * 2**act_q``, on the int8 grid ``quantize`` gives it first. For
     ``ptq._walk``'s ``act_quant``: it replaces the tensor for all its consumers (a residual add
-    beside the cast sees the cast too; the first layer's format wins where two casts share one)."""
+    beside the cast sees the cast too; the first layer's format wins where two casts share one; the
+    walk feeds the graph input as it is, so a cast of the graph input is not simulated)."""
     from hilc.compiler.quantize import quantize
 
     q = quantize(graph)

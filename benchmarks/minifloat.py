@@ -17,9 +17,10 @@ picker (hilc/targets/hls/cost.py) among int/minifloat of 4, 6 and 8 bits at two 
 budgets, and ``hilc compile --target hls --precision auto-fpga`` at two error ratios with and
 without the PTQ after the pick (bias correction + AdaRound, fixed step count; ``equalize``: the
 same pick without it; ``none``: no PTQ at all, which may pick differently). The ``x`` rows'
-input casts take the shift searched on calibration data; ``cast_search`` compares it with the
-full-range shift. Cost: the analytical model of hilc/targets/hls/cost.py for the conv/dense MACs, with
-the PE x SIMD the HLS backend picks for the int8 design on pynq-z2 (the same parallelism for every variant).
+input casts take the full-range shift (compile_model's default); ``cast_search`` compares the
+least-MSE shift searched on calibration data with it. Cost: the analytical model of
+hilc/targets/hls/cost.py for the conv/dense MACs, with the PE x SIMD the HLS backend picks for the
+int8 design on pynq-z2 (the same parallelism for every variant).
 """
 
 from __future__ import annotations
@@ -91,17 +92,15 @@ def run_model(name: str, model: Path, calib: np.ndarray, x: np.ndarray, labels: 
     cast_search = {}
     for b in BITS:
         f = mf.for_bits(b).name
-        r = compile_model(model, calib, ptq="all", ptq_budget=BUDGET,
-                          graph_hook=lambda g, f=f: mf.set_formats(g, f, f))
-        searched = r.graph.meta.get("act_cast_search", {})
-        steps, mf.ACT_Q_STEPS = mf.ACT_Q_STEPS, 0
+        steps, mf.PIPELINE_ACT_Q_STEPS = mf.PIPELINE_ACT_Q_STEPS, mf.ACT_Q_STEPS
         try:
-            r0 = compile_model(model, calib, ptq="all", ptq_budget=BUDGET,
-                               graph_hook=lambda g, f=f: mf.set_formats(g, f, f))
+            r = compile_model(model, calib, ptq="all", ptq_budget=BUDGET,
+                              graph_hook=lambda g, f=f: mf.set_formats(g, f, f))
         finally:
-            mf.ACT_Q_STEPS = steps
+            mf.PIPELINE_ACT_Q_STEPS = steps
+        searched = r.graph.meta.get("act_cast_search", {})
         acc_s = float((simulate(r.graph, x).argmax(1) == labels).mean())
-        acc_0 = float((simulate(r0.graph, x).argmax(1) == labels).mean())
+        acc_0 = next(p["accuracy"] for p in points if p["label"] == f"{f}x{f}")  # the full-range row above
         cast_search[f"{f}x{f}"] = {"searched_accuracy": acc_s, "full_range_accuracy": acc_0,
                                    "layers_finer": sum(v["act_q"] < v["full_range_q"] for v in searched.values()),
                                    "layers": len(searched),

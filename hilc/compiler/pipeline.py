@@ -142,9 +142,9 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         if calib is None:
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
     if samples is not None and any(n.attrs.get("act_format") for n in g.nodes):  # minifloat input casts
-        from hilc.compiler.minifloat import search_act_shifts
+        from hilc.compiler.minifloat import PIPELINE_ACT_Q_STEPS, search_act_shifts
 
-        g = search_act_shifts(g, samples)  # per-tensor power-of-two scale by least squared error
+        g = search_act_shifts(g, samples, steps=PIPELINE_ACT_Q_STEPS)  # the casts' shifts and their error
         if cast_ptq:
             from hilc.compiler.minifloat import ptq_with_casts
 

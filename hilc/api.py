@@ -158,26 +158,37 @@ def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None 
     return Evaluation(y, metrics)
 
 
-def regress(m: Compiled | str | Path, x: np.ndarray, farm: str | Path, kind: str | None = None,
-            cluster: str = "local", chunk: int = 4, quiet: bool = True) -> RunResult:
+def regress(m: Compiled | str | Path | list, x: np.ndarray | list, farm: str | Path, kind: str | None = None,
+            cluster: str = "local", chunk: int = 4, quiet: bool = True) -> RunResult | list[RunResult]:
     """Inputs spread over every board of a kind in a farm inventory (``hilc regress``), one Ray
     actor per board; failed boards are dropped and their work reassigned. ``mismatches`` counts
-    outputs differing from the simulator; ``farm`` holds the per-board FarmResult."""
+    outputs differing from the simulator; ``farm`` holds the per-board FarmResult.
+
+    ``m`` a list of compiled models (``x`` one array for all, or a list with one per model):
+    they are spread over the boards together (a QEMU board switches firmware as needed) and a
+    list of RunResults comes back, each checked against its own model's simulator."""
     from hilc.compiler.arith import dequantize_host
     from hilc.distributed import require_ray
-    from hilc.hil.farm import farm_command, simulator_raw
+    from hilc.hil.farm import farm_models, simulator_raw
     from hilc.progress import parts_progress
     from hilc.sim.simulator import check_inputs
 
     require_ray()
-    c = _written(m, "regress")
-    x = check_inputs(c.graph, x)
-    x = x.astype(np.float32)
+    several = isinstance(m, list | tuple)
+    ms = [_written(c, "regress") for c in (m if several else [m])]
+    xs = list(x) if isinstance(x, list | tuple) else [x] * len(ms)
+    if len(xs) != len(ms):
+        raise HilcError(f"regress: {len(ms)} models and {len(xs)} input arrays")
+    xs = [check_inputs(c.graph, xi).astype(np.float32) for c, xi in zip(ms, xs, strict=True)]
     with parts_progress("running on the board farm", quiet) as update:
-        y, res = farm_command(c.path, c.graph, x, farm, kind, cluster, chunk, update)
-    bad = int(np.sum(np.any(simulator_raw(c.graph, x).reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
-    qo = c.graph.tensors[c.graph.outputs[0]].quant
-    return RunResult(dequantize_host(y, qo.scale, qo.zero_point), ",".join(res.per_board), bad, res)
+        results = farm_models([(c.path, c.graph, xi) for c, xi in zip(ms, xs, strict=True)], farm, kind, cluster,
+                              chunk, update)
+    out = []
+    for c, xi, (y, res) in zip(ms, xs, results, strict=True):
+        bad = int(np.sum(np.any(simulator_raw(c.graph, xi).reshape(len(xi), -1) != y.reshape(len(xi), -1), axis=1)))
+        qo = c.graph.tensors[c.graph.outputs[0]].quant
+        out.append(RunResult(dequantize_host(y, qo.scale, qo.zero_point), ",".join(res.per_board), bad, res))
+    return out if several else out[0]
 
 
 def flash(m: Compiled | str | Path, board: str) -> str:

@@ -50,6 +50,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         ptq_args["fpga_error_ratio"] = args.fpga_error_ratio
     if args.cluster is not None:
         ptq_args["cluster"] = args.cluster
+    if args.engine != "numpy":  # the mixed-precision search's integer-model runs
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()  # before any work: a missing extra is one line
+        ptq_args["engine"] = args.engine
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
@@ -271,41 +276,64 @@ def cmd_regress(args: argparse.Namespace) -> int:
 
 
 def _farm_run(args: argparse.Namespace, check: bool) -> int:
-    """``run --farm`` / ``regress``: inputs spread over the inventory's boards (Ray actors)."""
+    """``run --farm`` / ``regress``: inputs spread over the inventory's boards (Ray actors);
+    ``regress`` takes several compiled models, spread over the boards together."""
     from hilc.compiler.arith import dequantize_host
     from hilc.compiler.pipeline import load_artifacts
     from hilc.distributed import require_ray
-    from hilc.hil.farm import farm_command, simulator_raw
+    from hilc.hil.farm import farm_models, simulator_raw
     from hilc.progress import parts_progress
 
     require_ray()
-    graph = load_artifacts(args.compiled)
-    x = _load_inputs(args.input, graph)
+    dirs = [Path(d) for d in (args.compiled if isinstance(args.compiled, list) else [args.compiled])]
+    if len({d.resolve() for d in dirs}) < len(dirs):
+        raise HilcError("regress: a compiled model is listed twice")
+    models = []
+    for d in dirs:
+        graph = load_artifacts(d)
+        models.append((d, graph, _load_inputs(args.input, graph).astype(np.float32)))
+    several = len(models) > 1
+    if several and args.output:
+        names = [d.name for d in dirs]
+        if len(set(names)) < len(names):
+            raise HilcError("-o with several models writes DIR/<model folder name>.npy: the folder names must differ")
     with parts_progress("running on the board farm", args.quiet) as update:
-        y, res = farm_command(Path(args.compiled), graph, x.astype(np.float32), args.farm, args.kind,
-                              args.cluster or "local", args.chunk, update)
-    bad = 0
-    if check:
-        sim = simulator_raw(graph, x.astype(np.float32))
-        bad = int(np.sum(np.any(sim.reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
-    if args.output:
-        out = Path(args.output)
-        if not args.raw:
-            qo = graph.tensors[graph.outputs[0]].quant
-            y = dequantize_host(y, qo.scale, qo.zero_point)
-        tmp = out.with_name(f".{out.name}.tmp.npy")
-        np.save(tmp, y)
-        os.replace(tmp, out)
-    if not args.quiet:
+        results = farm_models(models, args.farm, args.kind, args.cluster or "local", args.chunk, update)
+    failed, messages = 0, []
+    per_board: dict[str, int] = {}
+    for (d, graph, x), (y, res) in zip(models, results, strict=True):
+        bad = 0
+        if check:
+            sim = simulator_raw(graph, x)
+            bad = int(np.sum(np.any(sim.reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
+        if args.output:
+            out = Path(args.output) / f"{d.name}.npy" if several else Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not args.raw:
+                qo = graph.tensors[graph.outputs[0]].quant
+                y = dequantize_host(y, qo.scale, qo.zero_point)
+            tmp = out.with_name(f".{out.name}.tmp.npy")
+            np.save(tmp, y)
+            os.replace(tmp, out)
         for name, count in res.per_board.items():
+            per_board[name] = per_board.get(name, 0) + count
+        if check:
+            msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {len(res.per_board)} boards"
+            if several:
+                msg = f"{d}: {msg}"
+            failed += bad > 0
+            messages.append(msg if bad == 0 else f"MISMATCH: {msg}")
+    if not args.quiet:
+        for name, count in per_board.items():
             why = f"  BAD: {res.bad_boards[name]}" if name in res.bad_boards else ""
             print(f"{name:20s} {count:6d} inputs{why}")
         if res.reassigned:
             print(f"{res.reassigned} chunk(s) reassigned after board failures")
+        if several and res.switches:
+            print(f"{res.switches} firmware switch(es) between models")
     if check:
-        msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {len(res.per_board)} boards"
-        print(msg if bad == 0 else f"MISMATCH: {msg}")
-        return 0 if bad == 0 else 1
+        print("\n".join(messages))
+        return 0 if failed == 0 else 1
     return 0
 
 
@@ -483,7 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --calib, for a model without BatchNorm statistics: the input value range "
                         "of the synthesised calibration inputs (default 0,1)")
     c.add_argument("--cluster", metavar="auto|local|ADDRESS",
-                   help="compute the calibration statistics in shards on a Ray cluster (hilc[ray])")
+                   help="run the compile's bulk work on a Ray cluster (hilc[ray]): calibration statistics in "
+                        "shards, and the candidates of --precision mixed, --patch auto and --patch-precision "
+                        "value as tasks; the same compiled model")
+    c.add_argument("--engine", default="numpy", choices=["numpy", "tvm"],
+                   help="what runs the integer model in the --precision mixed search: numpy (the simulator) or tvm "
+                        "(the same integers from one TVM module per graph structure; hilc[tvm])")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -521,13 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     rg = sub.add_parser("regress", help="run inputs across every board of a farm and check them bit for bit")
-    rg.add_argument("compiled")
-    rg.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
+    rg.add_argument("compiled", nargs="+", help="one or more compiled models (output folders): several are "
+                    "spread over the boards together, each checked against its own simulator")
+    rg.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout; "
+                    "every model runs it)")
     rg.add_argument("--farm", required=True, metavar="INVENTORY.toml", help="board inventory (TOML)")
     rg.add_argument("--kind", help="the kind of board to use (default: the only kind listed)")
     rg.add_argument("--cluster", metavar="auto|local|ADDRESS", help="the Ray cluster (default: local)")
     rg.add_argument("--chunk", type=int, default=4, help="inputs per work unit (default 4)")
-    rg.add_argument("-o", "--output", help="also write the outputs (.npy)")
+    rg.add_argument("-o", "--output", help="also write the outputs (.npy; with several models a folder of "
+                    "<model folder name>.npy)")
     rg.add_argument("--raw", action="store_true")
     rg.add_argument("-q", "--quiet", action="store_true")
     rg.set_defaults(func=cmd_regress)

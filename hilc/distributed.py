@@ -86,7 +86,7 @@ def map_shards(fn: Callable[..., Any], shared: Any, x: np.ndarray, bounds: Seque
     ``shared`` is put in the object store once; ``progress(done_samples, total)`` is called as
     shards finish (in whatever order they finish)."""
     ray = connect(cluster)
-    shared_ref = ray.put(shared)
+    shared_ref = shared if isinstance(shared, ray.ObjectRef) else ray.put(shared)  # a ref: put once by the caller
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
     refs = [task.remote(shared_ref, x[a:b], a, *extra) for a, b in bounds]
     size = {r: b - a for r, (a, b) in zip(refs, bounds, strict=True)}
@@ -146,3 +146,114 @@ def accuracy(y: np.ndarray, labels: np.ndarray | None = None, reference: np.ndar
         out["top1_agreement"] = float(np.mean(pred == reference.reshape(len(y), -1).argmax(axis=1)))
         out["max_abs_diff"] = float(np.max(np.abs(y.astype(np.float64) - reference)))
     return out
+
+
+# --- searches: one Ray task per candidate ----------------------------------------------------------
+
+def map_candidates(fn: Callable[..., list[Any]], shared: Any, cands: Sequence[Any], cluster: str, label: str,
+                   extra: tuple = ()) -> list[Any]:
+    """``fn(shared, cands[i:i+1], i, *extra)[0]`` for every candidate, one Ray task each, in
+    candidate order (the order they were given, whatever order they finish in). ``shared`` (the
+    graph, the inputs) goes to the object store once. Progress: candidates done, total and the
+    task count, on a terminal."""
+    from hilc.progress import parts_progress
+
+    if not cands:
+        return []
+    with parts_progress(f"{label} on Ray ({cluster})") as update:
+        parts = map_shards(fn, shared, list(cands), shard_bounds(len(cands), 1), cluster, update, extra)
+    return [v for part in parts for v in part]
+
+
+def sensitivity_candidates(shared: tuple, cands: Sequence[tuple[str, str, int]], cluster: str) -> dict[tuple, float]:
+    """Mixed precision: the output perturbation of every (kind, layer or activation, width)
+    candidate (``hilc.compiler.mixed._sensitivity_shard``), one Ray task each; ``shared`` is
+    ``(graph, inputs, reference outputs, scale[, engine])``. Weight candidates ("wptq") fit one layer's
+    learned rounding each, which is the same fit as the single process's walk over all layers."""
+    from hilc.compiler.mixed import _sensitivity_shard
+
+    values = map_candidates(_sensitivity_shard, shared, cands, cluster, "sensitivity")
+    return dict(zip(cands, values, strict=True))
+
+
+def cluster_cpus(cluster: str) -> int:
+    """The CPUs of the cluster (at least 1): how many candidates a search packs ahead at a time."""
+    ray = connect(cluster)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _patch_candidates_task(graph, ks: list[int], start: int, layer_macs: list[int]) -> list[list[tuple]]:
+    from hilc.compiler.patches import _grids, build_candidate
+
+    out = []
+    for k in ks:
+        cs = [build_candidate(graph, k, n, layer_macs) for n in _grids(graph, k)]
+        out.append([(c.k, c.n, c.macs, c.lower_bound) for c in cs])  # the plans stay here: big, rebuilt on demand
+    return out
+
+
+def patch_candidates(graph, valid: Sequence[int], layer_macs: list[int], cluster: str) -> list[Any]:
+    """The patch search's candidates (every split point x grid, ``patches.build_candidate``),
+    one Ray task per split point, in the single process's order. Their plans (thousands of
+    windows) are not sent back: the scan needs MACs and bounds only; ``full_peaks`` rebuilds a
+    plan where it packs it and the search rebuilds the chosen one (``patches._with_plan``)."""
+    from hilc.compiler.patches import Candidate
+
+    per_k = map_candidates(_patch_candidates_task, graph, list(valid), cluster, "patch candidates",
+                           extra=(layer_macs,))
+    return [Candidate(k, n, None, macs, bound) for cs in per_k for k, n, macs, bound in cs]
+
+
+def put(obj: Any, cluster: str) -> Any:
+    """``obj`` in the object store once, for several ``map_candidates`` calls."""
+    return connect(cluster).put(obj)
+
+
+def _full_peak_task(graph, cands: list, start: int, scratch: int, reorder: bool,
+                    layer_macs: list[int]) -> list[tuple]:
+    from hilc.compiler.patches import _full_peak, build_candidate
+
+    out = []
+    for k, n in cands:
+        c = build_candidate(graph, k, n, layer_macs)
+        peak = _full_peak(graph, c, scratch, reorder)
+        out.append((peak, c.order, c.peak_given_order))
+    return out
+
+
+def full_peaks(graph, cands: list, scratch: int, reorder: bool, cluster: str, layer_macs: list[int]) -> list:
+    """Pack each candidate's full plan (``patches._full_peak``), one Ray task each; sets the
+    candidates' ``peak``, ``order`` and ``peak_given_order`` as the single process would.
+    ``graph`` may be an object-store reference (``put``)."""
+    got = map_candidates(_full_peak_task, graph, [(c.k, c.n) for c in cands], cluster, "patch plans",
+                         extra=(scratch, reorder, layer_macs))
+    for c, (peak, order, given) in zip(cands, got, strict=True):
+        c.peak, c.order, c.peak_given_order = peak, order, given
+    return cands
+
+
+def _clip_task(shared: tuple, items: list, start: int) -> list[dict[str, list[float]]]:
+    from hilc.compiler.mixed import _mse_clip
+
+    widths = shared
+    return [{str(b): list(_mse_clip(v.astype(np.float64), lo, hi, b)) for b in widths} for v, lo, hi in items]
+
+
+def clip_ranges(items: Sequence[tuple[np.ndarray, float, float]], widths: Sequence[int],
+                cluster: str) -> list[dict[str, list[float]]]:
+    """Sub-byte widths: each activation's MSE-optimal clipped range at every width in ``widths``
+    (``mixed._mse_clip`` on its sampled values ``(values, lo, hi)``), a Ray task per activation."""
+    return map_candidates(_clip_task, tuple(widths), list(items), cluster, "clipped ranges")
+
+
+def _entropy_task(shared: Any, items: list, start: int) -> list[dict[int, float]]:
+    from hilc.compiler.patch_precision import _codes, _entropy
+
+    return [{b: _entropy(_codes(v.astype(np.float64), lo, hi, b)) for b, lo, hi in widths} for v, widths in items]
+
+
+def code_entropies(items: Sequence[tuple[np.ndarray, list[tuple[int, float, float]]]],
+                   cluster: str) -> list[dict[int, float]]:
+    """Patch precision's value-driven search: the entropy of each feature map's codes at each
+    candidate width ``(bits, lo, hi)`` (``patch_precision._entropy``), a Ray task per feature map."""
+    return map_candidates(_entropy_task, None, list(items), cluster, "patch-precision candidates")

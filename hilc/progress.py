@@ -77,10 +77,15 @@ def parts_progress(label: str, quiet: bool = False) -> Iterator[PartsProgress | 
     if not enabled(quiet):
         yield None
         return
+    import rich
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # inside another bar (a compile's, on rich's own console): nest below it on that console
+    # (rich >= 14 stacks live displays), rather than a second display fighting over the terminal
+    outer = rich.get_console()
+    console = outer if getattr(outer, "_live_stack", None) else Console(stderr=True)
     prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
+                    console=console, transient=True)
     with prog:
         yield PartsProgress(prog, prog.add_task(label, total=None))

@@ -5,10 +5,12 @@ Ray costs several seconds."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from conftest import DATA, DIGITS_CNN, RESNET8
 
@@ -69,14 +71,49 @@ def test_sharded_evaluation_is_bit_exact(ray_local, resnet8, crops32):
     assert hilc.evaluate(resnet8, crops32[:256], labels=labels[:256], cluster="local").metrics["top1"] == 0.5
 
 
-def test_sharded_sensitivity_equals_single_process(ray_local, float_graph, crops32):
+def test_sharded_sensitivity_equals_single_process(ray_local, digits, tmp_path, monkeypatch):
+    import contextlib
+
+    import hilc.progress
     from hilc.compiler import mixed
 
-    g = calibrate.calibrate(float_graph, crops32[:64])
-    one = mixed.measure_sensitivity(g, crops32[:64], max_samples=16)
-    dist = mixed.measure_sensitivity(g, crops32[:64], max_samples=16, cluster="local")
-    assert dist["weights"] == one["weights"] and dist["acts"] == one["acts"]
-    assert dist["prepared"] == one["prepared"]
+    calls: list = []
+
+    class Recorder:  # what a terminal's progress display would be told
+        def __init__(self, label):
+            self.label = label
+
+        def __call__(self, done, total):
+            calls.append((self.label, "total", done, total))
+
+        def part(self, name, done, total=None, note=""):
+            calls.append((self.label, name, done, total))
+
+    monkeypatch.setattr(hilc.progress, "parts_progress", lambda label, quiet=False: contextlib.nullcontext(
+        Recorder(label)))
+
+    x = digits["x_train"][:64]
+    g = import_onnx(DIGITS_CNN)
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+    g = calibrate.calibrate(g, x)
+    one = mixed.measure_sensitivity(g, x, max_samples=32)
+    # every candidate a Ray task: activations, and each layer's PTQ-fitted weights at 4 and 2 bits
+    dist = mixed.measure_sensitivity(g, x, max_samples=32, cluster="local", cache=tmp_path / "sensitivity.json")
+    assert [list(v) for v in dist["weights"].values()] == [["8", "4", "2"]] * 4
+    assert all(v["2"] > v["4"] > 0 for v in dist["weights"].values())
+    # progress: per task and in total, for each distributed step (clipped ranges, candidates)
+    labels = sorted({c[0] for c in calls})
+    assert labels == ["clipped ranges on Ray (local)", "sensitivity on Ray (local)"]
+    sens = [c[1:] for c in calls if c[0] == "sensitivity on Ray (local)"]
+    n = 4 * 2 + 4  # 4 layers x (4, 2) bits + 4 activations x 4 bits
+    assert sens[0] == ("shards", 0, n) and sens[-1] == ("shards", n, n) and ("total", n, n) in sens
+    drop = ("seconds", "cached")
+    assert {k: v for k, v in dist.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+    # sensitivity.json as the single process writes it (its timing aside)
+    mixed.measure_sensitivity(g, x, max_samples=32, cache=tmp_path / "one.json")
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("sensitivity.json", "one.json"))
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
 def test_cli_compile_with_cluster_writes_the_same_model(ray_local, crops32, tmp_path):
@@ -286,3 +323,112 @@ def test_evaluate_with_the_tvm_engine_single_and_on_ray_shards(ray_local, resnet
     assert np.array_equal(hilc.evaluate(resnet8, crops32[:64], raw=True, engine="tvm").outputs, ref.outputs)
     sharded = hilc.evaluate(resnet8, crops32[:64], raw=True, cluster="local", shard=32, engine="tvm")
     assert np.array_equal(sharded.outputs, ref.outputs) and sharded.metrics["shards"] == 2
+
+
+def test_patch_searches_on_ray_give_the_same_plan_and_widths(ray_local, tmp_path):
+    """--patch auto and --patch-precision value with --cluster: the candidates built, packed and
+    scored as Ray tasks; the same schedule, the same low-branch widths, the same model files."""
+    from test_patch_precision import _arch_models, blobs
+
+    from hilc.cli import main
+    from hilc.compiler import patches as P
+    from hilc.compiler.pipeline import compile_model
+
+    model = tmp_path / "m.onnx"
+    onnx.save(_arch_models().mobilenet_v2(0.35, 64, num_classes=10), str(model))
+    x = blobs(16, 0)
+    np.save(tmp_path / "calib.npy", x)
+    for name, extra in (("one", []), ("ray", ["--cluster", "local"])):
+        assert main(["compile", str(model), "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / name), "-q",
+                     "--patch", "auto", "--sram", "60000", "--patch-precision", "value", *extra]) == 0
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "ray")]
+    timing = ("planner_seconds", "search_seconds")
+    for key in ("patch", "patch_precision"):
+        a, b = ({k: v for k, v in r[key].items() if k not in timing} for r in reports)
+        assert a == b
+    assert reports[0]["patch_precision"]["search"], "the search lowered no feature map"
+    graphs = [json.loads((tmp_path / n / "graph.json").read_text()) for n in ("one", "ray")]
+    for g in graphs:
+        g["meta"]["patch"].pop("planner_seconds")
+    assert graphs[0] == graphs[1]
+    a, b = np.load(tmp_path / "one" / "constants.npz"), np.load(tmp_path / "ray" / "constants.npz")
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+    # the schedule search alone, in each of its modes: lowest peak, fewest MACs within a budget,
+    # and the error naming the smallest reachable peak
+    q = compile_model(model, x[:4]).graph
+    for budget in (None, 60000, 30000):
+        one, dist = P.plan_patches(q, "auto", budget), P.plan_patches(q, "auto", budget, cluster="local")
+        assert [n.name for n in one.nodes] == [n.name for n in dist.nodes]
+        assert {k: v for k, v in one.meta["patch"].items() if k not in timing} == \
+            {k: v for k, v in dist.meta["patch"].items() if k not in timing}
+    errors = []
+    for cluster in (None, "local"):
+        with pytest.raises(HilcError, match="no schedule fits 1000 bytes") as e:
+            P.plan_patches(q, "auto", 1000, cluster=cluster)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+
+
+def _kill_board_emulator(board: str) -> int | None:
+    """SIGKILL the QEMU process farm board ``board`` runs now (found by its firmware's temp folder,
+    so a board that switched firmware is still found); returns its pid."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system-arm" in cmd.split("\0")[0] and f"hilc-farm-{board}-" in cmd:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_regress_spreads_several_models_over_the_farm(ray_local, digits_board, digits, tmp_path, capsys):
+    """Two compiled models on 3 QEMU boards at once (boards switch firmware between them); one
+    board killed mid-run: each model's inputs answered exactly once, bit-exact with its own
+    simulator."""
+    from hilc.cli import main
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+    from hilc.hil.farm import farm_models, simulator_raw
+
+    out1, g1 = digits_board
+    out2 = tmp_path / "digits2"
+    r2 = compile_model(DIGITS_CNN, digits["x_train"][64:128], board="qemu-mps2-an386")  # other scales: other firmware
+    write_artifacts(out2, r2)
+    g2 = r2.graph
+    assert g1.content_hash() != g2.content_hash()
+    x = digits["x_test"][:60]
+    inv = _inventory(tmp_path, '[[board]]\nname = "q"\nkind = "qemu-mps2-an386"\ncount = 3\n')
+    killed: list = []
+
+    def on_chunk(done: int) -> None:
+        if done >= 16 and not killed:
+            killed.append(_kill_board_emulator("q-1"))
+
+    results = farm_models([(out1, g1, x), (out2, g2, x[:40])], inv, on_chunk=on_chunk)
+    assert killed and killed[0] is not None
+    for (y, res), g, n in zip(results, (g1, g2), (60, 40), strict=True):
+        assert list(res.bad_boards) == ["q-1"] and res.reassigned == 1
+        assert len(res.answered_by) == n and sum(res.per_board.values()) == n
+        assert np.array_equal(y, simulator_raw(g, x[:n]))
+    assert results[0][1].switches >= 1  # q-1's model went on on another board
+
+    np.save(tmp_path / "x.npy", x[:24])
+    rc = main(["regress", str(out1), str(out2), str(tmp_path / "x.npy"), "--farm", str(inv), "-o",
+               str(tmp_path / "ys"), "--raw"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    for out, g in ((out1, g1), (out2, g2)):
+        assert f"{out}: 24/24 outputs bit-exact with the simulator on 3 boards" in text
+        assert np.array_equal(np.load(tmp_path / "ys" / f"{out.name}.npy"), simulator_raw(g, x[:24]))
+    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
+    assert sum(counts) == 48
+
+    rs = hilc.regress([hilc.load(out1), hilc.load(out2)], [x[:8], x[8:20]], inv)
+    assert [r.mismatches for r in rs] == [0, 0] and [len(r.outputs) for r in rs] == [8, 12]

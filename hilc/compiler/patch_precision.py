@@ -157,10 +157,11 @@ def check_options(mode: str, patch: str) -> None:
 
 def apply_patch_precision(q: Graph, g: Graph, samples: np.ndarray | None, mode: str = "value",
                           outlier_rate: float = 0.2, entropy_budget: float = 1.0,
-                          max_samples: int = 64) -> tuple[Graph, dict[str, Any]]:
+                          max_samples: int = 64, cluster: str | None = None) -> tuple[Graph, dict[str, Any]]:
     """The pass: ``q`` the quantized, patch-scheduled graph, ``g`` the float graph it was
     quantized from (bit-widths assigned). Returns ``q`` with ``meta['patch_precision']`` and the
-    report's ``patch_precision`` section."""
+    report's ``patch_precision`` section. ``cluster`` (``hilc[ray]``): the candidates' clipped
+    ranges and code entropies are computed on Ray (a task per feature map; the same numbers)."""
     if mode not in MODES:
         raise HilcError(f"--patch-precision: expected off or value, got '{mode}'")
     if mode == "off":
@@ -182,7 +183,7 @@ def apply_patch_precision(q: Graph, g: Graph, samples: np.ndarray | None, mode: 
     stage = q.nodes[: k + 1]
     split, x_name = plan["split"], q.inputs[0]
     if "subbyte_ranges" not in g.meta:
-        g = prepare_subbyte(g, samples)
+        g = prepare_subbyte(g, samples, cluster=cluster)
     xs = np.asarray(samples, np.float32)[:max_samples]
     xf = to_physical(g, x_name, xs)
     qi = q.tensors[x_name].quant
@@ -214,9 +215,15 @@ def apply_patch_precision(q: Graph, g: Graph, samples: np.ndarray | None, mode: 
         return tuple(sub[t][str(b)]) if b < 8 and str(b) in sub.get(t, {}) else tuple(ranges[t])
 
     ent: dict[tuple[str, int], float] = {}
-    for t in cands:
-        for b in space.abits:
-            if b <= cur[t] and (b == 8 or str(b) in sub.get(t, {})):
+    widths = {t: [b for b in space.abits if b <= cur[t] and (b == 8 or str(b) in sub.get(t, {}))] for t in cands}
+    if cluster is not None:
+        from hilc.distributed import code_entropies
+
+        got = code_entropies([(vals[t], [(b, *rng_at(t, b)) for b in widths[t]]) for t in cands], cluster)
+        ent = {(t, b): e[b] for t, e in zip(cands, got, strict=True) for b in widths[t]}
+    else:
+        for t in cands:
+            for b in widths[t]:
                 ent[(t, b)] = _entropy(_codes(vals[t].astype(np.float64), *rng_at(t, b), b))
     low_bits: dict[str, int] = {}
     spent = 0.0

@@ -57,6 +57,7 @@ of its layer-by-layer rest as well (``reorder``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,7 +377,7 @@ def mcunet_peak(graph: Graph, plan: dict[str, Any] | None = None) -> int:
 class Candidate:
     k: int
     n: int
-    plan: dict[str, Any]
+    plan: dict[str, Any] | None  # None: built on Ray, not yet rebuilt here (_with_plan)
     macs: int
     lower_bound: int  # arena lower bound + I/O + scratch: no packing can go below it
     peak: int | None = None  # full plan (arena + I/O + scratch) once packed
@@ -484,7 +485,8 @@ def _resolve_split(graph: Graph, split: str, valid: list[int]) -> int:
     raise HilcError(f"--patch: no node or tensor named '{split}'")
 
 
-def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, reorder: bool = True) -> Graph:
+def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, reorder: bool = True,
+                 cluster: str | None = None) -> Graph:
     """The scheduling pass: returns a copy of the graph with ``meta["patch"]`` set (or unchanged
     for ``off``, and for ``auto`` when layer by layer already fits ``budget``).
 
@@ -495,6 +497,10 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
     With ``reorder`` every packed candidate also tries the memory order of the layer-by-layer rest
     (``hilc.compiler.schedule``: which tensors wait beside the whole split tensor) and keeps the
     better; the returned graph runs in the chosen order (the stage stays the prefix).
+
+    ``cluster`` (``hilc[ray]``): the candidates are built (one Ray task per split point) and
+    packed (a task each, a batch of as many as the cluster has CPUs ahead of the scan) on Ray;
+    the scan takes them in the same order, so the plan is the same.
     """
     kind, split, n = parse_mode(mode)
     if kind == "off":
@@ -519,30 +525,28 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
         if not valid:
             raise HilcError("--patch auto: the model has no layer prefix that can run patch by patch "
                             "(it must start with conv/maxpool/add/pixelwise layers on a 4-D input)")
-        cands = []
-        for k in valid:
-            _, h, w, _ = graph.tensors[graph.nodes[k].outputs[0]].shape
-            for n in range(2, min(MAX_GRID, h, w) + 1):
-                cands.append(build_candidate(graph, k, n, layer_macs))
+        if cluster is None:
+            cands = [build_candidate(graph, k, n, layer_macs) for k in valid for n in _grids(graph, k)]
+        else:
+            from hilc.distributed import patch_candidates
+
+            cands = patch_candidates(graph, valid, layer_macs, cluster)
         best = None
         if budget is not None:
-            for c in sorted(cands, key=lambda c: (c.macs, c.lower_bound)):
-                if c.lower_bound > budget:
-                    continue
-                c.peak = _full_peak(graph, c, scratch, reorder)
+            fits = [c for c in sorted(cands, key=lambda c: (c.macs, c.lower_bound)) if c.lower_bound <= budget]
+            for c in _packed(graph, fits, scratch, reorder, cluster, lambda c: False):
                 if c.peak <= budget:
                     best = c
                     break
         if best is None:
             # the lowest reachable peak: pack the candidates in order of their bound until no
             # later bound can beat the best packed peak
-            low = None
-            for c in sorted(cands, key=lambda c: (c.lower_bound, c.macs)):
-                if low is not None and c.lower_bound >= low.peak:
-                    break
-                c.peak = _full_peak(graph, c, scratch, reorder)
-                if low is None or (c.peak, c.macs) < (low.peak, low.macs):
-                    low = c
+            lowest: list[Candidate] = []  # the best packed so far (a list: the stop test reads it)
+            for c in _packed(graph, sorted(cands, key=lambda c: (c.lower_bound, c.macs)), scratch, reorder, cluster,
+                             lambda c: bool(lowest) and c.lower_bound >= lowest[0].peak):
+                if not lowest or (c.peak, c.macs) < (lowest[0].peak, lowest[0].macs):
+                    lowest[:] = [c]
+            low = _with_plan(graph, lowest[0], layer_macs) if lowest else None
             assert low is not None
             if budget is not None:
                 smallest = min(low.peak, lw_peak)
@@ -550,6 +554,7 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
                                 f"can reach is {smallest} bytes (layer by layer: {lw_peak}; "
                                 f"split after {low.plan['split_node']} with {low.n}x{low.n} patches)")
             best = low
+    best = _with_plan(graph, best, layer_macs)
     g = graph.copy() if best.order is None else apply_order(graph, best.order)
     p = best.plan
     p["stage"] = [nd.name for nd in g.nodes[: best.k + 1]]
@@ -565,6 +570,48 @@ def plan_patches(graph: Graph, mode: str = "auto", budget: int | None = None, re
         p.update(layerwise_over_budget_bytes=lw_peak - budget, headroom_bytes=budget - best.peak)
     g.meta["patch"] = p
     return g
+
+
+def _with_plan(graph: Graph, c: Candidate, layer_macs: list[int]) -> Candidate:
+    """``c`` with its plan (candidates built on Ray come back without theirs: rebuilt here)."""
+    if c.plan is None:
+        c.plan = build_candidate(graph, c.k, c.n, layer_macs).plan
+    return c
+
+
+def _grids(graph: Graph, k: int) -> range:
+    """The grid sizes the automatic search tries for a split after node ``k``."""
+    _, h, w, _ = graph.tensors[graph.nodes[k].outputs[0]].shape
+    return range(2, min(MAX_GRID, h, w) + 1)
+
+
+def _packed(graph: Graph, cands: list[Candidate], scratch: int, reorder: bool, cluster: str | None,
+            stop: Callable[[Candidate], bool]) -> Iterator[Candidate]:
+    """The candidates in order, each with its full plan's peak set, until ``stop(c)`` (asked
+    before ``c`` is packed). With a cluster a batch is packed ahead on Ray (more than the scan
+    may need: the answer is the same, the spare packings are wasted work)."""
+    if cluster is None:
+        for c in cands:
+            if stop(c):
+                return
+            c.peak = _full_peak(graph, c, scratch, reorder)
+            yield c
+        return
+    from hilc.distributed import cluster_cpus, full_peaks, put
+
+    batch = cluster_cpus(cluster)
+    ref = None
+    for i in range(0, len(cands), batch):
+        chunk = cands[i:i + batch]
+        if stop(chunk[0]):
+            return
+        ref = ref or put(graph, cluster)  # the graph to the object store once for every batch
+        # sets each one's peak, order and peak_given_order
+        full_peaks(ref, chunk, scratch, reorder, cluster, _layer_macs(graph))
+        for c in chunk:
+            if stop(c):
+                return
+            yield c
 
 
 def _full_peak(graph: Graph, c: Candidate, scratch: int, reorder: bool = False) -> int:

@@ -51,7 +51,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
                   extended_bits: bool = False, cluster: str | None = None,
                   fpga_error_ratio: float = 1.0, order: str = "memory",
-                  patch_precision: str = "off") -> CompileResult:
+                  patch_precision: str = "off", engine: str = "numpy") -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -62,9 +62,12 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     8 bits), AdaRound sharing ``ptq_budget`` seconds. ``graph_hook`` edits the float graph after
     the float passes (e.g. ``ptq.set_weight_bits``). Without ``calib`` a float model is
     calibrated on synthesised inputs (data-free; ``input_range`` for models without BatchNorm).
-    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster.
+    ``cluster`` (``hilc[ray]``): calibration statistics computed in shards on a Ray cluster, and
+    the bulk of the searches (mixed-precision sensitivities, patch schedule, patch precision)
+    run as Ray tasks; the compiled model is the same as without it.
     ``order``: "memory" runs the nodes in the order that lowers peak SRAM (hilc/compiler/schedule.py),
-    "import" keeps the ONNX file's order."""
+    "import" keeps the ONNX file's order. ``engine``: what runs the integer model in the
+    mixed-precision search, "numpy" (the simulator) or "tvm" (hilc[tvm], the same integers)."""
     if order not in ("memory", "import"):
         raise HilcError(f"--order: expected memory or import, got '{order}'")
     if cluster is not None:  # a missing extra fails before any work
@@ -167,7 +170,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.mixed import apply_precision
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
-                                               sensitivity_cache, board, extended_bits, cluster=cluster)
+                                               sensitivity_cache, board, extended_bits, cluster=cluster,
+                                               engine=engine)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"
@@ -192,7 +196,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         if sram_bytes is None and board_obj is not None:  # the firmware's stack and frames share the SRAM
             patch_budget = budget - firmware_ram_reserve(q)
             extra["firmware_ram_reserve_bytes"] = budget - patch_budget
-        q = plan_patches(q, patch, patch_budget, reorder=order == "memory")
+        q = plan_patches(q, patch, patch_budget, reorder=order == "memory", cluster=cluster)
         if "plan_patches" in (dump_after or []):
             dumps["plan_patches"] = q.summary() + "\n" + _patch_summary(q)
         extra.update(report_fields(q))
@@ -207,7 +211,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if patch_precision != "off":  # QuantMCU patch-branch precision (hilc/compiler/patch_precision.py)
         from hilc.compiler.patch_precision import apply_patch_precision
 
-        q, extra["patch_precision"] = apply_patch_precision(q, g, samples, patch_precision)
+        q, extra["patch_precision"] = apply_patch_precision(q, g, samples, patch_precision, cluster=cluster)
     c_model = None
     if target == "c":
         from hilc.targets.c.codegen import generate_c

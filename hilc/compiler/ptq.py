@@ -387,7 +387,8 @@ def _best_scales(gram: np.ndarray, w: np.ndarray, s_max: np.ndarray, qmax: int, 
 def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: bool = True,
                    adaround: bool = False, budget_s: float | None = 30.0, iterations: int = 2000,
                    adaround_only: set[str] | None = None, isolated: bool = False,
-                   act_quant: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Graph:
+                   act_quant: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                   only: set[str] | None = None) -> Graph:
     """Layer by layer in order: round (nearest, or learned with ``adaround``, which also picks
     each channel's scale) and, with ``bias_correct``, set the bias that removes the mean output
     shift. Targets are the ``reference`` float graph's pre-activation outputs; inputs are what
@@ -400,7 +401,9 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     is fitted on the reference's inputs, as if it alone were quantized (what a per-layer
     sensitivity measurement needs). ``act_quant``: fake activation quantization applied to the
     processed graph's tensors during the walk (see ``_walk``), so rounding and bias absorb the
-    activation error too."""
+    activation error too. ``only`` (with ``isolated``): fit these layers alone, the others keep
+    their constants; each fitted layer is the same as in a walk over all of them (one Ray task per
+    layer of a sensitivity measurement, hilc.distributed)."""
     g = graph.copy()
     layers = linear_nodes(g)
     # the budget is shared in proportion to each layer's cost per Adam step: O * K^2 for the
@@ -410,7 +413,14 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     remaining = [float(sum(costs.values())) or 1.0]
     end = time.perf_counter() + (budget_s or 0.0)
 
+    pending = set(only) if only is not None else set()
+
     def visit(rn: Node, node: Node, x_ref: np.ndarray, x_cur: np.ndarray) -> None:
+        if only is not None and node.name not in only:
+            if not pending:  # every layer asked for is fitted: the rest of the walk is not needed
+                raise _WalkDone
+            return
+        pending.discard(node.name)
         w = g.param(node, "weight").astype(np.float64)
         bias = g.param(node, "bias").astype(np.float64)
         s, q, qmax = _grid(node, w)
@@ -460,8 +470,15 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             bias = bias + sum_y / m - mean_q
         _pin(g, node, q, s, bias)
 
-    _walk(reference, g, x.astype(np.float32), visit, act_quant)
+    try:
+        _walk(reference, g, x.astype(np.float32), visit, act_quant)
+    except _WalkDone:
+        pass
     return g
+
+
+class _WalkDone(Exception):
+    """Ends ``correct_layers``' walk early once the ``only`` layers are fitted."""
 
 
 # --- data-free calibration -----------------------------------------------------------------

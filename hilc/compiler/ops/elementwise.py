@@ -135,16 +135,15 @@ class Add(_Binary):
         a = node.attrs
         f0, f1 = self._tvm_operands(node, graph, tb)
         s0, s1 = a.get("signs", [1, 1])
-        k0, k1 = s0 * a["mults"][0], s1 * a["mults"][1]
-        z0, z1 = a["zp_in"]
         dt = "float64" if tb.fast else "int64"  # |acc| < 2**41: exact in float64
-        tx = tb.tirx
+        k0, k1 = (tb.scalar(node, f"k{i}", s * a["mults"][i], dt) for i, s in enumerate((s0, s1)))
+        z0, z1 = (tb.scalar(node, f"zp{i}", z, "int32") for i, z in enumerate(a["zp_in"]))
         rq = tb.requantizer(node, 1, a["shift"], a["zp_out"], a["lo"], a["hi"], bound=2**41)
 
         def f(*i):
             d0 = (f0(i).astype("int32") - z0).astype(dt)
             d1 = (f1(i).astype("int32") - z1).astype(dt)
-            return rq(d0 * tx.const(k0, dt) + d1 * tx.const(k1, dt))
+            return rq(d0 * k0 + d1 * k1)
 
         return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]
 
@@ -184,7 +183,7 @@ class Mul(_Binary):
     def lower_tvm(self, node, graph, tb):
         a = node.attrs
         f0, f1 = self._tvm_operands(node, graph, tb)
-        z0, z1 = a["zp_in"]
+        z0, z1 = (tb.scalar(node, f"zp{i}", z, "int32") for i, z in enumerate(a["zp_in"]))
         rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=256 * 256)
         return [tb.te.compute(tb.shape(node.outputs[0]),
                               lambda *i: rq((f0(i).astype("int32") - z0) * (f1(i).astype("int32") - z1)),
@@ -218,7 +217,7 @@ class Clamp(Op):
 
     def lower_tvm(self, node, graph, tb):
         x, tx = tb.input(node), tb.tirx
-        lo, hi = tx.const(node.attrs["lo"], "int8"), tx.const(node.attrs["hi"], "int8")
+        lo, hi = tb.scalar(node, "lo", node.attrs["lo"], "int8"), tb.scalar(node, "hi", node.attrs["hi"], "int8")
         return [tb.te.compute(x.shape, lambda *i: tx.max(tx.min(x(*i), hi), lo), name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
@@ -252,7 +251,8 @@ class Requant(Op):
         a = node.attrs
         x = tb.input(node)
         rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=256)
-        return [tb.te.compute(x.shape, lambda *i: rq(x(*i).astype("int32") - a["zp_in"]), name=tb.name(node))]
+        zp = tb.scalar(node, "zp_in", a["zp_in"], "int32")
+        return [tb.te.compute(x.shape, lambda *i: rq(x(*i).astype("int32") - zp), name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs

@@ -125,8 +125,11 @@ class LayerNorm(Op):
         def one(v):
             return tx.const(v, i64)
 
+        # the quantization scalars: arguments of a parametric module (TVMBuilder.scalar)
+        zp_in, eps, zp_out, lo, hi = (tb.scalar(node, k, a[k], i64) for k in ("zp_in", "eps_int", "zp_out", "lo", "hi"))
+
         def d(idx):
-            return x[idx].astype(i64) - one(a["zp_in"])
+            return x[idx].astype(i64) - zp_in
 
         r1, r2 = te.reduce_axis((0, n), "r1"), te.reduce_axis((0, n), "r2")
         s = te.compute(rows, lambda *row: te.sum(d((*row, r1)), axis=r1), name=tb.name(node, "sum"))
@@ -135,7 +138,7 @@ class LayerNorm(Op):
             return one(n) * d(idx) - s[idx[:-1]]
 
         sq = te.compute(rows, lambda *row: te.sum(c((*row, r2)) * c((*row, r2)), axis=r2), name=tb.name(node, "sq"))
-        var = te.compute(rows, lambda *row: sq[row] + one(a["eps_int"]), name=tb.name(node, "var"))
+        var = te.compute(rows, lambda *row: sq[row] + eps, name=tb.name(node, "var"))
 
         def bits(v):
             return one(64) - tx.clz(v).astype(i64)
@@ -178,8 +181,8 @@ class LayerNorm(Op):
         def out(*idx):
             row, ch = idx[:-1], idx[-1]
             z = rounding_shift(tx, c(idx) * y[row], one(61 - Z_BITS) - k[row])
-            q = rounding_shift(tx, z * mult[ch] + bias[ch], shift[ch]) + one(a["zp_out"])
-            return tx.max(tx.min(q, one(a["hi"])), one(a["lo"])).astype("int8")
+            q = rounding_shift(tx, z * mult[ch] + bias[ch], shift[ch]) + zp_out
+            return tx.max(tx.min(q, hi), lo).astype("int8")
 
         return [te.compute(shape, out, name=tb.name(node))]
 

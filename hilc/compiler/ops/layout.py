@@ -129,7 +129,7 @@ class Concat(Op):
             rq = tb.requantizer(node, a["mults"][i], a["shifts"][i], a["zp_out"], a["lo"], a["hi"], bound=256,
                                 label=f"rq{i}")
             ext = graph.tensors[t].shape[ax]
-            parts.append((tb.input(node, i), start, ext, a["zp_in"][i], rq))
+            parts.append((tb.input(node, i), start, ext, tb.scalar(node, f"zp{i}", a["zp_in"][i], "int32"), rq))
             start += ext
 
         def f(*idx):
@@ -186,6 +186,7 @@ class Pad(Op):
         x = tb.input(node)
         dims = graph.tensors[node.inputs[0]].shape
         pads, mode = node.attrs["pads"], node.attrs["mode"]
+        fill = tb.scalar(node, "value", node.attrs["value_q"], "int8") if mode == "constant" else None
 
         def f(*i):
             src, inside = [i[0]], []
@@ -201,7 +202,7 @@ class Pad(Op):
                 src.append(j)
             v = x[tuple(src)]
             if inside:
-                v = tx.if_then_else(tx.all(*inside), v, tx.const(node.attrs["value_q"], "int8"))
+                v = tx.if_then_else(tx.all(*inside), v, fill)
             return v
 
         return [tb.te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node))]

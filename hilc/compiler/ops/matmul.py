@@ -76,10 +76,11 @@ class MatMul(Op):
         k_n = int(graph.tensors[node.inputs[0]].shape[-1])
         dtype = tb.acc_dtype(a["acc_bound"])  # float32 only where every partial sum is an exact integer
         k = te.reduce_axis((0, k_n), "k")
+        zp_a, zp_b = tb.scalar(node, "zp_a", a["zp_a"], "int32"), tb.scalar(node, "zp_b", a["zp_b"], "int32")
 
         def f(*i):
-            da = x[(*i[:-1], k)].astype("int32") - a["zp_a"]
-            db = bt[(*i[:-2], i[-1], k)].astype("int32") - a["zp_b"]
+            da = x[(*i[:-1], k)].astype("int32") - zp_a
+            db = bt[(*i[:-2], i[-1], k)].astype("int32") - zp_b
             return te.sum(da.astype(dtype) * db.astype(dtype), axis=k)
 
         acc = te.compute(tb.shape(node.outputs[0]), f, name=tb.name(node, "acc"))

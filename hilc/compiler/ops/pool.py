@@ -174,11 +174,12 @@ class AvgPool(_Pool):
         mult = graph.param(node, "mult").astype(np.int64)[idx]
         shift = graph.param(node, "shift").astype(np.int64)[idx]
         rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+        zp = tb.scalar(node, "zp_in", a["zp_in"], "int32")
 
         def sums(b, i, j, c):
             y, xx = i * sh + rh - t, j * sw + rw - left
             inside = tx.all(y >= 0, y < h, xx >= 0, xx < w)
-            return te.sum(tx.if_then_else(inside, x[b, y, xx, c].astype("int32") - a["zp_in"], 0), axis=[rh, rw])
+            return te.sum(tx.if_then_else(inside, x[b, y, xx, c].astype("int32") - zp, 0), axis=[rh, rw])
 
         acc = te.compute(tb.shape(node.outputs[0]), sums, name=tb.name(node, "sum"))
         rq = tb.requantizer(node, mult, shift, a["zp_out"], a["lo"], a["hi"], bound=256 * kh * kw)

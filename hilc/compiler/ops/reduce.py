@@ -59,7 +59,8 @@ class ReduceMean(Op):
         def src(i):
             return (*i[:ax], r, *i[ax + 1:]) if keep else (*i[:ax], r, *i[ax:])
 
-        acc = te.compute(tb.shape(node.outputs[0]), lambda *i: te.sum(x[src(i)].astype("int32") - a["zp_in"], axis=r),
+        zp = tb.scalar(node, "zp_in", a["zp_in"], "int32")
+        acc = te.compute(tb.shape(node.outputs[0]), lambda *i: te.sum(x[src(i)].astype("int32") - zp, axis=r),
                          name=tb.name(node, "sum"))
         rq = tb.requantizer(node, a["mult"], a["shift"], a["zp_out"], a["lo"], a["hi"], bound=256 * length)
         return [te.compute(tb.shape(node.outputs[0]), lambda *i: rq(acc[i]), name=tb.name(node))]

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +49,20 @@ _LOCK = threading.Lock()
 class TVMBuilder:
     """What ``Op.lower_tvm`` uses: TE, the graph's tensors, constants and shared helpers."""
 
-    def __init__(self, graph: Graph, fast: bool) -> None:
+    def __init__(self, graph: Graph, fast: bool, parametric: bool = False) -> None:
         tvm = require_tvm()
         from tvm import te, tirx
 
         self.tvm, self.te, self.tirx = tvm, te, tirx
         self.graph = graph
         self.fast = fast  # arith.FAST_EXACT_PATHS when the module was built
+        # parametric: the quantization scalars (zero points, clamp bounds, scalar multipliers and
+        # shifts) become arguments too, so one build serves every graph of the same structure
+        self.parametric = parametric
         self.n = te.var("n")  # the batch
         self.tensors: dict[str, Any] = {}
         self.constants: list[tuple[Any, np.ndarray]] = []  # (placeholder, value) in argument order
+        self.scalars: list[tuple[Any, int | float]] = []  # (TIR var, value), after the constants (parametric)
         self.conv_tiles: list[tuple[str, str]] = []  # (accumulator block, output block) to register-tile
         self.notes: list[str] = []  # schedule steps that did not apply (correct, only slower)
         self._names: set[str] = set()
@@ -85,6 +89,17 @@ class TVMBuilder:
         ph = self.te.placeholder(value.shape, str(value.dtype), self.name(node, label))
         self.constants.append((ph, value))
         return ph
+
+    def scalar(self, node: Node, label: str, value: int | float, dtype: str):
+        """A quantization scalar in ``dtype``: an immediate, or with ``parametric`` a function
+        argument (int64 or float64, the types a call passes, cast to ``dtype`` where it is used)."""
+        tx = self.tirx
+        if not self.parametric:
+            return tx.const(value, dtype)
+        wide = "float64" if dtype.startswith("float") else "int64"
+        v = self.tirx.Var(self.name(node, label), wide)
+        self.scalars.append((v, float(value) if wide == "float64" else int(value)))
+        return v if wide == dtype else v.astype(dtype)
 
     def acc_dtype(self, raw_bound: int) -> str:
         """float32 where every partial sum is an integer below 2**24 (float32 arithmetic is then
@@ -118,23 +133,32 @@ class TVMBuilder:
             c_t = self.const(node, f"{label}_c", c) if per_channel else None
             if offset is not None:
                 off = self.const(node, f"{label}_off", offset.astype(np.int64))
+        if use_float:
+            m_s = None if per_channel else self.scalar(node, f"{label}_m", float(m[0]), "float64")
+            zp_f, lo_f, hi_f = (self.scalar(node, f"{label}_{k}", float(v), "float64")
+                                for k, v in (("zp", zp_out), ("lo", lo), ("hi", hi)))
+        else:
+            b_s = None if per_channel else self.scalar(node, f"{label}_b", int(b[0]), "int64")
+            c_s = None if per_channel else self.scalar(node, f"{label}_c", int(c[0]), "int64")
+            zp_i, lo_i, hi_i = (self.scalar(node, f"{label}_{k}", int(v), "int64")
+                                for k, v in (("zp", zp_out), ("lo", lo), ("hi", hi)))
 
         def rq(acc, idx=None):
             if use_float:
                 v = acc.astype("float64")
                 if off is not None:
                     v = v + off[idx]
-                mm = m_t[idx] if per_channel else tx.const(float(m[0]), "float64")
-                y = tx.nearbyint(v * mm) + tx.const(float(zp_out), "float64")
-                y = tx.max(tx.min(y, tx.const(float(hi), "float64")), tx.const(float(lo), "float64"))
+                mm = m_t[idx] if per_channel else m_s
+                y = tx.nearbyint(v * mm) + zp_f
+                y = tx.max(tx.min(y, hi_f), lo_f)
                 return y.astype("int32").astype("int8")
             v = acc.astype("int64")
             if off is not None:
                 v = v + off[idx]
-            bb = b_t[idx] if per_channel else tx.const(int(b[0]), "int64")
-            cc = c_t[idx] if per_channel else tx.const(int(c[0]), "int64")
-            y = rounding_shift(tx, v * bb, cc) + tx.const(zp_out, "int64")
-            y = tx.max(tx.min(y, tx.const(hi, "int64")), tx.const(lo, "int64"))
+            bb = b_t[idx] if per_channel else b_s
+            cc = c_t[idx] if per_channel else c_s
+            y = rounding_shift(tx, v * bb, cc) + zp_i
+            y = tx.max(tx.min(y, hi_i), lo_i)
             return y.astype("int8")
 
         return rq
@@ -142,13 +166,14 @@ class TVMBuilder:
     def pad_cast(self, node: Node, x, pads: list[int], value: int, dtype: str):
         """[n, H+t+b, W+l+r, C] copy of an NHWC tensor in ``dtype``, borders holding ``value``."""
         te, tx = self.te, self.tirx
+        fill = self.scalar(node, "pad", value, dtype)
         t, left, bot, r = pads
         _, h, w, c = x.shape
         h, w = int(h), int(w)
 
         def f(b, i, j, ch):
             inside = tx.all(i >= t, i < t + h, j >= left, j < left + w)
-            return tx.if_then_else(inside, x[b, i - t, j - left, ch].astype(dtype), tx.const(value, dtype))
+            return tx.if_then_else(inside, x[b, i - t, j - left, ch].astype(dtype), fill)
 
         return te.compute((self.n, h + t + bot, w + left + r, c), f, name=self.name(node, "pad"))
 
@@ -177,6 +202,7 @@ class TVMModel:
     build_seconds: float = 0.0
     from_cache: bool = False
     schedule_notes: list[str] = field(default_factory=list)  # of a fresh build
+    scalars: list[int | float] = field(default_factory=list)  # after the constants (a parametric module)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,7 +222,7 @@ class TVMModel:
         ins = [tvm.runtime.tensor(np.ascontiguousarray(feeds[k]), dev) for k in self.inputs]
         outs = [tvm.runtime.empty((n, *s), "int8", dev) for s in self.out_shapes]
         with self._lock:  # one call at a time: the function already uses every core
-            self.func(*ins, *self.constants, *outs)
+            self.func(*ins, *self.constants, *self.scalars, *outs)
         return {name: o.numpy() for name, o in zip(self.outputs, outs, strict=True)}
 
 
@@ -228,11 +254,11 @@ def module_key(graph: Graph, fast: bool | None = None) -> str:
     return h.hexdigest()[:24]
 
 
-def lower(graph: Graph, fast: bool):
+def lower(graph: Graph, fast: bool, parametric: bool = False):
     """The TE program of the whole graph: (builder, input placeholders, output tensors)."""
     if not graph.is_quantized:
         raise HilcError("the TVM engine runs quantized graphs only (compile the model first)")
-    tb = TVMBuilder(graph, fast)
+    tb = TVMBuilder(graph, fast, parametric)
     ins = []
     for name in graph.inputs:
         ph = tb.te.placeholder(tb.shape(name), "int8", "in_" + "".join(ch if ch.isalnum() else "_" for ch in name))
@@ -365,7 +391,7 @@ def _tile_conv(sch, acc_name: str, y_name: str) -> None:
 
 def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None = None) -> TVMModel:
     """The built module of ``graph``: from this process, from the disk cache, or compiled now."""
-    tvm = require_tvm()
+    require_tvm()
     fast = arith.FAST_EXACT_PATHS if fast is None else fast
     key = module_key(graph, fast)
     with _LOCK:
@@ -373,47 +399,116 @@ def build(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None =
             return _LOADED[key]
         t0 = time.perf_counter()
         tb, ins, outs = lower(graph, fast)
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        lib_path, sum_path = cache / f"{key}.so", cache / f"{key}.sha256"
-        mod = None
-        if lib_path.exists() and sum_path.exists():
-            # checked before loading: a truncated or foreign file is rebuilt, never run
-            if hashlib.sha256(lib_path.read_bytes()).hexdigest() == sum_path.read_text().strip():
-                try:
-                    mod = tvm.runtime.load_module(str(lib_path))
-                except Exception:
-                    mod = None
-        from_cache = mod is not None
-        if mod is None:
-            func = tb.te.create_prim_func([*ins, *(c for c, _ in tb.constants), *outs])
-            try:
-                scheduled = schedule(tb, func)
-            except Exception as e:  # a schedule that does not apply must never cost correctness
-                if os.environ.get("HILC_DEBUG"):
-                    raise
-                scheduled = tvm.IRModule({"main": func}) if not isinstance(func, tvm.IRModule) else func
-                tb.notes.append(f"unscheduled ({type(e).__name__})")
-            mod = tvm.compile(scheduled, target=tvm.target.Target(target_spec()))
-            try:
-                cache.mkdir(parents=True, exist_ok=True)
-                tmp = cache / f".{key}.{os.getpid()}.so"
-                mod.export_library(str(tmp))
-                digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-                # a new inode: a library another process has loaded is never written over
-                os.replace(tmp, lib_path)
-                tmp_sum = cache / f".{key}.{os.getpid()}.sha256"
-                tmp_sum.write_text(digest + "\n")
-                os.replace(tmp_sum, sum_path)
-            except Exception:  # an unwritable cache or no linker: the next run only rebuilds
-                pass
-        dev = tvm.cpu()
-        model = TVMModel(key=key, func=mod["main"], constants=[tvm.runtime.tensor(v, dev) for _, v in tb.constants],
-                         inputs=list(graph.inputs), outputs=list(graph.outputs),
-                         out_shapes=[tuple(graph.tensors[o].shape[1:]) for o in graph.outputs],
-                         build_seconds=time.perf_counter() - t0, from_cache=from_cache,
-                         schedule_notes=[] if from_cache else tb.notes)
+        mod, from_cache = _compile_or_load(tb, ins, outs, key, cache_dir)
+        model = _model(tb, graph, key, mod, from_cache, t0)
         _LOADED[key] = model
         return model
+
+
+def build_parametric(graph: Graph, cache_dir: str | Path | None = None, fast: bool | None = None) -> TVMModel:
+    """A module whose constants are all arguments (weights, biases, lookup tables, per-channel and
+    scalar multipliers and shifts, zero points, clamp bounds), built once per *structure* and
+    reused with each graph's values: what a search that evaluates many variants of one graph
+    (other bit-widths, other scales) needs, where a build per variant would cost more than it saves.
+
+    The structure key hashes the lowered TIR function itself (its text and TVM's structural hash)
+    with every such value a parameter, so whatever is still fixed at build time -- shapes, the
+    operators, which accumulator and requantization paths a layer's bounds allow, table offsets --
+    is part of the key: two graphs share a module only where the same code computes both. Sub-byte
+    weights are int8 values in the IR already (packing is the MCU backend's), so a layer's weight
+    width changes argument values, not the structure."""
+    t0 = time.perf_counter()
+    key, tb, ins, outs, func = _lower_parametric(graph, fast)
+    with _LOCK:
+        if key in _LOADED:  # the same structure: this graph's values, the built function
+            base = _LOADED[key]
+            return replace(base, constants=_tensors(tb), scalars=[v for _, v in tb.scalars],
+                           inputs=list(graph.inputs), outputs=list(graph.outputs),
+                           build_seconds=time.perf_counter() - t0, from_cache=True, schedule_notes=[])
+        mod, from_cache = _compile_or_load(tb, ins, outs, key, cache_dir, func)
+        model = _model(tb, graph, key, mod, from_cache, t0)
+        _LOADED[key] = model
+        return model
+
+
+def parametric_key(graph: Graph, fast: bool | None = None) -> str:
+    """The structure key ``build_parametric`` files the graph's module under."""
+    return _lower_parametric(graph, fast)[0]
+
+
+def _lower_parametric(graph: Graph, fast: bool | None):
+    tvm = require_tvm()
+    import tvm_ffi
+
+    fast = arith.FAST_EXACT_PATHS if fast is None else fast
+    tb, ins, outs = lower(graph, fast, parametric=True)
+    func = _prim_func(tb, ins, outs)
+    h = hashlib.sha256(f"param|v{LOWERING_VERSION}|fast={fast}|tvm={tvm.__version__}|{sorted(target_spec().items())}|"
+                       f"{tvm_ffi.structural_hash(func)}|{tb.conv_tiles}|".encode())
+    h.update(Path(__file__).read_bytes())  # the schedule
+    h.update(func.script().encode())
+    return "p" + h.hexdigest()[:23], tb, ins, outs, func
+
+
+def _prim_func(tb: TVMBuilder, ins, outs):
+    return tb.te.create_prim_func([*ins, *(c for c, _ in tb.constants), *(v for v, _ in tb.scalars), *outs])
+
+
+def _tensors(tb: TVMBuilder) -> list[Any]:
+    import tvm
+
+    dev = tvm.cpu()
+    return [tvm.runtime.tensor(v, dev) for _, v in tb.constants]
+
+
+def _model(tb: TVMBuilder, graph: Graph, key: str, mod, from_cache: bool, t0: float) -> TVMModel:
+    return TVMModel(key=key, func=mod["main"], constants=_tensors(tb), scalars=[v for _, v in tb.scalars],
+                    inputs=list(graph.inputs), outputs=list(graph.outputs),
+                    out_shapes=[tuple(graph.tensors[o].shape[1:]) for o in graph.outputs],
+                    build_seconds=time.perf_counter() - t0, from_cache=from_cache,
+                    schedule_notes=[] if from_cache else tb.notes)
+
+
+def _compile_or_load(tb: TVMBuilder, ins, outs, key: str, cache_dir: str | Path | None, func=None):
+    """(runtime module, whether it came from the disk cache) of the lowered program ``key``."""
+    tvm = tb.tvm
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    lib_path, sum_path = cache / f"{key}.so", cache / f"{key}.sha256"
+    if lib_path.exists() and sum_path.exists():
+        # checked before loading: a truncated or foreign file is rebuilt, never run
+        if hashlib.sha256(lib_path.read_bytes()).hexdigest() == sum_path.read_text().strip():
+            try:
+                return tvm.runtime.load_module(str(lib_path)), True
+            except Exception:
+                pass
+    func = _prim_func(tb, ins, outs) if func is None else func
+    try:
+        scheduled = schedule(tb, func)
+    except Exception as e:  # a schedule that does not apply must never cost correctness
+        if os.environ.get("HILC_DEBUG"):
+            raise
+        scheduled = tvm.IRModule({"main": func}) if not isinstance(func, tvm.IRModule) else func
+        tb.notes.append(f"unscheduled ({type(e).__name__})")
+    mod = tvm.compile(scheduled, target=tvm.target.Target(target_spec()))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{key}.{os.getpid()}.so"
+        mod.export_library(str(tmp))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        # a new inode: a library another process has loaded is never written over
+        os.replace(tmp, lib_path)
+        tmp_sum = cache / f".{key}.{os.getpid()}.sha256"
+        tmp_sum.write_text(digest + "\n")
+        os.replace(tmp_sum, sum_path)
+    except Exception:  # an unwritable cache or no linker: the next run only rebuilds
+        pass
+    return mod, False
+
+
+def run_int_parametric(graph: Graph, feeds: dict[str, np.ndarray],
+                       cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """``run_int`` through the module of the graph's structure (``build_parametric``)."""
+    return build_parametric(graph, cache_dir).run(feeds)
 
 
 def run_int(graph: Graph, feeds: dict[str, np.ndarray], cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:

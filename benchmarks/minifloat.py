@@ -10,11 +10,17 @@ calibration on 256 training digits), at 4, 6 and 8 bits, every conv/dense layer 
 * ``int``: integer weights of that width, int8 activations;
 * ``mf``: minifloat weights of that width (E2M1, E3M2, E4M3), int8 activations;
 * ``mf x mf``: minifloat weights and the layer input cast to the same format on entry.
-All with the same PTQ passes (equalize, bias-correct, AdaRound; on a minifloat grid AdaRound
+All with the same PTQ passes (equalize, bias-correct, AdaRound with a fixed step count, so a
+rerun gives the same figures; on a minifloat grid AdaRound
 rounds each weight to one of its two neighbouring grid values). Then ``mixed``: the per-layer
 picker (hilc/targets/hls/cost.py) among int/minifloat of 4, 6 and 8 bits at two error
-budgets. Cost: the analytical model of hilc/targets/hls/cost.py for the conv/dense MACs, with
-the PE x SIMD the HLS backend picks for the int8 design on pynq-z2 (the same parallelism for every variant).
+budgets, and ``hilc compile --target hls --precision auto-fpga`` at two error ratios with and
+without the PTQ after the pick (bias correction + AdaRound, fixed step count; ``equalize``: the
+same pick without it; ``none``: no PTQ at all, which may pick differently). The ``x`` rows'
+input casts take the full-range shift (compile_model's default); ``cast_search`` compares the
+least-MSE shift searched on calibration data with it. Cost: the analytical model of
+hilc/targets/hls/cost.py for the conv/dense MACs, with the PE x SIMD the HLS backend picks for the
+int8 design on pynq-z2 (the same parallelism for every variant).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from common import write_results  # noqa: E402
 from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
 
 from hilc.compiler import calibrate as calib_mod  # noqa: E402
@@ -42,9 +49,10 @@ from hilc.sim.simulator import simulate  # noqa: E402
 from hilc.targets.hls import cost  # noqa: E402
 from hilc.targets.hls.codegen import generate_hls  # noqa: E402
 
-BUDGET = 5.0  # seconds of AdaRound per compile
+BUDGET = None  # AdaRound by a fixed step count (ptq.correct_layers' 2000), not seconds: repeatable
 BITS = (4, 6, 8)
 BOARD = "pynq-z2"
+AUTO_RATIOS = (1.0, 10.0)  # --fpga-error-ratio: int8's summed error proxy, and ten times it
 
 
 def variants(bits: int) -> dict:
@@ -80,6 +88,26 @@ def run_model(name: str, model: Path, calib: np.ndarray, x: np.ndarray, labels: 
         for label, hook in variants(b).items():
             kind = "int" if label.startswith("int") else ("mfxmf" if "x" in label else "mf")
             point(label, kind, b, hook)
+    # the input casts' searched shifts (search_act_shifts) against the full-range shift alone
+    cast_search = {}
+    for b in BITS:
+        f = mf.for_bits(b).name
+        steps, mf.PIPELINE_ACT_Q_STEPS = mf.PIPELINE_ACT_Q_STEPS, mf.ACT_Q_STEPS
+        try:
+            r = compile_model(model, calib, ptq="all", ptq_budget=BUDGET,
+                              graph_hook=lambda g, f=f: mf.set_formats(g, f, f))
+        finally:
+            mf.PIPELINE_ACT_Q_STEPS = steps
+        searched = r.graph.meta.get("act_cast_search", {})
+        acc_s = float((simulate(r.graph, x).argmax(1) == labels).mean())
+        acc_0 = next(p["accuracy"] for p in points if p["label"] == f"{f}x{f}")  # the full-range row above
+        cast_search[f"{f}x{f}"] = {"searched_accuracy": acc_s, "full_range_accuracy": acc_0,
+                                   "layers_finer": sum(v["act_q"] < v["full_range_q"] for v in searched.values()),
+                                   "layers": len(searched),
+                                   "mean_cast_mse_ratio": float(np.mean([v["mse_ratio"] for v in searched.values()]))}
+        print(f"  {name:8s} {f}x{f} cast shift searched {acc_s:.2%} / full range {acc_0:.2%} "
+              f"({cast_search[f'{f}x{f}']['layers_finer']} of {len(searched)} layers finer, cast MSE x"
+              f"{cast_search[f'{f}x{f}']['mean_cast_mse_ratio']:.2f})", flush=True)
 
     # the per-layer picker on the calibrated float graph
     g = import_onnx(model)
@@ -94,8 +122,27 @@ def run_model(name: str, model: Path, calib: np.ndarray, x: np.ndarray, labels: 
         choice = cost.pick(g, errs, costs, budget)
         point(tag, "mixed", None, lambda gg, choice=choice: cost.apply_choice(gg, choice))
         points[-1]["choice"] = choice
+    # hilc compile --target hls --precision auto-fpga: with and without the PTQ after the pick
+    auto = {}
+    for ratio in AUTO_RATIOS:
+        row = {}
+        # "equalize": the same pick (equalization runs before it) without the PTQ after it
+        for tag, spec in (("ptq", None), ("equalize", "equalize"), ("none", "none")):
+            t = time.perf_counter()
+            r = compile_model(model, calib, target="hls", board=BOARD, precision="auto-fpga",
+                              fpga_error_ratio=ratio, ptq=spec)
+            fp = r.report["fpga_precision"]
+            row[tag] = {"accuracy": float((simulate(r.graph, x).argmax(1) == labels).mean()),
+                        "choice": fp["choice"], "cost": fp["cost"], "hls_estimate": fp.get("hls_estimate"),
+                        "ptq": fp.get("ptq"), "seconds": round(time.perf_counter() - t, 1)}
+        auto[str(ratio)] = row
+        assert row["ptq"]["choice"] == row["equalize"]["choice"]
+        print(f"  {name:8s} auto-fpga x{ratio}: {row['equalize']['accuracy']:.2%} -> {row['ptq']['accuracy']:.2%} "
+              f"with PTQ after the pick (no PTQ at all: {row['none']['accuracy']:.2%});"
+              f" cost {row['ptq']['cost']['lut']} LUT / {row['ptq']['cost']['dsp']} DSP, "
+              f"HLS estimate {row['ptq']['hls_estimate']['conv_dense']}", flush=True)
     return {"base_int8_accuracy": base_acc, "parallel": {k: list(v) for k, v in parallel.items()},
-            "layer_errors": errs, "points": points}
+            "layer_errors": errs, "points": points, "cast_search": cast_search, "auto_fpga": auto}
 
 
 def pareto(points: list[dict]) -> list[str]:
@@ -109,7 +156,7 @@ def pareto(points: list[dict]) -> list[str]:
 
 def main() -> None:
     res: dict = {"machine": {"python": platform.python_version(), "numpy": np.__version__},
-                 "adaround_budget_seconds": BUDGET, "board": BOARD, "bits": list(BITS),
+                 "adaround": "2000 steps per layer (fixed)", "board": BOARD, "bits": list(BITS),
                  "cost_note": "analytical model of hilc/targets/hls/cost.py (conv/dense MACs and requantizers), "
                               "not synthesis results"}
     crops = np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
@@ -133,9 +180,8 @@ def main() -> None:
         for p in res[m]["points"]:
             print(f"{m:8s} {p['label']:18s} {p['bits'] or '-':>4} {p['accuracy']:9.2%} {p['lut']:8d} {p['dsp']:5d}"
                   f"  {'*' if p['label'] in front else ''}")
-    out = ROOT / "benchmarks" / "results" / "minifloat.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    print()
+    write_results("minifloat.json", res)
     # the HTML report of the int8 digits CNN, carrying the comparison: the Pareto plot
     with tempfile.TemporaryDirectory() as tmp:
         write_artifacts(tmp, compile_model(DIGITS_CNN, xtr[:256]))

@@ -169,6 +169,15 @@ def _print_summary(report: dict, out: Path) -> None:
         console.print(f"{f['board']} ({f['part']}, {f['clock_mhz']} MHz), estimate: {t['dsp']} DSP, "
                       f"{t['bram18']} BRAM18, {t['lut']:,} LUT; interval {f['interval_cycles']:,} cycles, "
                       f"latency <= {f['latency_cycles_upper_bound']:,} cycles ({f['latency_us_upper_bound']} us)")
+    if report.get("fpga_precision", {}).get("layers"):  # --precision auto-fpga
+        from hilc.targets.hls.cost import choice_label
+
+        fp = report["fpga_precision"]
+        pt = fp.get("ptq") or {}
+        console.print("auto-fpga: " + ", ".join(f"{la['name']} {choice_label(la['choice'])}" for la in fp["layers"])
+                      + f"; cost model {fp['cost']['lut']:,} LUT / {fp['cost']['dsp']} DSP at the design's PE x SIMD"
+                      + (f"; PTQ after the pick: relative output MSE {pt['before']['relative_mse']:.3g} -> "
+                         f"{pt['after']['relative_mse']:.3g}" if pt else ""))
     if report.get("patch"):
         p = report["patch"]
         budget = f" of a {p['budget_bytes']:,} B budget" if p.get("budget_bytes") else ""

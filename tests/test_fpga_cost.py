@@ -71,12 +71,69 @@ def test_precision_auto_fpga_picks_per_layer_and_reports_it(tmp_path, digits):
     calib = tmp_path / "calib.npy"
     np.save(calib, digits["x_train"][:64])
     r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "o", "--target", "hls", "--precision",
-             "auto-fpga", "--fpga-error-ratio", "3", "--ptq", "none", "-q")
+             "auto-fpga", "--fpga-error-ratio", "30", "-q")
     assert r.returncode == 0, r.stderr
-    rep = json.loads((tmp_path / "o" / "report.json").read_text())["fpga_precision"]
+    full = json.loads((tmp_path / "o" / "report.json").read_text())
+    rep = full["fpga_precision"]
     assert set(rep["choice"]) == {"conv2d_0", "conv2d_1", "conv2d_2", "dense_0"}
-    assert rep["error"] <= rep["error_budget"] and rep["error_ratio"] == 3
+    assert rep["error"] <= rep["error_budget"] and rep["error_ratio"] == 30
     # a looser budget than int8's never costs more than int8 everywhere
     assert rep["cost"]["lut"] + 100 * rep["cost"]["dsp"] <= rep["int8_cost"]["lut"] + 100 * rep["int8_cost"]["dsp"]
-    if any(k.startswith("mf:") for k in rep["choice"].values()):
-        assert "hilc_mf" in (tmp_path / "o" / "hls" / "model.cpp").read_text()
+    assert any(k.startswith("mf:") for k in rep["choice"].values())
+    assert "hilc_mf" in (tmp_path / "o" / "hls" / "model.cpp").read_text()
+    # priced with the design's parallelism: the instantiated PE x SIMD, and per layer the same DSPs as the
+    # HLS estimate (the same rules for lanes and requantizers); the estimate's LUTs add ROMs and buffers
+    est = {la["name"]: la for la in full["fpga"]["layers"]}
+    assert rep["hls_estimate"]["same_parallelism"] and max(la["lanes"] for la in rep["layers"]) > 1
+    for la in rep["layers"]:
+        assert (la["pe"], la["simd"]) == (est[la["name"]]["pe"], est[la["name"]]["simd"])
+        assert la["dsp"] == la["hls_dsp"] == est[la["name"]]["dsp"] and la["lut"] < la["hls_lut"]
+    assert sum(la["lut"] for la in rep["layers"]) == rep["cost"]["lut"]
+    # PTQ after the pick (bias correction, AdaRound with a fixed step count) lowers the output error
+    assert rep["ptq"]["methods"] == ["bias-correct", "adaround"] and rep["ptq"]["adaround_iterations"] > 0
+    assert rep["ptq"]["after"]["relative_mse"] < rep["ptq"]["before"]["relative_mse"]
+    # the Pareto front of all-int, all-minifloat and mixed points, with the pick on it
+    par = rep["pareto"]
+    assert {p["kind"] for p in par["points"]} == {"int", "mf", "mixed"} and "chosen" in par["pareto"]
+    assert {p["label"] for p in par["points"]} >= {f"int{b}" for b in cost.AUTO_BITS} | {"E2M1", "E4M3"}
+    r = hilc("report", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "Error proxy vs FPGA cost" in page and "auto-fpga pick:" in page
+
+
+def test_auto_fpga_is_deterministic_and_ptq_runs_on_the_chosen_grids(digits):
+    """The same inputs give the same choice and the same weights (fixed AdaRound step counts);
+    the minifloat layers keep their chosen grid through the PTQ."""
+    g = float_graph(DIGITS_CNN, digits["x_train"][:64])
+    x = digits["x_train"][:64]
+    lanes = {"conv2d_1": (2, 4)}
+    a, ia = cost.auto_fpga(g, x, 30.0, [4, 8], parallel=lanes, ptq_methods=["bias-correct", "adaround"])
+    b, ib = cost.auto_fpga(g, x, 30.0, [4, 8], parallel=lanes, ptq_methods=["bias-correct", "adaround"])
+    assert ia["choice"] == ib["choice"] and ia["ptq"]["after"] == ib["ptq"]["after"]
+    assert all(np.array_equal(a.constants[k], b.constants[k]) for k in a.constants)
+    row = next(la for la in ia["layers"] if la["name"] == "conv2d_1")
+    assert row["lanes"] == 8 and row["lut"] == cost.layer_cost(quantize(a), next(
+        n for n in quantize(a).nodes if n.name == "conv2d_1"), 2, 4)["lut"]
+    assert any(n.attrs.get("format") for n in a.nodes)
+    for n in a.nodes:
+        if n.attrs.get("format"):
+            assert n.attrs["w_scale_bits"] == n.attrs["format"]
+
+
+def test_pricing_parallelism_is_the_designs_and_falls_back_off_the_hls_target(digits):
+    import pytest
+
+    from hilc.errors import HilcError
+    from hilc.targets.hls.codegen import generate_hls
+
+    g = float_graph(DIGITS_CNN, digits["x_train"][:32])
+    lanes, source = cost.pricing_parallelism(g, "pynq-z2", None, for_hls=True)
+    design = generate_hls(quantize(g), "pynq-z2")
+    assert lanes == {r["name"]: (r["pe"], r["simd"]) for r in design.estimate["layers"] if "pe" in r}
+    assert "HLS design for pynq-z2" in source
+    bad = {"no_such_layer": (1, 1)}  # a design the backend refuses
+    with pytest.raises(HilcError, match="no_such_layer"):
+        cost.pricing_parallelism(g, "pynq-z2", bad, for_hls=True)
+    lanes, source = cost.pricing_parallelism(g, "pynq-z2", bad, for_hls=False)
+    assert lanes == {} and source.startswith("one lane per layer") and "no_such_layer" in source

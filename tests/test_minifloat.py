@@ -95,3 +95,19 @@ def test_weight_quantizer_picks_per_channel_scales():
         plain = ((mf.grid_values(fmt, w, np.abs(w).reshape(4, -1).max(1) / fmt.max_value)
                   * (np.abs(w).reshape(4, -1).max(1) / fmt.max_value)[:, None, None, None] - w) ** 2)
         assert np.all(err <= plain.reshape(4, -1).sum(axis=1) + 1e-12)
+
+
+def test_activation_cast_shift_search_minimises_the_squared_error():
+    """Small integer inputs (most post-ReLU values) on E2M1: a finer power-of-two scale than the
+    full-range one wins; the chosen shift's error is the least of every candidate."""
+    fmt = mf.parse("E2M1")
+    rng = np.random.default_rng(0)
+    d = np.minimum(rng.exponential(6.0, 5000).astype(np.int64), 255)
+    q, q0, e0, e = mf.best_act_shift(fmt, d, 255)
+    assert q0 == mf.act_shift(fmt, 255) == 5 and q < q0 and e < 0.7 * e0
+    values, counts = np.unique(d, return_counts=True)
+    errs = [mf.cast_error(fmt, values, counts, k) for k in range(q0 - mf.ACT_Q_STEPS, q0 + 1)]
+    assert e == min(errs) and e0 == errs[-1]
+    # inputs that fill the range keep the full-range shift (a finer one would saturate them)
+    q, q0, _, _ = mf.best_act_shift(fmt, np.arange(-255, 256), 255)
+    assert q == q0

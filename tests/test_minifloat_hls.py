@@ -50,8 +50,14 @@ def csim_vs_sim(g, x, out):
 
 
 def test_digits_cnn_minifloat_layers_csim_bit_exact(digits_float, digits, tmp_path):
-    """E4M3 x E4M3, E3M2 x E3M2, E2M1 x E2M1 and integer x E4M3 layers in one design."""
-    g = quantize(mixed(digits_float))
+    """E4M3 x E4M3, E3M2 x E3M2, E2M1 x E2M1 and integer x E4M3 layers in one design, the input
+    casts' shifts searched on calibration data (E2M1's finer than its full-range one)."""
+    searched = mf.search_act_shifts(mixed(digits_float), digits["x_train"][:64])
+    g = quantize(searched)
+    assert searched.meta["act_cast_search"]["conv2d_2"]["act_q"] < searched.meta["act_cast_search"]["conv2d_2"][
+        "full_range_q"]
+    assert all(n.attrs["act_q"] == searched.meta["act_cast_search"][n.name]["act_q"] for n in g.nodes
+               if n.attrs.get("act_format"))
     fmts = [(n.attrs["format"], n.attrs.get("act_format")) for n in g.nodes if n.op in ("conv2d", "dense")]
     assert fmts == MIX[:4]
     got, sim, design = csim_vs_sim(g, digits["x_test"][:24], tmp_path)
@@ -66,7 +72,9 @@ def test_digits_cnn_minifloat_layers_csim_bit_exact(digits_float, digits, tmp_pa
 
 @pytest.mark.slow
 def test_resnet8_minifloat_layers_csim_bit_exact(crops32, tmp_path):
-    g = quantize(mixed(float_graph(RESNET8, crops32[:64])))
+    g = quantize(mf.search_act_shifts(mixed(float_graph(RESNET8, crops32[:64])), crops32[:64]))
+    assert any(n.attrs["act_q"] < mf.act_shift(mf.parse(n.attrs["act_format"]), 255) for n in g.nodes
+               if n.attrs.get("act_format") == "E2M1")
     got, sim, _ = csim_vs_sim(g, crops32[128:144], tmp_path)
     assert {n.attrs.get("format") for n in g.nodes if n.op == "conv2d"} >= {"E4M3", "E3M2", "E2M1"}
     assert np.array_equal(got, sim)
@@ -125,3 +133,24 @@ def test_cli_minifloat_option_compiles_for_hls_and_the_c_target_refuses(tmp_path
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no minifloat kernels" in r.stderr, r.stderr
     r = hilc("compile", DIGITS_CNN, "--calib", calib, "-o", tmp_path / "x", "--minifloat", "nope=E3M2")
     assert r.returncode == 2 and "no conv/dense layer named nope" in r.stderr
+
+
+def test_minifloat_input_casts_get_bias_correction_and_adaround_after_calibration(digits):
+    """With input casts, equalization runs before calibration and bias correction + AdaRound after
+    the cast shifts are searched, with the casts simulated: closer to float than without them."""
+    from hilc.compiler.pipeline import compile_model
+    from hilc.sim.simulator import run_float, simulate, to_physical
+
+    x, xt = digits["x_train"][:64], digits["x_test"][:96]
+    hook = lambda g: mf.set_formats(g, "E2M1", "E2M1")  # noqa: E731
+    fg = float_graph(DIGITS_CNN, x)
+    ref = run_float(fg, {fg.inputs[0]: to_physical(fg, fg.inputs[0], xt)})[fg.outputs[0]].reshape(len(xt), -1)
+    errs = {}
+    for spec in ("equalize", "all"):
+        r = compile_model(DIGITS_CNN, x, ptq=spec, ptq_budget=None, graph_hook=hook)
+        names = [m["name"] for m in r.report["ptq"]["methods"]]
+        assert names[0] == "equalize" and len(names) == (2 if spec == "all" else 1)
+        y = simulate(r.graph, xt).reshape(len(xt), -1)
+        errs[spec] = float(((y - ref) ** 2).mean())
+    assert "minifloat input casts simulated" in names[1]
+    assert errs["all"] < errs["equalize"]

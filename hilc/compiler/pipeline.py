@@ -126,6 +126,16 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     if graph_hook is not None:
         g = graph_hook(g)
     has_hints = bool(g.meta.get("quant_hints"))
+    fpga_ptq: list[str] = []
+    if precision == "auto-fpga" and not has_hints:  # equalize now; bias-correct/adaround after the pick
+        from hilc.targets.hls.cost import split_ptq
+
+        ptq, fpga_ptq = split_ptq(ptq)
+    cast_ptq: list[str] = []
+    if precision != "auto-fpga" and not has_hints and any(n.attrs.get("act_format") for n in g.nodes):
+        from hilc.compiler.minifloat import split_ptq_for_casts
+
+        ptq, cast_ptq = split_ptq_for_casts(ptq, g)  # equalize now; the rest once the casts are known
     source = "calibration data" if isinstance(calib, np.ndarray) or calib is None else str(calib)
     g, samples, ptq_report = _post_training(g, samples, ptq, ptq_budget, input_range, has_hints, Path(model).name,
                                             source)
@@ -135,14 +145,28 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source, cluster=cluster)
         if calib is None:
             g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
+    if samples is not None and any(n.attrs.get("act_format") for n in g.nodes):  # minifloat input casts
+        from hilc.compiler.minifloat import PIPELINE_ACT_Q_STEPS, search_act_shifts
+
+        g = search_act_shifts(g, samples, steps=PIPELINE_ACT_Q_STEPS)  # the casts' shifts and their error
+        if cast_ptq:
+            from hilc.compiler.minifloat import ptq_with_casts
+
+            g, done = ptq_with_casts(g, samples, cast_ptq, ptq_budget)
+            ptq_report["methods"].append(done)
     if "calibrate" in (dump_after or []):
         dumps["calibrate"] = g.summary()
     mixed_info, files = {}, {}
     fpga_info = None
     if precision == "auto-fpga":  # per layer integer or minifloat, by the FPGA cost model
-        from hilc.targets.hls.cost import auto_fpga
+        from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD
+        from hilc.targets.hls.cost import auto_fpga, pricing_parallelism
 
-        g, fpga_info = auto_fpga(g, samples, fpga_error_ratio)
+        # priced at the HLS design's PE x SIMD (the board's default, or --parallel), which the design keeps
+        lanes, source = pricing_parallelism(g, fpga_board or DEFAULT_FPGA_BOARD, parallel, target == "hls")
+        g, fpga_info = auto_fpga(g, samples, fpga_error_ratio, parallel=lanes, ptq_methods=fpga_ptq,
+                                 parallel_source=source)
+        parallel = {**lanes, **(parallel or {})}
     elif precision != "int8" or budgets is not None or weight_bits or act_bits:
         from hilc.compiler.mixed import apply_precision
 
@@ -234,6 +258,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
             tb = quantize_host(to_physical(q, q.inputs[0], samples[:4]), qi.scale, qi.zero_point, qi.bits)
         hls_design = generate_hls(q, fpga_board, parallel, tb)
         extra.update(board=fpga_board.name, fpga=hls_design.estimate)
+        if fpga_info is not None:  # the picker's price beside the backend's estimate, per layer
+            from hilc.targets.hls.cost import check_estimate
+
+            check_estimate(fpga_info, hls_design.estimate)
     extra["compile_seconds"] = round(time.perf_counter() - t0, 3)
     extra["model_hash"] = f"{q.content_hash():016x}"
     if mixed_info:

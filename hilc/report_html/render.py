@@ -162,26 +162,36 @@ def _pareto_plot(cmp: dict) -> str:
     import matplotlib.pyplot as plt
 
     pts = cmp["points"]
+    yk = cmp.get("y", "accuracy")  # "error" (lower is better): the compile's error proxy, log scale
     fig, ax = plt.subplots(figsize=(7, 3.6))
     styles = {"int": ("o", "#0969da", "integer"), "mf": ("s", "#bf8700", "minifloat weights"),
               "mfxmf": ("^", "#cf222e", "minifloat x minifloat"), "mixed": ("*", "#1a7f37", "mixed (picker)")}
     for kind, (marker, colour, label) in styles.items():
         sel = [p for p in pts if p["kind"] == kind]
         if sel:
-            ax.scatter([p["lut"] + 100 * p["dsp"] for p in sel], [p["accuracy"] for p in sel], marker=marker,
+            ax.scatter([p["lut"] + 100 * p["dsp"] for p in sel], [p[yk] for p in sel], marker=marker,
                        color=colour, label=label, s=60 if kind == "mixed" else 36)
             for p in sel:
-                ax.annotate(p["label"], (p["lut"] + 100 * p["dsp"], p["accuracy"]), fontsize=6,
+                if yk == "error" and kind == "mixed" and p["label"] != cmp.get("chosen"):
+                    continue  # the compile's ILP points crowd each other: only the pick is named
+                ax.annotate(p["label"], (p["lut"] + 100 * p["dsp"], p[yk]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
     front = sorted((p for p in pts if p["label"] in cmp.get("pareto", [])), key=lambda p: p["lut"] + 100 * p["dsp"])
     if front:
-        ax.plot([p["lut"] + 100 * p["dsp"] for p in front], [p["accuracy"] for p in front], color="#57606a",
+        ax.plot([p["lut"] + 100 * p["dsp"] for p in front], [p[yk] for p in front], color="#57606a",
                 lw=1, ls="--", label="Pareto front")
+    chosen = [p for p in pts if p["label"] == cmp.get("chosen")]
+    if chosen:
+        ax.scatter([chosen[0]["lut"] + 100 * chosen[0]["dsp"]], [chosen[0][yk]], s=220, facecolors="none",
+                   edgecolors="#000000", lw=1.5, label="chosen")
+    if yk == "error":
+        ax.set_yscale("log")
+        ax.invert_yaxis()  # better (lower error) is up, as with accuracy
     ax.set_xlabel("cost: LUT + 100 x DSP (analytical model)")
     ax.set_ylabel(cmp.get("metric", "accuracy"), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("Accuracy vs FPGA cost: integer, minifloat, mixed")
+    ax.set_title(f"{'Error proxy' if yk == 'error' else 'Accuracy'} vs FPGA cost: integer, minifloat, mixed")
     return _png(fig)
 
 
@@ -285,6 +295,9 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
     if report.get("minifloat", {}).get("points"):
         plots.append(("pareto", "Accuracy vs FPGA cost (integer / minifloat / mixed)",
                       _pareto_plot(report["minifloat"])))
+    elif report.get("fpga_precision", {}).get("pareto", {}).get("points"):  # --precision auto-fpga
+        plots.append(("pareto", "Error proxy vs FPGA cost (integer / minifloat / mixed; the pick circled)",
+                      _pareto_plot(report["fpga_precision"]["pareto"])))
     patch = report.get("patch")
     extra = []
     if "arena_bytes" in report:
@@ -292,6 +305,23 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
     if prof:
         extra.append(f"profiled on {prof['board']}: {prof['total_ticks']:,} ticks at {prof['tick_hz']:,} Hz"
                      + (f" = {prof['total_instructions']:,} instructions" if "total_instructions" in prof else ""))
+    fp = report.get("fpga_precision")
+    if fp and fp.get("layers"):  # --precision auto-fpga: the pick, its price, the HLS estimate, the PTQ
+        from hilc.targets.hls.cost import choice_label
+
+        picks = ", ".join(f"{la['name']} {choice_label(la['choice'])} ({la['pe']}x{la['simd']})" for la in fp["layers"])
+        extra.append(f"auto-fpga pick: {picks}; cost model {fp['cost']['lut']:,} LUT / {fp['cost']['dsp']} DSP "
+                     f"(int8 {fp['int8_cost']['lut']:,} / {fp['int8_cost']['dsp']})")
+        h = fp.get("hls_estimate")
+        if h:
+            extra.append(f"HLS estimate of the same conv/dense layers: {h['conv_dense']['lut']:,} LUT / "
+                         f"{h['conv_dense']['dsp']} DSP (with their ROMs, line buffers and control)")
+        pt = fp.get("ptq")
+        if pt:
+            extra.append(f"after the pick, {' + '.join(pt['methods'])} ({pt['adaround_iterations']} AdaRound steps): "
+                         f"top-1 agreement with float {pt['before']['top1_agreement']:.1%} -> "
+                         f"{pt['after']['top1_agreement']:.1%}, relative output MSE "
+                         f"{pt['before']['relative_mse']:.3g} -> {pt['after']['relative_mse']:.3g}")
     return {"title": f"hilc report: {Path(report.get('model', 'model')).name}", "summary": summary,
             "limits": limit_rows, "rows": rows, "plots": plots, "profiled": bool(prof), "per_tick": per_tick,
             "patch": _patch_rows(patch),

@@ -24,7 +24,10 @@ Minifloat ExMy weights times EaMa activations (or times the integer ``x - zp``):
   leading-one detector and the rounding incrementer: about ``2 * (b_a + 1) + m_a + 1`` LUTs per
   SIMD lane.
 Requantizer per layer: the dyadic product acc x b in DSPs, ``ceil(A / 17) * ceil(mult_bits / 26)``
-(a DSP48 takes 18 x 27 signed), plus 150 LUTs of rounding and clamping.
+(a DSP48 takes 18 x 27 signed; integer layers: the template's 33 x 31-bit product, 4 DSPs), plus
+150 LUTs of rounding and clamping. A layer with PE x SIMD lanes (the HLS design's parallelism)
+costs lanes x one MAC, SIMD input casts, one requantizer. The HLS estimate (estimate.py) prices
+minifloat lanes by these rules too; it adds the layer's ROMs, line buffers and control.
 These are estimates for comparing formats, not synthesis results.
 """
 
@@ -74,6 +77,11 @@ def mac_cost(weight: str | int, act: str | int | None = 8, acc_bits: int = 32, a
                       "accumulator": acc_bits}}
 
 
+def requant_dsp(acc_bits: int, mult_bits: int) -> int:
+    """DSPs of the dyadic requantizer acc x b: a DSP48 multiplies 18 x 27 signed."""
+    return math.ceil(acc_bits / 17) * math.ceil(mult_bits / 26)
+
+
 def _acc_bits(node: Node) -> int:
     return max(2, int(node.attrs["acc_bound"]).bit_length() + 1)
 
@@ -90,8 +98,9 @@ def layer_cost(graph: Graph, node: Node, pe: int = 1, simd: int = 1) -> dict[str
     ab = graph.tensors[node.inputs[0]].quant.bits
     weight = a.get("format") or int(a.get("weight_bits", 8))
     m = mac_cost(weight, a.get("act_format") or ab, acc, ab)
-    mult_bits = int(a.get("mult_bits", 31))
-    rq_dsp = math.ceil(acc / 17) * math.ceil(mult_bits / 26)
+    # the integer requantizer is the template's fixed ap_int<33> x ap_uint<31> product; the
+    # minifloat one multiplies the wide accumulator by a multiplier narrowed to mult_bits
+    rq_dsp = requant_dsp(acc, int(a.get("mult_bits", 31))) if a.get("format") else requant_dsp(33, 31)
     lanes = pe * simd
     return {"name": node.name, "format": a.get("format") or f"int{weight}", "act_format": a.get("act_format"),
             "pe": pe, "simd": simd, "acc_bits": acc,
@@ -117,6 +126,12 @@ def candidates(bits: list[int]) -> list[tuple[str, str | int]]:
         out.append(("int", b))
         out.append(("mf", mf.for_bits(b).name))
     return out
+
+
+def choice_label(key: str) -> str:
+    """A candidate key as people read it: ``int:6`` -> ``int6``, ``mf:E2M1`` -> ``E2M1``."""
+    kind, _, val = key.partition(":")
+    return f"int{val}" if kind == "int" else val
 
 
 def _fake_weights(w: np.ndarray, cand: tuple[str, str | int]) -> np.ndarray:
@@ -158,7 +173,7 @@ def layer_errors(graph: Graph, samples: np.ndarray, cands: list[tuple[str, str |
     return out
 
 
-def pick(graph: Graph, errors: dict[str, dict], costs: dict[str, dict], budget: float) -> dict[str, str]:
+def pick(graph: Graph | None, errors: dict[str, dict], costs: dict[str, dict], budget: float) -> dict[str, str]:
     """The choice per layer (candidate key) minimising the summed LUT-equivalent cost (a DSP
     counted as 100 LUTs) with the summed error proxy at most ``budget``: a small ILP
     (``scipy.optimize.milp``; one binary per layer and candidate, one choice per layer)."""
@@ -201,21 +216,180 @@ def candidate_costs(graph: Graph, cands: list[tuple[str, str | int]],
 
 
 AUTO_BITS = [3, 4, 5, 6, 7, 8]
+ADAROUND_ITERATIONS = 1000  # after the pick: a step count, not a time budget (same inputs, same model)
+PTQ_SAMPLES = 128  # calibration samples the post-pick PTQ and its measurement use
 
 
-def auto_fpga(graph: Graph, samples: np.ndarray, error_ratio: float = 1.0,
-              bits: list[int] | None = None) -> tuple[Graph, dict[str, Any]]:
+def design_parallelism(graph: Graph, board: Any = None,
+                       parallel: dict[str, tuple[int, int]] | None = None) -> dict[str, tuple[int, int]]:
+    """PE x SIMD per conv/dense as the HLS backend chooses them (``codegen.choose_parallelism``: the
+    user's ``parallel`` where given, the board's resource budget elsewhere) for the int8 design of a
+    calibrated float graph: the parallelism the picker prices and the final design instantiates."""
+    from hilc.compiler.quantize import quantize
+    from hilc.targets.hls.codegen import generate_hls
+
+    design = generate_hls(quantize(graph), board, parallel)
+    return {r["name"]: (int(r["pe"]), int(r["simd"])) for r in design.estimate["layers"] if "pe" in r}
+
+
+def pricing_parallelism(graph: Graph, board: Any, parallel: dict[str, tuple[int, int]] | None,
+                        for_hls: bool) -> tuple[dict[str, tuple[int, int]], str]:
+    """The PE x SIMD the picker prices with, and where it came from. For ``--target hls`` the design's
+    (its errors stand: the design would fail the same way); for other targets the default FPGA
+    board's design when the model lowers to it, else one lane per layer."""
+    from hilc.errors import HilcError
+
+    name = getattr(board, "name", board)
+    if for_hls:
+        return design_parallelism(graph, board, parallel), f"the HLS design for {name}"
+    try:
+        return design_parallelism(graph, board, parallel), f"the HLS design for {name}"
+    except HilcError as e:
+        return {}, f"one lane per layer ({name}: {e})"
+
+
+def split_ptq(spec: str | list[str] | None) -> tuple[str, list[str]]:
+    """``--ptq`` for ``--precision auto-fpga``: equalization (format-independent, it keeps the float
+    function) runs before calibration and the pick; bias correction and learned rounding run after
+    the pick, on the chosen grids. ``auto`` means all three (the pick may go below 8 bits)."""
+    from hilc.compiler.ptq import parse_methods
+
+    methods = parse_methods("all" if spec in (None, "auto") else spec)
+    return ("equalize" if "equalize" in methods else "none"), [m for m in methods if m != "equalize"]
+
+
+def _cost_of(costs: dict[str, dict], choice: dict[str, str]) -> dict[str, int]:
+    return {k: int(sum(costs[n][choice[n]][k] for n in choice)) for k in ("lut", "dsp", "ff")}
+
+
+def pareto_points(errors: dict[str, dict], costs: dict[str, dict], bits: list[int],
+                  chosen: dict[str, str]) -> dict[str, Any]:
+    """Error proxy vs cost, from the measured per-layer errors and costs only (no extra compile):
+    all-integer and all-minifloat at each width, the ILP's mixed picks at the budgets those uniform
+    points set, and the chosen point. Error: the summed relative output error proxy (lower is
+    better). ``pareto``: the labels no other point beats in both."""
+    pts: list[dict[str, Any]] = []
+
+    def add(label: str, kind: str, choice: dict[str, str]) -> None:
+        c = _cost_of(costs, choice)
+        pts.append({"label": label, "kind": kind, "error": float(sum(errors[n][choice[n]] for n in choice)),
+                    **c, "choice": choice})
+
+    for b in bits:
+        add(f"int{b}", "int", {n: f"int:{b}" for n in errors})
+        name = mf.for_bits(b).name
+        add(name, "mf", {n: f"mf:{name}" for n in errors})
+    seen = set()
+    for budget in sorted({p["error"] for p in pts}):
+        ch = pick(None, errors, costs, budget * (1 + 1e-9))
+        key = tuple(sorted(ch.items()))
+        if key not in seen and ch not in [p["choice"] for p in pts]:
+            seen.add(key)
+            add(f"mixed@{budget:.2g}", "mixed", ch)
+    add("chosen", "mixed", chosen)
+
+    def dominated(p: dict) -> bool:
+        cp = p["lut"] + 100 * p["dsp"]
+        return any(q["error"] <= p["error"] and q["lut"] + 100 * q["dsp"] <= cp
+                   and (q["error"] < p["error"] or q["lut"] + 100 * q["dsp"] < cp) for q in pts)
+
+    return {"metric": "summed layer output error proxy (lower is better)", "y": "error", "points": pts,
+            "pareto": [p["label"] for p in pts if not dominated(p)], "chosen": "chosen"}
+
+
+def _agreement(reference: Graph, graph: Graph, x: np.ndarray) -> dict[str, float]:
+    """The quantized ``graph`` against the float ``reference`` on physical inputs x: top-1 agreement
+    and the output's mean squared error relative to the float output's energy."""
+    from hilc.compiler.arith import dequantize_host, quantize_host
+    from hilc.compiler.quantize import quantize
+    from hilc.sim.simulator import run_float, run_int_batched
+
+    q = quantize(graph)
+    qi, qo = q.tensors[q.inputs[0]].quant, q.tensors[q.outputs[0]].quant
+    y = dequantize_host(run_int_batched(q, quantize_host(x, qi.scale, qi.zero_point, qi.bits)), qo.scale,
+                        qo.zero_point).reshape(len(x), -1).astype(np.float64)
+    ref = run_float(reference, {reference.inputs[0]: x})[reference.outputs[0]].reshape(len(x), -1).astype(np.float64)
+    return {"top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()),
+            "relative_mse": float(((y - ref) ** 2).mean() / (float((ref ** 2).mean()) or 1.0))}
+
+
+def ptq_after_pick(reference: Graph, picked: Graph, samples: np.ndarray, methods: list[str],
+                   iterations: int = ADAROUND_ITERATIONS) -> tuple[Graph, dict[str, Any]]:
+    """Bias correction and learned rounding (``ptq.correct_layers``) on the chosen grids, with a
+    fixed AdaRound step count (deterministic), against the calibrated float graph; AdaRound only
+    where the pick left int8 (int8 layers are bias-corrected). Measures the quantized model
+    against float on the calibration samples before and after."""
+    import time
+
+    from hilc.compiler.ptq import correct_layers
+    from hilc.sim.simulator import to_physical
+
+    methods = [m for m in methods if m in ("bias-correct", "adaround")]
+    if not methods:
+        return picked, {}
+    x = to_physical(reference, reference.inputs[0], np.asarray(samples, np.float32)[:PTQ_SAMPLES])
+    before = _agreement(reference, picked, x)
+    lowered = {n.name for n in picked.nodes if n.op in ("conv2d", "dense") and "weight" in n.params
+               and (n.attrs.get("format") or int(n.attrs.get("weight_bits", 8)) < 8)}
+    t = time.perf_counter()
+    g = correct_layers(reference, picked, x, bias_correct="bias-correct" in methods,
+                       adaround="adaround" in methods and bool(lowered), budget_s=None, iterations=iterations,
+                       adaround_only=lowered)
+    seconds = time.perf_counter() - t
+    after = _agreement(reference, g, x)
+    g.meta["ptq"] = methods
+    return g, {"methods": methods, "adaround_iterations": iterations if "adaround" in methods else 0,
+               "adaround_layers": sorted(lowered) if "adaround" in methods else [], "samples": len(x),
+               "seconds": round(seconds, 3), "before": before, "after": after,
+               "note": "measured on the calibration samples against the float model"}
+
+
+def auto_fpga(graph: Graph, samples: np.ndarray, error_ratio: float = 1.0, bits: list[int] | None = None,
+              parallel: dict[str, tuple[int, int]] | None = None,
+              ptq_methods: list[str] | None = None,
+              parallel_source: str | None = None) -> tuple[Graph, dict[str, Any]]:
     """``--precision auto-fpga``: per conv/dense, integer or minifloat weights of 3..8 bits, the
-    cheapest (LUT + 100 DSP per MAC lane, one lane per layer) whose summed output-error proxy is
-    at most ``error_ratio`` times that of int8 everywhere. Returns the float graph with the choice
-    applied and the report entry (choice, budget, per-layer errors and costs)."""
-    cands = candidates(bits or AUTO_BITS)
+    cheapest (LUT + 100 DSP, each layer priced with its ``parallel`` PE x SIMD lanes: the HLS
+    design's) whose summed output-error proxy is at most ``error_ratio`` times that of int8
+    everywhere; then ``ptq_methods`` (bias-correct, adaround) on the chosen grids. Returns the float
+    graph with the choice applied and the report entry (choice, budget, per-layer errors and costs,
+    the Pareto front of the measured points, the PTQ's measured effect)."""
+    bits = bits or AUTO_BITS
+    parallel = parallel or {}
+    cands = candidates(bits)
     errs = layer_errors(graph, np.asarray(samples)[:64], cands)
-    costs = candidate_costs(graph, cands)
+    costs = candidate_costs(graph, cands, parallel)
     budget = error_ratio * sum(e["int:8"] for e in errs.values())
     choice = pick(graph, errs, costs, budget)
     info = {"error_budget": budget, "error_ratio": error_ratio, "choice": choice,
             "error": float(sum(errs[n][k] for n, k in choice.items())),
-            "cost": {k: int(sum(costs[n][choice[n]][k] for n in choice)) for k in ("lut", "dsp", "ff")},
-            "int8_cost": {k: int(sum(costs[n]["int:8"][k] for n in choice)) for k in ("lut", "dsp", "ff")}}
-    return apply_choice(graph, choice), info
+            "cost": _cost_of(costs, choice), "int8_cost": _cost_of(costs, {n: "int:8" for n in choice}),
+            "parallel": {n: list(parallel.get(n, (1, 1))) for n in choice},
+            "parallel_source": parallel_source or ("given" if parallel else "one lane per layer"),
+            "layers": [{"name": n, "choice": k, "pe": costs[n][k]["pe"], "simd": costs[n][k]["simd"],
+                        "lanes": costs[n][k]["pe"] * costs[n][k]["simd"], "acc_bits": costs[n][k]["acc_bits"],
+                        "lut": costs[n][k]["lut"], "dsp": costs[n][k]["dsp"], "ff": costs[n][k]["ff"],
+                        "error": errs[n][k]} for n, k in choice.items()],
+            "pareto": pareto_points(errs, costs, bits, choice)}
+    g = apply_choice(graph, choice)
+    if ptq_methods:
+        g, info["ptq"] = ptq_after_pick(graph, g, samples, ptq_methods)
+    return g, info
+
+
+def check_estimate(info: dict[str, Any], estimate: dict[str, Any]) -> None:
+    """Put the HLS backend's estimate of each picked layer beside the cost model's price in
+    ``info['layers']`` (``hls_lut``, ``hls_dsp``) and the totals in ``info['hls_estimate']``.
+    The estimate also counts the layer's ROMs, line buffers and control, which the cost model
+    leaves out; the multiply-accumulate lanes and requantizers are priced by the same rules."""
+    rows = {r["name"]: r for r in estimate.get("layers", [])}
+    for la in info["layers"]:
+        r = rows.get(la["name"])
+        if r is not None:
+            la.update(hls_lut=int(r["lut"]), hls_dsp=int(r["dsp"]), hls_pe=int(r["pe"]), hls_simd=int(r["simd"]))
+    done = [la for la in info["layers"] if "hls_lut" in la]
+    tot = {"lut": sum(la["hls_lut"] for la in done), "dsp": sum(la["hls_dsp"] for la in done)}
+    info["hls_estimate"] = {"conv_dense": tot, "design_total": {k: estimate["total"][k] for k in ("lut", "dsp")},
+                            "cost_model": {k: sum(la[k] for la in done) for k in ("lut", "dsp")},
+                            "same_parallelism": all((la["pe"], la["simd"]) == (la["hls_pe"], la["hls_simd"])
+                                                    for la in done)}

@@ -4,7 +4,9 @@ parallelism and catch designs that cannot fit the board; Vitis HLS's csynth repo
 
 Rules (7-series / UltraScale DSP48, BRAM18 blocks):
 * a multiply lane (one PE x SIMD product) takes one DSP when both operands are wider than 4 bits,
-  else it is built from LUTs (about weight_bits x (act_bits + 1) LUTs);
+  else it is built from LUTs (about weight_bits x (act_bits + 1) LUTs); a minifloat lane (and its
+  wide requantizer) is priced by the FPGA cost model's rules (cost.py: significand product,
+  exponent add, alignment shift, wide accumulator, input cast);
 * each dyadic requantizer (a 33 x 31-bit product) takes 4 DSPs, an add's two rescales 2 each;
 * every array of more than 1024 bits is BRAM18 (best aspect ratio per partition), smaller ones LUTRAM
   (64 bits per LUT); FIFOs deeper than 2 are BRAM/SRL by the same rule (SRL: 32 bits per LUT);
@@ -50,10 +52,17 @@ def layer_estimate(cfg: dict[str, Any]) -> dict[str, int]:
     if kind in ("conv2d", "dense"):
         pe, simd, wb = cfg["pe"], cfg["simd"], cfg["weight_bits"]
         lanes = pe * simd
-        big = wb > 4 and ab > 4
-        dsp += lanes if big else 0
-        lut += lanes * (cfg["acc_bits"] + (0 if big else wb * (ab + 1)))
-        dsp += 4
+        if cfg.get("format"):  # minifloat lanes and the wide requantizer: the FPGA cost model's rules
+            from hilc.targets.hls.cost import mac_cost, requant_dsp
+
+            m = mac_cost(cfg["format"], cfg.get("act_format") or ab, cfg["acc_bits"], ab)
+            dsp += lanes * m["dsp"] + requant_dsp(cfg["acc_bits"], cfg["mult_bits"])
+            lut += lanes * m["lut"] + simd * m["cast_lut"]
+        else:
+            big = wb > 4 and ab > 4
+            dsp += lanes if big else 0
+            lut += lanes * (cfg["acc_bits"] + (0 if big else wb * (ab + 1)))
+            dsp += 4
         lut += 150
         n_out = cfg["oc"] if kind == "conv2d" else cfg["o"]
         k = cfg["kh"] * cfg["kw"] * cfg["cg"] if kind == "conv2d" else cfg["k"]

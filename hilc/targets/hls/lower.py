@@ -157,7 +157,7 @@ def _minifloat(ctx, node: Node, cfg: dict, wq: np.ndarray) -> dict:
         mac = f"hilc_mf_mul<{afmt.e}, {afmt.m}, {fmt.e}, {fmt.m}>({cast}, wv)"
     cfg.update(weight=ctx.rom(f"{node.name}_weight", wq, wt), w_t=wt, mac=mac, requant="hilc_requant_wide",
                bias=ctx.rom(f"{node.name}_bias", ctx.graph.param(node, "bias"), "ap_int<64>"),
-               acc_bits=acc_bits, acc_t=f"ap_int<{acc_bits}>", format=fmt.name,
+               acc_bits=acc_bits, acc_t=f"ap_int<{acc_bits}>", format=fmt.name, mult_bits=int(a["mult_bits"]),
                act_format=afmt.name if afmt is not None else None,
                doc=cfg["doc"] + f"; minifloat {fmt.name} weights"
                + (f", {afmt.name} input cast (q={a['act_q']})" if afmt is not None else ""))

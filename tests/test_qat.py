@@ -129,3 +129,18 @@ def test_fake_quantized_forward_tracks_the_integer_model(chain):
         fq = qat.forward(v, qat.init_params(v), x, qat.act_grids(v))[0]
         step = q.tensors[q.outputs[0]].quant.scale
         assert np.mean(np.abs(fq - mixed._outputs(q, x))) < 0.3 * step
+
+
+def test_strong_augmentation_is_deterministic_and_stays_in_range():
+    x = np.random.default_rng(3).uniform(0, 255, (6, 16, 12, 3)).astype(np.float32)
+    a = qat.augment_strong(np.random.default_rng(0), x)
+    b = qat.augment_strong(np.random.default_rng(0), x)
+    assert a.shape == x.shape and np.array_equal(a, b)
+    assert a.min() >= x.min() and a.max() <= x.max() and not np.allclose(a, x)
+    # the identity box resamples the image exactly; CutMix alone pastes pixels of another image
+    assert np.allclose(qat._resize_bilinear(x[0], 0, 0, 16, 12, 16, 12), x[0], atol=1e-4)
+    flat = np.zeros_like(x) + np.arange(6, dtype=np.float32)[:, None, None, None]
+    c = qat.augment_strong(np.random.default_rng(1), flat, min_area=1.0, jitter=0.0, cutout=0.0, cutmix=1.0)
+    kinds = [set(np.unique(ci).tolist()) for ci in c]
+    assert all(k <= {float(i), *map(float, range(6))} and float(i) in k for i, k in enumerate(kinds))
+    assert sum(len(k) == 2 for k in kinds) >= 4  # its own value and its partner's

@@ -91,8 +91,10 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     out = ROOT / "benchmarks" / "results" / "qat_validation.json"
-    old = json.loads(out.read_text()) if out.exists() else {}  # other width sets' runs are kept
-    out.write_text(json.dumps(old | res, indent=1) + "\n")
+    old = json.loads(out.read_text()) if out.exists() else {}  # other sets' and variants' runs are kept
+    for k, v in res.items():
+        old[k] = old.get(k, {}) | v if isinstance(v, dict) else v
+    out.write_text(json.dumps(old, indent=1) + "\n")
 
 
 if __name__ == "__main__":

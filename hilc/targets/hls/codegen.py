@@ -22,12 +22,12 @@ import numpy as np
 
 from hilc import __version__
 from hilc.compiler.ir import Graph
+from hilc.compiler.ops import OPS
 from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int
 from hilc.targets.hls import estimate as est
 from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD, FpgaBoard, load_fpga_board
-from hilc.targets.hls.lower import lower_node
 
 TEMPLATES = Path(__file__).parent / "templates"
 TOP = "hilc_top"
@@ -230,7 +230,7 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
     produced(in_name, in_stream)
     for i, node in enumerate(graph.nodes):
         ctx.roms = []
-        cfg = lower_node(ctx, node)
+        cfg = OPS[node.op].lower_hls(node, graph, ctx)  # Op.lower_hls refuses an op it cannot lower
         cfg.update(roms=ctx.roms, node=node.name, op=node.op, fn=ctx.ident(f"layer{i}_{node.name}"),
                    in_t=ctx.act_t(node.inputs[0]), out_t=ctx.act_t(node.outputs[0]))
         if len(node.inputs) > 1:

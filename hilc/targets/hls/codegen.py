@@ -1,7 +1,8 @@
 """HLS code generation: integer graph -> a streaming dataflow design for Vitis HLS (OUT/hls/).
 
 * one C++ function per layer (templates/layers.j2), all connected by ``hls::stream`` FIFOs in a
-  ``DATAFLOW`` top function whose ports are AXI-Streams of int8 beats;
+  ``DATAFLOW`` top function whose ports are AXI-Streams of int8 beats; each node's layer config comes
+  from its operator's ``Op.lower_hls`` (hilc/compiler/ops, helpers in lower.py);
 * activations are ``ap_int<bits>`` from each tensor's ``QParams.bits``, weights ``ap_int<weight_bits>``,
   accumulators as wide as the layer's static accumulator bound needs;
 * constants are ROMs; a tensor read by several layers is duplicated by a fork layer;
@@ -47,7 +48,7 @@ class HlsDesign:
 
 
 class HlsContext:
-    """What a lowering uses: the graph, ROM declarations and C identifiers."""
+    """What ``Op.lower_hls`` uses: the graph, ROM declarations and C identifiers."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph

@@ -12,8 +12,11 @@
 
 4. resnet8 search time at 2x with the sensitivity cache cold (alone: ``--search-time``).
 
+``--quick``: only step 2, for the sub-byte set at 1, 1.5, 2, 2.2 and 3x, the extended set at 2 and
+2.2x and the digits CNN at 2 and 3x, merged into the last full results (other keys kept as they were).
+
 Prints a table and writes benchmarks/results/mixed.json. Run from the repository root:
-    python benchmarks/mixed.py [--no-fit] [--search-time]
+    python benchmarks/mixed.py [--no-fit] [--search-time] [--quick]
 """
 
 from __future__ import annotations
@@ -88,17 +91,19 @@ def fit_latency(d: Path, res: dict, rows: list, crops, digits_x) -> None:
                      " / ".join(f"{per.get(b, float('nan')):.2f}" for b in ("8", "4", "2")), ""))
 
 
-def pareto(res: dict, rows: list, crops, digits) -> None:
+def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
     calib, held = crops[:128], crops[128:]
     ref = ort_run(RESNET8, held).argmax(1)
     agree8 = float((simulate(compile_model(RESNET8, calib).graph, held).argmax(1) == ref).mean())
     res["resnet8_int8_agreement"] = agree8
     rows.append(("resnet8 int8 top-1 agreement with float (384)", f"{agree8:.2%}", ""))
     with tempfile.TemporaryDirectory() as d:
-        for label, ext in (("subbyte", False), ("extended", True)):
+        sets = (("subbyte", False), ("extended", True))
+        for label, ext in sets:
             cache = Path(d) / f"sens_{label}.json"
             curve = []
-            for ratio in (1.0, 1.25, 1.5, 1.75, 2.0, 2.2, 2.5, 3.0):
+            quick_ratios = (1.0, 1.5, 2.0, 2.2, 3.0) if label == "subbyte" else (2.0, 2.2)
+            for ratio in quick_ratios if quick else (1.0, 1.25, 1.5, 1.75, 2.0, 2.2, 2.5, 3.0):
                 t = time.perf_counter()
                 try:
                     r = compile_model(RESNET8, calib, precision="mixed", budgets=Budgets(bitops_ratio=ratio),
@@ -116,7 +121,7 @@ def pareto(res: dict, rows: list, crops, digits) -> None:
                               "predicted_perturbation": m["predicted_perturbation"],
                               "measured_perturbation": m["measured_perturbation"],
                               "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
-                              "ptq": m.get("ptq")})
+                              "ptq": m.get("ptq"), "finetune": m.get("finetune")})
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
             res[f"resnet8_pareto_{label}"] = curve
@@ -125,15 +130,16 @@ def pareto(res: dict, rows: list, crops, digits) -> None:
         f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())
         res["digits_float_accuracy"] = f_acc
         dig = []
-        for label, ext in (("subbyte", False), ("extended", True)):
-            for ratio in (2.0, 2.5, 3.0):
+        for label, ext in sets[:1] if quick else sets:
+            for ratio in (2.0, 3.0) if quick else (2.0, 2.5, 3.0):
                 r = compile_model(DIGITS_CNN, xtr[:256], precision="mixed", budgets=Budgets(bitops_ratio=ratio),
                                   sensitivity_cache=Path(d) / f"dsens_{label}.json", extended_bits=ext)
                 acc = float((simulate(r.graph, xte).argmax(1) == yte).mean())
                 dig.append({"set": label, "bitops_ratio": ratio,
                             "bitops_reduction": r.report["bitops_int8"] / r.report["bitops"], "accuracy": acc,
                             "weight_bits": r.report["mixed_precision"]["weight_bits"],
-                            "act_bits": r.report["mixed_precision"]["act_bits"]})
+                            "act_bits": r.report["mixed_precision"]["act_bits"],
+                            "finetune": r.report["mixed_precision"].get("finetune")})
                 rows.append((f"digits {label} {ratio:.1f}x BitOps: accuracy", f"{acc:.2%}",
                              f"float {f_acc:.2%}"))
         res["digits_pareto"] = dig
@@ -182,9 +188,11 @@ def search_time(res: dict, rows: list, crops) -> None:
     m = r.report["mixed_precision"]
     res["resnet8_search_2x_cold"] = {"search_seconds": m["search_seconds"],
                                      "sensitivity_seconds": m["sensitivity_seconds"],
-                                     "ptq_seconds": (m.get("ptq") or {}).get("seconds")}
+                                     "ptq_seconds": (m.get("ptq") or {}).get("seconds"),
+                                     "finetune_seconds": (m.get("finetune") or {}).get("seconds")}
     rows.append(("resnet8 2x search, sensitivity cold (of it: sensitivity, PTQ)", f"{m['search_seconds']:.1f} s",
-                 f"{m['sensitivity_seconds']:.1f} s, {(m.get('ptq') or {}).get('seconds', 0):.1f} s"))
+                 f"{m['sensitivity_seconds']:.1f} s, {(m.get('ptq') or {}).get('seconds', 0):.1f} s; then fine-tuning "
+                 f"{(m.get('finetune') or {}).get('seconds', 0):.1f} s"))
 
 
 def main() -> None:
@@ -200,6 +208,13 @@ def main() -> None:
     if "--search-time" in sys.argv:  # only this figure, merged into the last full results
         search_time(res, rows, crops)
         print(*rows[0])
+        out.write_text(json.dumps(json.loads(out.read_text()) | res, indent=1))
+        return
+    if "--quick" in sys.argv:  # the Pareto curves only, merged into the last full results
+        pareto(res, rows, crops, digits, quick=True)
+        width = max(len(r[0]) for r in rows)
+        for name, value, note in rows:
+            print(f"{name:<{width}}  {value:>30}  {note}")
         out.write_text(json.dumps(json.loads(out.read_text()) | res, indent=1))
         return
     with tempfile.TemporaryDirectory() as d:

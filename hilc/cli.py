@@ -101,7 +101,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     pp = {"patch_precision": args.patch_precision} if args.patch_precision != "off" else {}
     if args.precision == "int8" and not budgets.any():
         return pp
-    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp}
+    ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
+    return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
 
 
 def _input_range(text: str | None) -> tuple[float, float] | None:
@@ -493,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
+    c.add_argument("--finetune-steps", type=int, metavar="N",
+                   help="with --precision mixed: N steps of quantization-aware fine-tuning by distillation from the "
+                        "float model on the calibration inputs when some width is below 8 (default: 75 passes over "
+                        "them, 300 steps of 32 for 128 inputs; 0: off)")
     c.add_argument("--patch-precision", default="off", choices=["off", "value"],
                    help="value: QuantMCU patch-branch precision; patches without input outliers run the patch stage "
                         "at lower activation widths (value-driven search; needs a patch schedule and --calib)")
@@ -500,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-training quantization: comma list of equalize, bias-correct, adaround, or all / none "
                         "(default auto: all three when some weights are below 8 bits, none otherwise)")
     c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
-                   help="time AdaRound may take over all layers (default 30)")
+                   help="AdaRound's effort over all layers, in seconds at a nominal speed: converted to a step "
+                        "count, so the same inputs give the same model on any machine (default 30)")
     c.add_argument("--fpga-error-ratio", type=float, default=1.0, metavar="R",
                    help="with --precision auto-fpga (integer or minifloat of 3-8 bits per layer, least FPGA cost): "
                         "summed layer output error at most R times int8's (default 1)")

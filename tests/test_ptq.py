@@ -231,3 +231,15 @@ def test_a_grid_pinned_for_other_bits_is_not_used(digits):
     q8 = quantize(calibrate.calibrate(ptq.set_weight_bits(pinned, 8), x))
     assert np.abs(q4.param(q4.nodes[0], "weight")).max() <= 7
     assert np.abs(q8.param(q8.nodes[0], "weight")).max() == 127  # max-abs 8-bit grid, not the 4-bit one
+
+
+def test_adaround_budget_is_a_step_count_not_a_clock(digits):
+    """--ptq-budget converts to steps at a nominal speed: the same inputs give the same integers
+    however loaded the machine."""
+    g = ptq.set_weight_bits(float_graph(DIGITS_CNN), 4)
+    x = digits["x_train"][:64]
+    a, ra = ptq.run_ptq(g, x, ["adaround"], budget_s=0.5)
+    b, _ = ptq.run_ptq(g, x, ["adaround"], budget_s=0.5)
+    for na, nb in zip(ptq.linear_nodes(a), ptq.linear_nodes(b), strict=True):
+        assert np.array_equal(a.param(na, "weight"), b.param(nb, "weight"))
+        assert na.attrs["w_scale"] == nb.attrs["w_scale"]

@@ -821,10 +821,13 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                     budgets: Budgets | None = None, weight_bits: dict[str, int] | None = None,
                     act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
                     board: str | None = None, extended: bool = False,
-                    cluster: str | None = None, engine: str = "numpy") -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    cluster: str | None = None, engine: str = "numpy",
+                    finetune_steps: int | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write.
-    ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations."""
+    ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations.
+    ``finetune_steps``: quantization-aware fine-tuning after the PTQ (``hilc.compiler.qat``;
+    None: its default step count, 0: off), when some width went below 8."""
     budgets = budgets or Budgets()
     if precision not in ("int8", "mixed"):
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
@@ -865,14 +868,26 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     t_ptq = time.perf_counter()
     g = ptq_lowered(graph, g, samples, sens["samples"])
     ptq_seconds = time.perf_counter() - t_ptq
+    search_seconds = time.perf_counter() - t0
+    ft_info = None
+    if finetune_steps != 0 and (any(b < 8 for b in alloc.weight_bits.values())
+                                or any(b < 8 for b in alloc.act_bits.values())):
+        from hilc.compiler import qat
+        from hilc.sim.simulator import to_physical
+
+        x_ft = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
+        g, ft_info = qat.finetune(graph, g, x_ft,
+                                  qat.default_steps(len(x_ft)) if finetune_steps is None else finetune_steps)
     info = alloc.summary()
     info.update(search="hawq-v3 ilp (scipy.optimize.milp)", sensitivity_seconds=sens["seconds"],
-                sensitivity_cached=sens["cached"], search_seconds=round(time.perf_counter() - t0, 3),
+                sensitivity_cached=sens["cached"], search_seconds=round(search_seconds, 3),
                 latency_model=cost.board, candidates={"weights": list(space.wbits), "acts": list(space.abits)},
                 budgets={k: v for k, v in vars(budgets).items() if v is not None})
     if g.meta.get("ptq"):
         info["ptq"] = {"methods": g.meta["ptq"], "adaround_iterations": ADAROUND_ITERATIONS,
                        "seconds": round(ptq_seconds, 3)}
+    if ft_info is not None:  # quantization-aware fine-tuning: after the search, timed apart from it
+        info["finetune"] = ft_info
     # measured effect: the same perturbation metric on the whole mixed graph
     from hilc.sim.simulator import to_physical
 

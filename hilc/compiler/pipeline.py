@@ -51,7 +51,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   act_bits: dict[str, int] | None = None, sensitivity_cache: str | Path | None = None,
                   extended_bits: bool = False, cluster: str | None = None,
                   fpga_error_ratio: float = 1.0, order: str = "memory",
-                  patch_precision: str = "off", engine: str = "numpy") -> CompileResult:
+                  patch_precision: str = "off", engine: str = "numpy",
+                  finetune_steps: int | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -171,7 +172,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
                                                sensitivity_cache, board, extended_bits, cluster=cluster,
-                                               engine=engine)
+                                               engine=engine, finetune_steps=finetune_steps)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"

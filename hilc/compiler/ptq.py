@@ -14,8 +14,10 @@
   (independent of the number of samples); a rectified-sigmoid relaxation is pushed to 0/1 by
   an annealed regulariser, then rounded. Before that, each output channel's scale is chosen
   among shrinkings of max|w| by the same output error (clipping a few large weights buys
-  finer steps: AdaQuant's point, and what matters most at 4 bits and below). A time budget
-  is shared among the layers in proportion to their cost.
+  finer steps: AdaQuant's point, and what matters most at 4 bits and below). A budget in
+  seconds becomes a step count at a nominal speed (``NOMINAL_RATE`` multiply-adds per second, a
+  constant, not the clock): every layer runs the same number of steps, so the whole run takes
+  about the budget on an unloaded core and the same inputs give the same integers on any machine.
 * ``synthesize_inputs`` (data-free calibration, ZeroQ, Cai et al. 2020): inputs optimised so
   that every BatchNorm-folded layer's pre-activation output has the per-channel mean and
   standard deviation its BatchNorm recorded (``graph.meta['bn_stats']``, kept by the importer).
@@ -46,6 +48,8 @@ from hilc.sim.simulator import to_physical
 METHODS = ("equalize", "bias-correct", "adaround")
 LINEAR_OPS = ("conv2d", "dense")
 STEP_OVERHEAD = 300_000  # numpy's fixed cost of one AdaRound step, in multiply-adds (roughly)
+NOMINAL_RATE = 1.0e9  # multiply-adds per second a time budget converts at (steps, not a clock)
+MIN_STEPS = 200  # the annealing needs at least this many
 CHUNK = 16  # samples per step when walking the graphs: bounds the im2col copies
 
 
@@ -395,8 +399,9 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     the layer sees in the graph as processed so far (earlier layers already on their grid), so
     one walk through both graphs does it all. Per layer only K x K statistics are kept.
 
-    ``budget_s=None``: every AdaRound runs ``iterations`` steps (deterministic; otherwise the
-    step counts are fitted to the time budget). ``adaround_only``: learned rounding for these
+    ``budget_s=None``: every AdaRound runs ``iterations`` steps; a budget in seconds is turned
+    into one step count for all layers at ``NOMINAL_RATE`` (between ``MIN_STEPS`` and
+    ``iterations``): deterministic either way. ``adaround_only``: learned rounding for these
     layers only (the others round to nearest, and are bias-corrected). ``isolated``: each layer
     is fitted on the reference's inputs, as if it alone were quantized (what a per-layer
     sensitivity measurement needs). ``act_quant``: fake activation quantization applied to the
@@ -410,8 +415,8 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
     # products plus numpy's fixed overhead per step and group
     costs = {n.name: g.param(n, "weight").shape[0] * g.param(n, "weight")[0].size ** 2
              + STEP_OVERHEAD * n.attrs.get("group", 1) for n in layers}
-    remaining = [float(sum(costs.values())) or 1.0]
-    end = time.perf_counter() + (budget_s or 0.0)
+    if budget_s is not None:  # every layer the same steps: the budget's share is in proportion to its cost
+        iterations = int(min(iterations, max(MIN_STEPS, budget_s * NOMINAL_RATE / (sum(costs.values()) or 1.0))))
 
     pending = set(only) if only is not None else set()
 
@@ -442,8 +447,6 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
             sum_y += y.sum(axis=0)
             energy += (y ** 2).sum(axis=0)
             m += len(y)
-        share = max(0.0, end - time.perf_counter()) * costs[node.name] / remaining[0]
-        remaining[0] -= costs[node.name]
         if adaround and (adaround_only is None or node.name in adaround_only):
             fmt, grid, s_top = None, None, s
             if node.attrs.get("format"):  # a minifloat grid: round between its neighbouring values
@@ -458,7 +461,7 @@ def correct_layers(reference: Graph, graph: Graph, x: np.ndarray, bias_correct: 
                 sg = _best_scales(gram[gi] / m, wg, s_top[sl], qmax, fmt)
                 tg = np.clip(wg / sg[:, None], -qmax, qmax)
                 q_groups.append(_adaround_group(gram[gi] / m, cross[gi] / m, float(energy[sl].sum() / m), tg, sg,
-                                                qmax, None if budget_s is None else share / len(w_groups),
+                                                qmax, None,
                                                 iters=iterations, grid=grid))
                 s_groups.append(sg)
             q = np.concatenate(q_groups, axis=0).reshape(w.shape)
@@ -506,7 +509,7 @@ def _conv_input_grad(node: Node, w: np.ndarray, dz: np.ndarray, in_shape: tuple[
     o, kh, kw, cg = w.shape
     cin = in_shape[3]
     og = o // g
-    full = np.zeros((o, kh, kw, cin), np.float32)  # grouped weights as one dense kernel
+    full = np.zeros((o, kh, kw, cin), dz.dtype)  # grouped weights as one dense kernel
     for i in range(g):
         full[i * og:(i + 1) * og, :, :, i * cg:(i + 1) * cg] = w[i * og:(i + 1) * og]
     n, oh, ow, _ = dz.shape
@@ -514,7 +517,7 @@ def _conv_input_grad(node: Node, w: np.ndarray, dz: np.ndarray, in_shape: tuple[
     t, l, b, r = a["pads"]
     sh, sw = a["strides"]
     dh, dw = a["dilations"]
-    dx = np.zeros((n, in_shape[1] + t + b, in_shape[2] + l + r, cin), np.float32)
+    dx = np.zeros((n, in_shape[1] + t + b, in_shape[2] + l + r, cin), dz.dtype)
     for i in range(kh):
         for j in range(kw):
             dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, :, :, i, j]

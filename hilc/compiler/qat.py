@@ -1,0 +1,486 @@
+"""Quantization-aware fine-tuning by distillation (after the bit allocation and its PTQ).
+
+The rounding passes of ``ptq`` fit each layer alone to its float output; at 4 bits that leaves
+errors that only a joint fit removes. ``finetune`` trains every conv/dense layer's float weights
+and biases, and every calibrated activation's scale, for a fixed number of Adam steps so the
+fake-quantized model matches the float one: KL divergence of the softmax (Hinton et al.'s
+distillation) plus, per conv/add output, the squared error over the float output's variance.
+Rounding is straight-through:
+
+* weights on the grid ``quantize`` will use (per output channel scale ``s``, fixed; the latent
+  float weight is rounded with ``rint(w / s)`` and clipped to ``+-qmax``; its gradient passes
+  where it is not clipped); biases on the accumulator's grid ``s_in * s_w``, as the integer bias
+  is (coarse at sub-byte widths: without it the training model and the integer one drifted
+  apart by about two output steps at resnet8's logits);
+* every activation on its tensor's grid (per-tensor scale and zero point, taken from
+  ``quantize`` of the same graph, so 4-bit activations see their clipped ranges); the gradient
+  passes inside the grid's range. The scale itself is learned (LSQ, Esser et al. 2020) with the
+  zero point fixed, and written back as the range ``quantize`` reads.
+
+Training data are the calibration inputs only, with deterministic augmentations (horizontal
+flips, shifts of a few pixels, brightness), drawn from a generator with a fixed seed: the same
+inputs give the same integers. The result is written as ``ptq`` writes its own: float weights
+that sit exactly on their grid plus the grid (``attrs['w_scale']``), so ``quantize`` reproduces
+the trained integers; the arithmetic never changes.
+
+Each operator's backward is a few lines below (conv2d, dense, add, avgpool, reshape, transpose,
+clamp, and a softmax that ends the graph, whose input is the logits); a graph with another op is
+returned unchanged, with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hilc.compiler.ir import Graph, Node
+from hilc.compiler.ops.conv import windows
+from hilc.compiler.ptq import _conv_input_grad, _grid, _single_blas
+
+SUPPORTED = ("conv2d", "dense", "add", "avgpool", "reshape", "transpose", "clamp")
+LINEAR_OPS = ("conv2d", "dense")
+
+
+@dataclass
+class Params:
+    """Trainable float parameters per conv/dense layer and their fixed weight grids."""
+
+    w: dict[str, np.ndarray]
+    b: dict[str, np.ndarray]
+    scale: dict[str, np.ndarray]  # per output channel, broadcast to the weight's shape
+    qmax: dict[str, int]
+    act: dict[str, np.ndarray] = field(default_factory=dict)  # learned activation scales, by root tensor
+    act_of: dict[str, str] = field(default_factory=dict)  # tensor -> the root whose scale it takes
+
+
+def unsupported(graph: Graph) -> str | None:
+    """Why ``graph`` cannot be fine-tuned here (an op without a backward), or None."""
+    for i, n in enumerate(graph.nodes):
+        if n.op == "softmax" and i == len(graph.nodes) - 1 and n.outputs[0] in graph.outputs:
+            continue
+        if n.op not in SUPPORTED:
+            return f"no backward for {n.op} ({n.name})"
+        if n.op == "avgpool" and list(n.attrs.get("extra", [0, 0])) != [0, 0]:
+            return f"no backward for ceil-mode avgpool ({n.name})"
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        return "fine-tuning needs one input and one output"
+    return None
+
+
+def _body(graph: Graph) -> tuple[list[Node], str]:
+    """The nodes to run and the logits tensor (a final softmax's input)."""
+    nodes = list(graph.nodes)
+    if nodes and nodes[-1].op == "softmax":
+        return nodes[:-1], nodes[-1].inputs[0]
+    return nodes, graph.outputs[0]
+
+
+def init_params(graph: Graph) -> Params:
+    p = Params({}, {}, {}, {})
+    for n in graph.nodes:
+        if n.op in LINEAR_OPS and "weight" in n.params:
+            w = graph.param(n, "weight").astype(np.float32)
+            s, _, qmax = _grid(n, w.astype(np.float64))
+            p.w[n.name] = w.copy()
+            p.b[n.name] = graph.param(n, "bias").astype(np.float32).copy()
+            p.scale[n.name] = np.asarray(s, np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+            p.qmax[n.name] = int(qmax)
+    return p
+
+
+def act_grids(graph: Graph) -> dict[str, tuple[float, int, int, int]]:
+    """(scale, zero point, qmin, qmax) of every tensor as ``quantize`` gives it."""
+    from hilc.compiler.quantize import quantize
+
+    q = quantize(graph)
+    out = {}
+    for name, t in q.tensors.items():
+        if name in graph.tensors and t.quant is not None:
+            qmin, qmax = -(1 << (t.quant.bits - 1)), (1 << (t.quant.bits - 1)) - 1
+            out[name] = (float(t.quant.scale), int(t.quant.zero_point), qmin, qmax)
+    return out
+
+
+# --- fake quantization (straight-through) ----------------------------------------------------
+
+def fake_weight(w: np.ndarray, s: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weight on its grid, and where the gradient passes (not clipped)."""
+    t = w / s
+    return (np.clip(np.rint(t), -qmax, qmax) * s).astype(np.float32), np.abs(t) <= qmax + 0.5
+
+
+def fake_act(v: np.ndarray, grid: tuple[float, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    s, zp, qmin, qmax = grid
+    t = np.rint(v / s) + zp
+    return ((np.clip(t, qmin, qmax) - zp) * s).astype(v.dtype), (t >= qmin) & (t <= qmax)
+
+
+def fake_act_scale_grad(v: np.ndarray, grid: tuple[float, int, int, int]) -> np.ndarray:
+    """d fake_act / d scale with the zero point fixed (LSQ, Esser et al. 2020): the rounding
+    residue inside the range, the clipped level outside it."""
+    s, zp, qmin, qmax = grid
+    r = v / s
+    t = np.rint(r) + zp
+    return np.where(t < qmin, qmin - zp, np.where(t > qmax, qmax - zp, np.rint(r) - r))
+
+
+def _grid_of(t: str, grids: dict, p: Params) -> tuple[float, int, int, int]:
+    g = grids[t]
+    root = p.act_of.get(t)
+    return g if root is None else (float(p.act[root]), *g[1:])
+
+
+# --- forward and backward, op by op -----------------------------------------------------------
+
+def _conv_cols(node: Node, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    a = node.attrs
+    v = windows(x, a["kernel"], a["strides"], a["dilations"], a["pads"], 0.0, out_hw)
+    return np.ascontiguousarray(v)  # [N, OH, OW, KH, KW, C]
+
+
+def _conv_fwd(node: Node, x: np.ndarray, w: np.ndarray, b: np.ndarray, out_hw) -> tuple[np.ndarray, Any]:
+    cols = _conv_cols(node, x, out_hw)
+    g = node.attrs["group"]
+    n, oh, ow = cols.shape[:3]
+    o, cg = w.shape[0], w.shape[3]
+    og = o // g
+    ys = []
+    for i in range(g):
+        c = cols[..., i * cg:(i + 1) * cg].reshape(n * oh * ow, -1)
+        ys.append(c @ w[i * og:(i + 1) * og].reshape(og, -1).T)
+    y = np.concatenate(ys, axis=1).reshape(n, oh, ow, o) + b
+    return y, cols
+
+
+def _conv_bwd(node: Node, cols: np.ndarray, x_shape, w: np.ndarray, dz: np.ndarray):
+    g = node.attrs["group"]
+    o, cg = w.shape[0], w.shape[3]
+    og = o // g
+    d2 = dz.reshape(-1, o)
+    dw = np.concatenate([(d2[:, i * og:(i + 1) * og].T @ cols[..., i * cg:(i + 1) * cg].reshape(len(d2), -1))
+                         .reshape(og, *w.shape[1:]) for i in range(g)])
+    return _conv_input_grad(node, w, dz, x_shape), dw, d2.sum(axis=0)
+
+
+def _pool_fwd(node: Node, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from hilc.compiler.ops.pool import _full_pads, _out_hw, count_map
+
+    a = node.attrs
+    oh, ow = _out_hw(a, x.shape[1], x.shape[2])
+    cnt = count_map(a, x.shape[1], x.shape[2]).astype(np.float32)[None, :, :, None]
+    s = windows(x, a["kernel"], a["strides"], [1, 1], _full_pads(a), 0.0, (oh, ow)).sum(axis=(3, 4))
+    return s / cnt, cnt
+
+
+def _pool_bwd(node: Node, cnt: np.ndarray, x_shape, dy: np.ndarray) -> np.ndarray:
+    from hilc.compiler.ops.pool import _full_pads
+
+    a = node.attrs
+    kh, kw = a["kernel"]
+    sh, sw = a["strides"]
+    t, left, bot, r = _full_pads(a)
+    n, oh, ow, c = dy.shape
+    d = dy / cnt
+    dx = np.zeros((n, x_shape[1] + t + bot, x_shape[2] + left + r, c), dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dx[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] += d
+    return dx[:, t:t + x_shape[1], left:left + x_shape[2], :]
+
+
+def _act_mask(node: Node, z: np.ndarray) -> np.ndarray | None:
+    lo, hi = node.attrs.get("act_lo"), node.attrs.get("act_hi")
+    if lo is None and hi is None:
+        return None
+    return (z > (-np.inf if lo is None else lo)) & (z < (np.inf if hi is None else hi))
+
+
+def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_weights: bool = True,
+            keep: bool = False) -> tuple[np.ndarray, list]:
+    """Logits of physical inputs ``x``; ``grids``: fake activation quantization (None: float).
+    ``keep``: also return what the backward needs, per node."""
+    nodes, logits = _body(graph)
+    env: dict[str, np.ndarray] = {}
+    tape: list = []
+    x0 = x if x.dtype == np.float64 else x.astype(np.float32)  # float64: the gradient checks
+    in_mask = None
+    if grids is not None and graph.inputs[0] in grids:
+        x0, in_mask = fake_act(x0, grids[graph.inputs[0]])
+    env[graph.inputs[0]] = x0
+    for n in nodes:
+        xs = [env[i] for i in n.inputs]
+        rec: dict[str, Any] = {}
+        if n.op in LINEAR_OPS:
+            w, wmask = (fake_weight(p.w[n.name], p.scale[n.name], p.qmax[n.name]) if quant_weights
+                        else (p.w[n.name], None))
+            rec.update(w=w, wmask=wmask)
+            b = p.b[n.name]
+            if quant_weights and grids is not None and n.inputs[0] in grids:
+                # the integer bias: on the accumulator's grid s_in * s_w (coarse with sub-byte widths)
+                s_acc = _grid_of(n.inputs[0], grids, p)[0] * p.scale[n.name].reshape(-1)
+                b = (np.rint(b / s_acc) * s_acc).astype(b.dtype)
+            if n.op == "conv2d":
+                oh, ow = graph.tensors[n.outputs[0]].shape[1:3]
+                z, rec["cols"] = _conv_fwd(n, xs[0], w, b, (oh, ow))
+            else:
+                z = xs[0] @ w.T + b
+        elif n.op == "add":
+            s0, s1 = n.attrs.get("signs", [1, 1])
+            z = s0 * xs[0] + s1 * xs[1]
+        elif n.op == "avgpool":
+            z, rec["cnt"] = _pool_fwd(n, xs[0])
+        elif n.op == "reshape":
+            z = xs[0].reshape(len(x), *n.attrs["shape"][1:])
+        elif n.op == "transpose":
+            z = xs[0].transpose(n.attrs["perm"])
+        else:  # clamp: its bounds are act_lo / act_hi
+            z = xs[0]
+        mask = _act_mask(n, z)
+        if mask is None:
+            y = z
+        else:
+            lo, hi = n.attrs.get("act_lo"), n.attrs.get("act_hi")
+            y = np.clip(z, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+        qmask = None
+        out = n.outputs[0]
+        if grids is not None and out in grids and out != logits:
+            grid = _grid_of(out, grids, p)
+            if keep and out in p.act_of:
+                rec["lsq"] = (p.act_of[out], fake_act_scale_grad(y, grid))
+            y, qmask = fake_act(y, grid)
+        env[out] = y
+        if keep:
+            rec.update(mask=mask, qmask=qmask, shapes=[v.shape for v in xs])
+            tape.append(rec)
+    if keep:
+        return env[logits], [tape, in_mask, env]
+    return env[logits], []
+
+
+def backward(graph: Graph, p: Params, state: list, dlogits: np.ndarray,
+             extra: dict[str, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Gradients of the weights (the latent float ones, straight through) and biases.
+    ``extra``: gradients of other loss terms with respect to intermediate tensors (features)."""
+    tape, _, env = state
+    nodes, logits = _body(graph)
+    grads: dict[str, np.ndarray] = dict(extra or {})
+    grads[logits] = grads[logits] + dlogits if logits in grads else dlogits
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for n, rec in zip(reversed(nodes), reversed(tape), strict=True):
+        dy = grads.pop(n.outputs[0], None)
+        if dy is None:
+            continue
+        if "lsq" in rec:
+            root, gs = rec["lsq"]
+            d = np.array(float((dy * gs).sum()))
+            key = "act:" + root
+            out[key] = (out[key][0] + d, None) if key in out else (d, None)
+        for m in (rec["qmask"], rec["mask"]):
+            if m is not None:
+                dy = dy * m
+        if n.op == "conv2d":
+            dx, dw, db = _conv_bwd(n, rec["cols"], rec["shapes"][0], rec["w"], dy)
+            out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, db)
+            dxs = [dx]
+        elif n.op == "dense":
+            xin = env[n.inputs[0]]
+            dw = dy.T @ xin
+            out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, dy.sum(axis=0))
+            dxs = [dy @ rec["w"]]
+        elif n.op == "add":
+            s0, s1 = n.attrs.get("signs", [1, 1])
+            dxs = [s0 * dy, s1 * dy]
+        elif n.op == "avgpool":
+            dxs = [_pool_bwd(n, rec["cnt"], rec["shapes"][0], dy)]
+        elif n.op == "reshape":
+            dxs = [dy.reshape(rec["shapes"][0])]
+        elif n.op == "transpose":
+            dxs = [dy.transpose(np.argsort(n.attrs["perm"]))]
+        else:
+            dxs = [dy]
+        for i, d in zip(n.inputs, dxs, strict=True):
+            if i not in graph.inputs:
+                grads[i] = d if i not in grads else grads[i] + d
+    return out
+
+
+# --- the loss ---------------------------------------------------------------------------------
+
+def feature_loss(student: dict[str, np.ndarray], teacher: dict[str, np.ndarray],
+                 names: list[str]) -> tuple[float, dict[str, np.ndarray]]:
+    """Sum over the named tensors of the mean squared difference over the teacher's variance
+    (each feature map counts alike, whatever its scale), and its gradients."""
+    loss, grads = 0.0, {}
+    for t in names:
+        d = student[t] - teacher[t]
+        var = float(np.var(teacher[t])) or 1.0
+        loss += float(np.mean(d.astype(np.float64) ** 2)) / var
+        grads[t] = (2.0 / (d.size * var) * d).astype(d.dtype)
+    return loss, grads
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def distill_loss(student: np.ndarray, teacher: np.ndarray, temperature: float = 1.0) -> tuple[float, np.ndarray]:
+    """T^2 * mean over samples of KL(softmax(teacher/T) || softmax(student/T)), and its gradient."""
+    t = temperature
+    lt = _log_softmax(teacher.astype(np.float64) / t)
+    ls = _log_softmax(student.astype(np.float64) / t)
+    pt = np.exp(lt)
+    n = len(student)
+    loss = t * t * float((pt * (lt - ls)).sum() / n)
+    return loss, (t * (np.exp(ls) - pt) / n).astype(np.float32)
+
+
+# --- augmentation -----------------------------------------------------------------------------
+
+def augment(rng: np.random.Generator, x: np.ndarray, shift: int = 3, flip: bool = True,
+            brightness: float = 0.1) -> np.ndarray:
+    """Physical NHWC images: horizontal flips, shifts of up to ``shift`` pixels (edge padded),
+    brightness x (1 +- ``brightness``). Other shapes: brightness only."""
+    x = x.copy()
+    n = len(x)
+    if x.ndim == 4 and min(x.shape[1:3]) > 2 * shift:
+        h, w = x.shape[1:3]
+        if flip:
+            f = rng.random(n) < 0.5
+            x[f] = x[f, :, ::-1]
+        xp = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+        dy = rng.integers(-shift, shift + 1, n)
+        dx = rng.integers(-shift, shift + 1, n)
+        x = np.stack([xp[i, shift + dy[i]:shift + dy[i] + h, shift + dx[i]:shift + dx[i] + w] for i in range(n)])
+    scale = 1.0 + rng.uniform(-brightness, brightness, n).astype(np.float32)
+    return (x * scale.reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
+
+
+def _learnable_acts(graph: Graph, grids: dict, p: Params) -> None:
+    """Every calibrated activation (not the input, not the logits) gets a learned scale, shared
+    with the tensors that inherit its quantization."""
+    from hilc.compiler.mixed import _followers
+    from hilc.compiler.ops import OPS
+
+    _, logits = _body(graph)
+    for n in graph.nodes:
+        r = n.outputs[0]
+        if r in grids and r != logits and r not in graph.outputs and OPS[n.op].output_rule(n) == "calibrated":
+            p.act[r] = np.array(grids[r][0])
+            for t in _followers(graph, r):
+                if t in grids:
+                    p.act_of[t] = r
+
+
+def _write_act_ranges(g: Graph, grids: dict, p: Params) -> None:
+    """The learned scales as the ranges ``quantize`` reads (``choose_qparams`` gives them back
+    with the same zero point): calibration for 8-bit tensors, the sub-byte ranges otherwise."""
+    if not p.act:
+        return
+    cal = dict(g.meta.get("calibration", {}))
+    sub = {t: dict(v) for t, v in g.meta.get("subbyte_ranges", {}).items()}
+    bits = g.meta.get("act_bits", {})
+    for t, r in p.act_of.items():
+        s = float(p.act[r])
+        _, zp, qmin, qmax = grids[t]
+        lo, hi = (qmin - zp) * s, (qmax - zp) * s
+        b = int(bits.get(t, 8))
+        if b < 8:
+            sub.setdefault(t, {})[str(b)] = [lo, hi]
+        elif t == r:
+            cal[t] = [lo, hi]
+    g.meta["calibration"] = cal
+    g.meta["subbyte_ranges"] = sub
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+FINETUNE_EPOCHS = 75  # passes over the calibration inputs by default: 300 steps of 32 for 128 inputs
+def default_steps(n: int, batch: int = 32) -> int:
+    """The default step count for ``n`` calibration inputs (a count, never a clock)."""
+    return max(1, -(-FINETUNE_EPOCHS * n // batch))
+
+
+@_single_blas
+def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, batch: int = 32,
+             lr: float = 0.005, bias_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
+             augmentation: bool = True, mixup: float = 0.0, step_unit: str = "grid", features: float = 1.0,
+             act_lr: float = 0.01) -> tuple[Graph, dict[str, Any]]:
+    """Fine-tune ``graph`` (bit-widths assigned, grids possibly pinned by ``ptq``) against the
+    float ``reference`` on physical calibration inputs ``x``; returns the graph with every
+    conv/dense weight on its (pinned) grid and a report. ``lr`` is the weight's Adam step in units
+    of its grid step (``step_unit="rms"``: of the layer's RMS weight); ``bias_lr`` absolute;
+    ``act_lr`` the activation scale's step relative to its start (0: fixed ranges); ``features``
+    the weight of the per-layer feature loss; ``mixup`` > 0 blends inputs (Beta(mixup, mixup)).
+    The defaults are what measured best on 32x32 tiles outside the held-out crops (README).
+    ``steps=0`` or an unsupported op: the graph as it is."""
+    why = unsupported(graph)
+    info: dict[str, Any] = {"steps": int(steps)}
+    if steps <= 0 or why:
+        if why:
+            info["skipped"] = why
+        return graph, info
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    grids = act_grids(graph)
+    p = init_params(graph)
+    teacher_p = init_params(reference)
+    if act_lr > 0:
+        _learnable_acts(graph, grids, p)
+    act_m = {r: [np.zeros(()), np.zeros(())] for r in p.act}
+    act_s0 = {r: float(v) for r, v in p.act.items()}
+    unit = {k: p.scale[k] if step_unit == "grid" else np.float32(np.sqrt(np.mean(p.w[k] ** 2))) for k in p.w}
+    m1 = {k: [np.zeros_like(p.w[k]), np.zeros_like(p.b[k])] for k in p.w}
+    m2 = {k: [np.zeros_like(p.w[k]), np.zeros_like(p.b[k])] for k in p.w}
+    b1, b2 = 0.9, 0.999
+    body, logits = _body(graph)
+    feats = [n.outputs[0] for n in body if n.op in ("conv2d", "add") and n.outputs[0] != logits]
+    order = np.concatenate([rng.permutation(len(x)) for _ in range((steps * batch) // len(x) + 1)])
+    losses = []
+    for it in range(steps):
+        idx = order[it * batch:(it + 1) * batch]
+        xb = augment(rng, x[idx]) if augmentation else x[idx]
+        if mixup > 0:  # blends of two inputs: the teacher labels every point between them
+            lam = rng.beta(mixup, mixup, len(xb)).astype(np.float32).reshape((-1,) + (1,) * (xb.ndim - 1))
+            xb = lam * xb + (1 - lam) * xb[rng.permutation(len(xb))]
+        teacher, t_state = forward(reference, teacher_p, xb, None, quant_weights=False, keep=features > 0)
+        student, state = forward(graph, p, xb, grids, keep=True)
+        loss, dl = distill_loss(student, teacher, temperature)
+        extra = None
+        if features > 0:  # every layer's output against the float one: far more signal per image
+            fl, extra = feature_loss(state[2], t_state[2], feats)
+            extra = {k: features * v for k, v in extra.items()}
+            loss += features * fl
+        losses.append(loss)
+        grads = backward(graph, p, state, dl, extra)
+        decay = 0.5 * (1 + np.cos(np.pi * it / steps))  # cosine schedule: the last steps settle
+        for k, (ds, _) in [(k, v) for k, v in grads.items() if k.startswith("act:")]:
+            r = k[4:]
+            act_m[r][0] = b1 * act_m[r][0] + (1 - b1) * ds
+            act_m[r][1] = b2 * act_m[r][1] + (1 - b2) * ds * ds
+            upd = (act_m[r][0] / (1 - b1 ** (it + 1))) / (np.sqrt(act_m[r][1] / (1 - b2 ** (it + 1))) + 1e-12)
+            p.act[r] = np.maximum(p.act[r] - decay * act_lr * act_s0[r] * upd, 0.05 * act_s0[r])
+        for k, (dw, db) in [(k, v) for k, v in grads.items() if not k.startswith("act:")]:
+            for j, (g, par, step) in enumerate(((dw, p.w[k], lr * unit[k]), (db, p.b[k], bias_lr))):
+                m1[k][j] = b1 * m1[k][j] + (1 - b1) * g
+                m2[k][j] = b2 * m2[k][j] + (1 - b2) * g * g
+                upd = (m1[k][j] / (1 - b1 ** (it + 1))) / (np.sqrt(m2[k][j] / (1 - b2 ** (it + 1))) + 1e-12)
+                par -= (decay * step * upd).astype(np.float32)
+    g = graph.copy()
+    _write_act_ranges(g, grids, p)
+    for n in g.nodes:
+        if n.name in p.w:
+            s = p.scale[n.name]
+            q = np.clip(np.rint(p.w[n.name] / s), -p.qmax[n.name], p.qmax[n.name])
+            g.constants[n.params["weight"]] = (q * s).astype(np.float32)
+            g.constants[n.params["bias"]] = p.b[n.name].astype(np.float32)
+            n.attrs["w_scale"] = [float(v) for v in s.reshape(-1)]
+            n.attrs["w_scale_bits"] = n.attrs.get("weight_bits", 8)
+    k = max(1, steps // 10)
+    info.update(loss_first=round(float(np.mean(losses[:k])), 6), loss_last=round(float(np.mean(losses[-k:])), 6),
+                batch=batch, seconds=round(time.perf_counter() - t0, 3))
+    g.meta["finetune"] = {"steps": int(steps)}
+    return g, info

@@ -1,0 +1,131 @@
+"""Quantization-aware fine-tuning (hilc/compiler/qat.py): each backward against finite
+differences, the distillation loss goes down, the same inputs give the same integers, and the
+result stays an integer-only graph whose weights are the trained ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import RESNET8
+from test_mixed import calibrated, chain_model
+
+from hilc.compiler import mixed, qat
+from hilc.compiler.quantize import quantize
+from hilc.sim.simulator import to_physical
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qat")
+    onnx.save(chain_model(), str(d / "m.onnx"))
+    calib = np.random.default_rng(2).uniform(-2, 2, (48, 3, 7, 9)).astype(np.float32)
+    g = mixed.prepare_subbyte(calibrated(d / "m.onnx", calib), calib)
+    return g, calib, to_physical(g, g.inputs[0], calib)
+
+
+def _float64(p: qat.Params) -> qat.Params:
+    return qat.Params({k: v.astype(np.float64) for k, v in p.w.items()},
+                      {k: v.astype(np.float64) for k, v in p.b.items()}, p.scale, p.qmax)
+
+
+def _check_gradients(g, x, temperature=2.0):
+    """Every layer's weight and bias gradient (float forward) against central differences, at
+    the entries with the largest gradients and at random ones."""
+    p = _float64(qat.init_params(g))
+    x = x.astype(np.float64)
+    z, state = qat.forward(g, p, x, None, quant_weights=False, keep=True)
+    target = np.random.default_rng(1).standard_normal(z.shape)
+    _, dl = qat.distill_loss(z, target, temperature)
+    grads = qat.backward(g, p, state, dl.astype(np.float64))
+    assert set(grads) == set(p.w)
+    rng = np.random.default_rng(0)
+    for k in p.w:
+        for which, arr in ((0, p.w[k]), (1, p.b[k])):
+            gr = grads[k][which]
+            picks = [np.unravel_index(np.argmax(np.abs(gr)), arr.shape)]
+            picks += [tuple(int(rng.integers(0, s)) for s in arr.shape) for _ in range(2)]
+            for i in picks:
+                eps = 1e-9 * max(1.0, abs(float(arr[i])))
+                old = arr[i]
+                arr[i] = old + eps
+                lp = qat.distill_loss(qat.forward(g, p, x, None, quant_weights=False)[0], target, temperature)[0]
+                arr[i] = old - eps
+                lm = qat.distill_loss(qat.forward(g, p, x, None, quant_weights=False)[0], target, temperature)[0]
+                arr[i] = old
+                num = (lp - lm) / (2 * eps)
+                assert abs(gr[i] - num) <= 1e-4 + 1e-3 * abs(num), (k, which, i, gr[i], num)
+
+
+def test_backward_matches_finite_differences_chain(chain):
+    """conv, depthwise (grouped) conv, ReLU, global average pooling, flatten, dense."""
+    g, _, x = chain
+    _check_gradients(g, x[:4])
+
+
+def test_backward_matches_finite_differences_resnet8(crops32):
+    """Residual adds, strided convs with asymmetric padding, 8x8 average pooling, softmax end."""
+    g = calibrated(RESNET8, crops32[:8])
+    _check_gradients(g, to_physical(g, g.inputs[0], crops32[:2]))
+
+
+def test_fake_quantization_straight_through():
+    w = np.array([[0.26, -0.74, 1.3]], np.float32)
+    s = np.array([[0.5]], np.float32)
+    v, mask = qat.fake_weight(w, s, 1)  # 4 levels wide grid clipped at +-1 step
+    assert np.allclose(v, [[0.5, -0.5, 0.5]]) and mask.tolist() == [[True, True, False]]
+    a, am = qat.fake_act(np.array([-1.0, 0.12, 9.0], np.float32), (0.1, -8, -8, 7))
+    assert np.allclose(a, [0.0, 0.1, 1.5]) and am.tolist() == [False, True, False]
+
+
+def _lowered(g):
+    layers = mixed.analyse(g).layers
+    return mixed.assign_bitwidths(g, {la.name: 4 for la in layers[:3]} | {layers[0].name: 2},
+                                  {mixed.analyse(g).roots[0]: 4})
+
+
+def test_finetune_lowers_the_distillation_loss_and_is_deterministic(chain):
+    g, calib, x = chain
+    low = mixed.ptq_lowered(g, _lowered(g), calib, iterations=100)
+    a, info = qat.finetune(g, low, x, steps=60, batch=16, augmentation=False)
+    b, _ = qat.finetune(g, low, x, steps=60, batch=16, augmentation=False)
+    assert info["loss_last"] < info["loss_first"]
+    qa, qb = quantize(a), quantize(b)
+    for na, nb in zip(qa.nodes, qb.nodes, strict=True):
+        for p in na.params:
+            assert np.array_equal(qa.param(na, p), qb.param(nb, p)), (na.name, p)
+    # the integer model is closer to the float one on the training inputs than before
+    teacher = qat.forward(g, qat.init_params(g), x, None, quant_weights=False)[0]
+    kl = [qat.distill_loss(mixed._outputs(quantize(v), x), teacher)[0] for v in (low, a)]
+    assert kl[1] < kl[0]
+    # trained weights sit on their grid: quantize gives back exactly the fine-tuned integers
+    for n in a.nodes:
+        if n.op in ("conv2d", "dense"):
+            s = np.asarray(n.attrs["w_scale"]).reshape((-1,) + (1,) * (a.param(n, "weight").ndim - 1))
+            qn = next(m for m in qa.nodes if m.name == n.name)
+            assert np.array_equal(np.rint(a.param(n, "weight") / s).astype(int), qa.param(qn, "weight").astype(int))
+
+
+def test_finetune_off_and_unsupported_graphs_are_returned_as_they_are(chain):
+    g, _, x = chain
+    assert qat.finetune(g, g, x, steps=0)[0] is g
+    h = g.copy()
+    h.nodes[1].op = "maxpool"  # no backward for it here
+    out, info = qat.finetune(h, h, x, steps=5)
+    assert out is h and "maxpool" in info["skipped"]
+
+
+def test_fake_quantized_forward_tracks_the_integer_model(chain):
+    """The training model is the integer one up to rounding ties: weights, biases (on the
+    accumulator's grid) and activations (learned scales included) on the grids ``quantize``
+    gives them; the logits agree to within a fraction of the output's step on average."""
+    g, calib, x = chain
+    low = mixed.ptq_lowered(g, _lowered(g), calib, iterations=100)
+    tuned, _ = qat.finetune(g, low, x, steps=30, batch=16, act_lr=0.05)
+    root = mixed.analyse(g).roots[0]
+    assert tuned.meta["subbyte_ranges"][root]["4"] != low.meta["subbyte_ranges"][root]["4"]  # learned
+    for v in (low, tuned):
+        q = quantize(v)
+        fq = qat.forward(v, qat.init_params(v), x, qat.act_grids(v))[0]
+        step = q.tensors[q.outputs[0]].quant.scale
+        assert np.mean(np.abs(fq - mixed._outputs(q, x))) < 0.3 * step

@@ -325,13 +325,16 @@ def test_design_over_the_board_budget_is_refused_before_files_are_written(tmp_pa
 
 
 def test_operator_without_hls_lowering_is_named_at_compile_time(tmp_path, monkeypatch):
-    from hilc.targets.hls import lower
+    from hilc.compiler.ops import OPS
 
     case = next(c for c in cases() if c.name == "softmax_last")
     onnx.save(case.model, str(tmp_path / "m.onnx"))
-    monkeypatch.delitem(lower.LOWERINGS, "softmax")
-    with pytest.raises(HilcError, match=r"node '.*' \(softmax\): the HLS backend cannot lower it: no HLS lowering"):
+    monkeypatch.delattr(type(OPS["softmax"]), "lower_hls")  # falls back to Op.lower_hls
+    msg = r"node '.*' \(softmax\): the HLS backend cannot lower it: no HLS lowering for operator 'softmax'"
+    with pytest.raises(HilcError, match=msg) as e:
         compile_model(tmp_path / "m.onnx", case.inputs(8), target="hls")
+    lowered = str(e.value).split("(lowered: ")[1].rstrip(")").split(", ")
+    assert "\n" not in str(e.value) and "conv2d" in lowered and "layernorm" in lowered and "softmax" not in lowered
 
 
 def test_both_operands_broadcast_is_refused_naming_the_node(tmp_path):

@@ -4,7 +4,7 @@ Each operator family lives in one module of this package and registers:
 
 * an ``Op`` subclass (under its IR name) holding everything about the operator: its shape
   rule, float kernel (for calibration and importer checks), quantization rule, integer
-  simulator kernel and cost (MACs); backends add their lowerings beside it;
+  simulator kernel and cost (MACs), and its lowerings (``lower_c``, ``lower_tvm``, ``lower_hls``);
 * ONNX importer functions (under ONNX op types) that turn an ONNX node into IR nodes.
 
 Adding an operator means adding one module and its test, never a chain of ``if op == ...``.
@@ -22,6 +22,7 @@ from hilc.compiler.ir import Graph, Node, QParams
 
 if TYPE_CHECKING:
     from hilc.compiler.onnx_import import ImportContext
+    from hilc.targets.hls.codegen import HlsContext
 
 OPS: dict[str, Op] = {}
 ONNX_IMPORTERS: dict[str, Callable[[ImportContext, object], None]] = {}
@@ -65,6 +66,14 @@ class Op:
 
     def weight_count(self, node: Node, graph: Graph) -> int:
         return int(graph.param(node, "weight").size) if "weight" in node.params else 0
+
+    def lower_hls(self, node: Node, graph: Graph, ctx: HlsContext) -> dict:
+        """The config of this node's HLS layer function (templates/layers.j2 of hilc/targets/hls);
+        ``ctx`` declares its ROMs. Operators the HLS backend lowers override it (helpers in
+        hilc/targets/hls/lower.py); the others refuse with one line naming the node."""
+        from hilc.targets.hls.lower import cannot, lowered_ops
+
+        raise cannot(node, f"no HLS lowering for operator '{node.op}' (lowered: {', '.join(lowered_ops())})")
 
 
 def register(cls: type[Op]) -> type[Op]:

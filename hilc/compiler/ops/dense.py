@@ -78,6 +78,23 @@ class Dense(Op):
         em.need_scratch(w.shape[1])
         return f"hilc_dense({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        wq = graph.param(node, "weight")
+        o, k = wq.shape
+        wb = int(a.get("weight_bits", 8))
+        ab = hl.tensor_bits(graph, node.inputs[0])
+        rows = int(np.prod(shape[1:-1], dtype=np.int64))
+        return hl.minifloat_layer(ctx, node, dict(
+            kind="dense", rows=rows, k=k, o=o,
+            **hl.linear_fields(ctx, node, wq, wb, ab),
+            pe_options=hl.divisors(o), simd_options=hl.divisors(k), macs=rows * o * k,
+            doc=f"{node.name}: dense {k}->{o} over {rows} row(s), weights {wb}-bit, activations {ab}-bit",
+        ), wq)
+
 
 def _emit_dense(ctx, node, x: str, w: np.ndarray, bias: np.ndarray, w_src: str) -> None:
     attrs = {}

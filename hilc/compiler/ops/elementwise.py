@@ -11,6 +11,8 @@ only remains where no producer can absorb it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from hilc.compiler import arith
@@ -97,6 +99,48 @@ class _Binary(Op):
             b_strides=broadcast_strides(b_shape, out_shape), zp_a=zps[0], zp_b=zps[1],
             zp_out=node.attrs["zp_out"], lo=node.attrs["lo"], hi=node.attrs["hi"], **extra))
         return p, em.tensor(node.inputs[0]), b
+
+    def lower_hls(self, node, graph, ctx) -> dict:
+        """x: the operand streamed at the output's shape; y: a constant ROM, the other stream, or the other
+        input buffered whole when it broadcasts (x * sigmoid(mean(x)): its fork is deep enough)."""
+        from hilc.targets.c.codegen import broadcast_strides
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        out_shape = hl.tensor_shape(graph, node.outputs[0])
+        shapes = [hl.tensor_shape(graph, t) for t in node.inputs]
+        bits = [hl.tensor_bits(graph, t) for t in node.inputs]
+        zps = a["zp_in"]
+        if node.op == "add":
+            s0, s1 = a.get("signs", [1, 1])
+            mults = [s0 * a["mults"][0], s1 * a["mults"][1]]
+        cfg: dict[str, Any] = dict(kind=node.op, n=hl.elems(out_shape), zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
+                                   dims=hl.dims4(node, out_shape), const=None, x=0)
+        if "const" in node.params:
+            if shapes[0] != out_shape:
+                raise hl.cannot(node, f"its input {node.inputs[0]} {list(shapes[0])} is broadcast to {list(out_shape)}")
+            cst = graph.param(node, "const")
+            cfg.update(mode="const", const=ctx.rom(f"{node.name}_const", cst.reshape(-1), "ap_int<8>"),
+                       y_strides=broadcast_strides(tuple(cst.shape), out_shape))
+            bits.append(8)
+        elif shapes[0] == out_shape and shapes[1] == out_shape:
+            cfg.update(mode="streams")
+        elif out_shape in shapes:
+            x = shapes.index(out_shape)
+            y = 1 - x
+            cfg.update(mode="buffered", x=x, n_small=hl.elems(shapes[y]), small_t=ctx.act_t(node.inputs[y]),
+                       y_strides=broadcast_strides(shapes[y], out_shape))
+        else:
+            raise hl.cannot(node, f"both inputs {list(shapes[0])} and {list(shapes[1])} are broadcast to "
+                                  f"{list(out_shape)}")
+        x = cfg["x"]
+        cfg.update(zp_x=zps[x], zp_y=zps[1 - x], act_bits=max(bits), diff_t=f"ap_int<{max(bits) + 1}>")
+        if node.op == "add":
+            cfg.update(mult_x=mults[x], mult_y=mults[1 - x], shift=a["shift"])
+        else:
+            cfg.update(mult=a["mult"], shift=a["shift"])
+        cfg["doc"] = f"{node.name}: {node.op} of {cfg['n']} elements ({cfg['mode']})"
+        return cfg
 
 
 @register
@@ -224,6 +268,11 @@ class Clamp(Op):
         x, y = node.inputs[0], node.outputs[0]
         return f"hilc_clamp_s8({em.size(y)}, {node.attrs['lo']}, {node.attrs['hi']}, {em.tensor(x)}, {em.tensor(y)});"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        return hl.unary_layer(ctx, node, "clamp", lo=node.attrs["lo"], hi=node.attrs["hi"])
+
 
 @register
 class Requant(Op):
@@ -259,6 +308,14 @@ class Requant(Op):
         x, y = node.inputs[0], node.outputs[0]
         return (f"hilc_requant_s8({em.size(y)}, {a['zp_in']}, {a['mult']}, {a['shift']}, {a['zp_out']}, {a['lo']}, "
                 f"{a['hi']}, {em.tensor(x)}, {em.tensor(y)});")
+
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        return hl.unary_layer(ctx, node, "requant", zp_in=a["zp_in"], zp_out=a["zp_out"], mult=a["mult"],
+                              shift=a["shift"], lo=a["lo"], hi=a["hi"],
+                              diff_t=f"ap_int<{hl.tensor_bits(graph, node.inputs[0]) + 1}>")
 
 
 # --- ONNX importers ------------------------------------------------------------------------

@@ -69,6 +69,17 @@ class Embedding(Op):
         return (f"hilc_embedding_s8({em.size(x)}, {table.shape[1]}, {em.param(node, 'index')}, "
                 f"{em.param(node, 'table')}, {em.tensor(x)}, {em.tensor(node.outputs[0])});")
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        table = graph.param(node, "table")
+        ob = hl.tensor_bits(graph, node.outputs[0])
+        return dict(kind="embedding", n=hl.elems(hl.tensor_shape(graph, node.inputs[0])), d=int(table.shape[1]),
+                    vocab=int(table.shape[0]),
+                    index=ctx.rom(f"{node.name}_index", graph.param(node, "index"), "ap_uint<16>"),
+                    table=ctx.rom(f"{node.name}_table", table, f"ap_int<{ob}>"), offset=node.attrs["index_offset"],
+                    act_bits=ob, doc=f"{node.name}: embedding of {table.shape[0]} rows x {table.shape[1]}")
+
 
 @register
 class Gather(Op):
@@ -106,6 +117,19 @@ class Gather(Op):
         outer, inner = int(np.prod(shape[1:ax], dtype=np.int64)), int(np.prod(shape[ax + 1:], dtype=np.int64))
         return (f"hilc_gather_s8({outer}, {shape[ax]}, {inner}, {len(node.attrs['indices'])}, {idx}, "
                 f"{em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});")
+
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        ax = a["axis"]
+        idx = [int(i) % shape[ax] for i in a["indices"]]
+        return dict(kind="select", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
+                    inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), n_idx=len(idx),
+                    indices=ctx.rom(f"{node.name}_indices", idx, "ap_uint<16>"),
+                    n=hl.elems(hl.tensor_shape(graph, node.outputs[0])), act_bits=hl.tensor_bits(graph, node.inputs[0]),
+                    doc=f"{node.name}: select {len(idx)} of {shape[ax]} along axis {ax}")
 
 
 @onnx_importer("Gather")

@@ -201,6 +201,21 @@ class LayerNorm(Op):
             bias=em.param(node, "bias")))
         return f"hilc_layernorm_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        n = shape[-1]
+        return dict(kind="layernorm", rows=int(np.prod(shape[1:-1], dtype=np.int64)), len=n, zp_in=a["zp_in"],
+                    zp_out=a["zp_out"], eps=a["eps_int"], lo=a["lo"], hi=a["hi"], z_shift=61 - Z_BITS,
+                    mult=ctx.rom(f"{node.name}_mult", graph.param(node, "mult"), "ap_int<32>"),
+                    shift=ctx.rom(f"{node.name}_shift", graph.param(node, "shift"), "ap_uint<6>"),
+                    bias=ctx.rom(f"{node.name}_bias", graph.param(node, "bias"), "ap_int<64>"),
+                    c1=NR_C1, c2=NR_C2, steps=NR_STEPS, n=hl.elems(shape),
+                    act_bits=hl.tensor_bits(graph, node.inputs[0]),
+                    doc=f"{node.name}: layer normalisation over {n} elements (integer, I-BERT style)")
+
 
 @onnx_importer("LayerNormalization")
 def import_layernorm(ctx, node) -> None:

@@ -52,6 +52,12 @@ class Reshape(Op):
         x, y = node.inputs[0], node.outputs[0]
         return f"hilc_copy_s8({em.size(y)}, {em.tensor(x)}, {em.tensor(y)});"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        # Row-major order is unchanged by a reshape: the stream passes through.
+        return hl.unary_layer(ctx, node, "copy")
+
 
 @register
 class Transpose(Op):
@@ -86,6 +92,17 @@ class Transpose(Op):
         perm = list(range(lead)) + [p - 1 + lead for p in node.attrs["perm"][1:]]
         p = em.struct("hilc_transpose_params", node.name, dict(in_dims=dims4(shape), perm=perm))
         return f"hilc_transpose_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
+
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        d4 = hl.dims4(node, shape)
+        lead = 4 - (len(shape) - 1)
+        perm = list(range(lead)) + [p - 1 + lead for p in node.attrs["perm"][1:]]
+        st = hl.strides4(d4)
+        tabs = [[i * st[perm[d]] for i in range(d4[perm[d]])] for d in range(4)]
+        return hl.gather_layer(ctx, node, tabs, 0, "transpose")
 
 
 @register
@@ -155,6 +172,22 @@ class Concat(Op):
                 f"{len(node.inputs)}, {a['zp_out']}, {a['lo']}, {a['hi']}, in}}; "
                 f"hilc_concat_s8(&p, {em.tensor(node.outputs[0])}); }}")
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.outputs[0])
+        ax = a["axis"]
+        outer = int(np.prod(shape[1:ax], dtype=np.int64))
+        inner = int(np.prod(shape[ax + 1:], dtype=np.int64))
+        parts = []
+        for t, zp, b, c in zip(node.inputs, a["zp_in"], a["mults"], a["shifts"], strict=True):
+            parts.append(dict(block=hl.tensor_shape(graph, t)[ax] * inner, zp=zp, mult=b, shift=c, t=ctx.act_t(t),
+                              diff_t=f"ap_int<{hl.tensor_bits(graph, t) + 1}>"))
+        return dict(kind="concat", outer=outer, parts=parts, zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"],
+                    n=hl.elems(shape), act_bits=hl.tensor_bits(graph, node.outputs[0]),
+                    doc=f"{node.name}: concat of {len(parts)} inputs along axis {ax}")
+
 
 @register
 class Pad(Op):
@@ -217,6 +250,25 @@ class Pad(Op):
             in_dims=dims4(shape), before=lead + [b for b, _ in pads], after=lead + [e for _, e in pads],
             mode={"constant": 0, "edge": 1, "reflect": 2}[node.attrs["mode"]], value=node.attrs["value_q"]))
         return f"hilc_pad_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
+
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        d4 = hl.dims4(node, shape)
+        lead = 4 - (len(shape) - 1)
+        pads = [(0, 0)] * lead + [tuple(p) for p in a["pads"][1:]]
+        st = hl.strides4(d4)
+        tabs = []
+        for d in range(4):
+            idx = np.arange(d4[d])
+            if a["mode"] == "constant":
+                src = np.pad(idx, pads[d], constant_values=-1)
+            else:
+                src = np.pad(idx, pads[d], mode={"edge": "edge", "reflect": "reflect"}[a["mode"]])
+            tabs.append([int(s) * st[d] if s >= 0 else -1 for s in src])
+        return hl.gather_layer(ctx, node, tabs, a["value_q"], f"pad ({a['mode']})")
 
 
 # --- ONNX importers ------------------------------------------------------------------------

@@ -87,6 +87,14 @@ class Lut(Op):
         x, y = node.inputs[0], node.outputs[0]
         return f"hilc_lut_s8({em.size(y)}, {em.param(node, 'table')}, {em.tensor(x)}, {em.tensor(y)});"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        ob = hl.tensor_bits(graph, node.outputs[0])
+        table = ctx.rom(f"{node.name}_table", graph.param(node, "table"), f"ap_int<{ob}>")
+        return hl.unary_layer(ctx, node, "lut", table=table, offset=node.attrs["table_offset"],
+                              table_size=int(graph.param(node, "table").size), out_bits=ob)
+
 
 def _lut_importer(fn: str):
     def imp(ctx, node) -> None:

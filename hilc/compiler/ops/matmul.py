@@ -101,6 +101,22 @@ class MatMul(Op):
         return (f"hilc_matmul({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.inputs[1])}, "
                 f"{em.tensor(node.outputs[0])}, HILC_SCRATCH);")
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        sa, sb = hl.tensor_shape(graph, node.inputs[0]), hl.tensor_shape(graph, node.inputs[1])
+        if sa[:-2] != sb[:-2] or sa[-1] != sb[-1]:
+            raise hl.cannot(node, f"operands {list(sa)} and {list(sb)} (transposed) differ in batch axes")
+        ab = max(hl.tensor_bits(graph, node.inputs[0]), hl.tensor_bits(graph, node.inputs[1]))
+        m, k, n = sa[-2], sa[-1], sb[-2]
+        return dict(kind="matmul", batch=int(np.prod(sa[1:-2], dtype=np.int64)), m=m, k=k, nn=n,
+                    zp_a=a["zp_a"], zp_b=a["zp_b"], zp_out=a["zp_out"], mult=a["mult"], shift=a["shift"], lo=a["lo"],
+                    hi=a["hi"], acc_t=f"ap_int<{hl.acc_bits_for(a['acc_bound'])}>", diff_t=f"ap_int<{ab + 1}>",
+                    n=hl.elems(hl.tensor_shape(graph, node.outputs[0])), act_bits=ab,
+                    macs=int(np.prod(sa[1:-2], dtype=np.int64)) * m * n * k,
+                    doc=f"{node.name}: matmul of activations [{m}x{k}] x [{k}x{n}], {int(np.prod(sa[1:-2]))} batch(es)")
+
 
 def import_matmul_activations(ctx, node) -> None:
     """ONNX MatMul whose both inputs are activations of the same rank (>= 3, equal batch axes)."""

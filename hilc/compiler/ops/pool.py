@@ -72,6 +72,31 @@ class _Pool(Op):
                     stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=d[0], dil_w=d[1],
                     pad_t=a["pads"][0], pad_l=a["pads"][1], pad_b=a["pads"][2], pad_r=a["pads"][3])
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        _, h, w, c = hl.tensor_shape(graph, node.inputs[0])
+        _, oh, ow, _ = hl.tensor_shape(graph, node.outputs[0])
+        kh, kw = a["kernel"]
+        sh, sw = a["strides"]
+        dh, dw = a.get("dilations", [1, 1]) if node.op == "maxpool" else (1, 1)
+        span, slots, emit = hl.window_schedule(h, oh, kh, sh, dh, a["pads"][0])
+        cfg = dict(
+            kind=node.op, h=h, w=w, c=c, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
+            pt=a["pads"][0], pl=a["pads"][1], span=span, act_bits=hl.tensor_bits(graph, node.inputs[0]),
+            row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
+            emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit),
+            doc=f"{node.name}: {node.op} {kh}x{kw}/{sh}x{sw} over {c} channels, {h}x{w} -> {oh}x{ow}",
+        )
+        if node.op == "avgpool":
+            idx = np.searchsorted(a["counts"], count_map(a, h, w))
+            cfg.update(count_idx=ctx.rom(f"{node.name}_count_idx", idx, "ap_uint<8>"),
+                       mult=ctx.rom(f"{node.name}_mult", graph.param(node, "mult"), "ap_uint<31>"),
+                       shift=ctx.rom(f"{node.name}_shift", graph.param(node, "shift"), "ap_uint<6>"),
+                       zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"])
+        return cfg
+
 
 @register
 class MaxPool(_Pool):

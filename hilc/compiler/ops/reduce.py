@@ -75,6 +75,18 @@ class ReduceMean(Op):
             mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"]))
         return f"hilc_reduce_mean_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        ax = a["axis"]
+        return dict(kind="reduce_mean", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
+                    inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), zp_in=a["zp_in"], zp_out=a["zp_out"],
+                    mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"], n=hl.elems(shape),
+                    act_bits=hl.tensor_bits(graph, node.inputs[0]),
+                    doc=f"{node.name}: mean over {shape[ax]} elements (axis {ax})")
+
 
 @onnx_importer("ReduceMean")
 def import_reduce_mean(ctx, node) -> None:

@@ -147,6 +147,19 @@ class Softmax(Op):
             k=node.attrs["k"], zp_out=node.attrs["zp_out"], exp_table=em.param(node, "exp_table")))
         return f"hilc_softmax_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
+    def lower_hls(self, node, graph, ctx) -> dict:
+        from hilc.targets.hls import lower as hl
+
+        a = node.attrs
+        shape = hl.tensor_shape(graph, node.inputs[0])
+        ax = a["axis"]
+        return dict(kind="softmax", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
+                    inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), k=a["k"], zp_out=a["zp_out"],
+                    exp_table=ctx.rom(f"{node.name}_exp", graph.param(node, "exp_table"), f"ap_uint<{EXP_BITS + 1}>"),
+                    c1=NR_C1, c2=NR_C2, steps=NR_STEPS, n=hl.elems(shape),
+                    act_bits=hl.tensor_bits(graph, node.inputs[0]),
+                    doc=f"{node.name}: softmax over {shape[ax]} elements (axis {ax})")
+
 
 @onnx_importer("Softmax")
 def import_softmax(ctx, node) -> None:

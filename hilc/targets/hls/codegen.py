@@ -1,7 +1,8 @@
 """HLS code generation: integer graph -> a streaming dataflow design for Vitis HLS (OUT/hls/).
 
 * one C++ function per layer (templates/layers.j2), all connected by ``hls::stream`` FIFOs in a
-  ``DATAFLOW`` top function whose ports are AXI-Streams of int8 beats;
+  ``DATAFLOW`` top function whose ports are AXI-Streams of int8 beats; each node's layer config comes
+  from its operator's ``Op.lower_hls`` (hilc/compiler/ops, helpers in lower.py);
 * activations are ``ap_int<bits>`` from each tensor's ``QParams.bits``, weights ``ap_int<weight_bits>``,
   accumulators as wide as the layer's static accumulator bound needs;
 * constants are ROMs; a tensor read by several layers is duplicated by a fork layer;
@@ -22,12 +23,12 @@ import numpy as np
 
 from hilc import __version__
 from hilc.compiler.ir import Graph
+from hilc.compiler.ops import OPS
 from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int
 from hilc.targets.hls import estimate as est
 from hilc.targets.hls.boards import DEFAULT_FPGA_BOARD, FpgaBoard, load_fpga_board
-from hilc.targets.hls.lower import lower_node
 
 TEMPLATES = Path(__file__).parent / "templates"
 TOP = "hilc_top"
@@ -47,7 +48,7 @@ class HlsDesign:
 
 
 class HlsContext:
-    """What a lowering uses: the graph, ROM declarations and C identifiers."""
+    """What ``Op.lower_hls`` uses: the graph, ROM declarations and C identifiers."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
@@ -230,7 +231,7 @@ def generate_hls(graph: Graph, board: str | FpgaBoard | None = None,
     produced(in_name, in_stream)
     for i, node in enumerate(graph.nodes):
         ctx.roms = []
-        cfg = lower_node(ctx, node)
+        cfg = OPS[node.op].lower_hls(node, graph, ctx)  # Op.lower_hls refuses an op it cannot lower
         cfg.update(roms=ctx.roms, node=node.name, op=node.op, fn=ctx.ident(f"layer{i}_{node.name}"),
                    in_t=ctx.act_t(node.inputs[0]), out_t=ctx.act_t(node.outputs[0]))
         if len(node.inputs) > 1:

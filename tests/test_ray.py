@@ -270,9 +270,9 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
 
     # a board that stops answering (its emulator frozen with SIGSTOP): dropped after the link's
     # timeouts; with a short chunk deadline, dropped by the deadline (its actor and emulator killed)
-    # (4 s: a healthy board answers a chunk in milliseconds, but a loaded 2-core CI machine may
-    # stall one for a second or more, and a healthy board must not be dropped)
-    for victim, kw in (("q-1", {}), ("q-0", {"chunk_timeout": 4.0})):
+    # (10 s: a healthy board answers a chunk in milliseconds, but a 2-core machine at load 7 was
+    # seen to stall a healthy emulator past 4 s, and a healthy board must not be dropped)
+    for victim, kw in (("q-1", {}), ("q-0", {"chunk_timeout": 10.0})):
         pids, frozen = {}, []
 
         def freeze(done: int, victim=victim, pids=pids, frozen=frozen) -> None:
@@ -287,7 +287,7 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
         assert frozen and list(res.bad_boards) == [victim], res.bad_boards
         assert sum(res.per_board.values()) == 60 and np.array_equal(y, sim[:60])
         if kw:
-            assert "within 4 s" in res.bad_boards[victim]
+            assert "within 10 s" in res.bad_boards[victim]
 
     # hilc run --farm --check: the same answers through the run command
     rc = main(["run", str(out), str(tmp_path / "x.npy"), "--farm", str(inv), "-o", str(tmp_path / "r.npy"),

@@ -119,7 +119,8 @@ def test_resnet8_cli_mixed_search_identical_on_both_engines(crops32, tmp_path):
     for eng in ("numpy", "tvm"):
         out = tmp_path / eng
         assert main(["compile", str(RESNET8), "--calib", str(tmp_path / "calib.npy"), "-o", str(out), "-q",
-                     "--precision", "mixed", "--bitops-ratio", "2.5", "--engine", eng]) == 0
+                     "--precision", "mixed", "--bitops-ratio", "2.5", "--engine", eng,
+                     "--finetune-steps", "0"]) == 0  # fine-tuning is float work, the same on both engines
         reports[eng] = json.loads((out / "report.json").read_text())
         sens = json.loads((out / "sensitivity.json").read_text())
         reports[eng]["sens"] = (sens["weights"], sens["acts"])

@@ -94,6 +94,9 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     """--precision and its budgets; the sensitivity cache is OUT/sensitivity.json."""
     from hilc.compiler.mixed import Budgets
 
+    if args.widths != "subbyte" and args.precision != "mixed":
+        raise HilcError(f"--widths {args.widths} chooses among mixed-precision candidates: add --precision mixed")
+
     # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
     sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
     budgets = Budgets(bitops_ratio=args.bitops_ratio, weights_bytes=args.weights_bytes,
@@ -102,6 +105,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     if args.precision == "int8" and not budgets.any():
         return pp
     ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
+    if args.widths == "extended":
+        ft["extended_bits"] = True
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
 
 
@@ -494,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-bytes", type=int, metavar="N", help="with --precision mixed: at most N weight bytes")
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="with --precision mixed: predicted latency at most R times int8's (board cost model)")
+    c.add_argument("--widths", default="subbyte", choices=["subbyte", "extended"],
+                   help="with --precision mixed: the candidate widths: subbyte (weights 8/4/2, activations 8/4, "
+                        "packed) or extended (also 5-7 bits, held in int8 containers: fewer BitOps, no MCU speed-up)")
     c.add_argument("--finetune-steps", type=int, metavar="N",
                    help="with --precision mixed: N steps of quantization-aware fine-tuning by distillation from the "
                         "float model on the calibration inputs when some width is below 8 (default: 75 passes over "

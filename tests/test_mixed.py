@@ -349,3 +349,21 @@ def test_ptq_of_the_allocation_is_deterministic_and_reduces_the_error(chain_prob
     assert err[1] < err[0]
     # unchanged when nothing is lowered
     assert mixed.ptq_lowered(g, g, calib) is g
+
+
+def test_cli_widths_extended_offers_5_to_7_bits(tmp_path, digits):
+    from conftest import DIGITS_CNN
+
+    np.save(tmp_path / "calib.npy", digits["x_train"][:32])
+    args = ["compile", str(DIGITS_CNN), "--calib", str(tmp_path / "calib.npy"), "-q", "--precision", "mixed",
+            "--bitops-ratio", "2", "--finetune-steps", "0"]
+    assert main(args + ["-o", str(tmp_path / "sub")]) == 0
+    assert main(args + ["-o", str(tmp_path / "ext"), "--widths", "extended"]) == 0
+    sub, ext = (json.loads((tmp_path / d / "sensitivity.json").read_text()) for d in ("sub", "ext"))
+    widths = {d: {int(b) for la in s["weights"].values() for b in la} for d, s in (("sub", sub), ("ext", ext))}
+    assert widths["sub"] == {8, 4, 2} and widths["ext"] == {8, 7, 6, 5, 4, 2}
+    rep = json.loads((tmp_path / "ext" / "report.json").read_text())
+    assert rep["bitops_int8"] / rep["bitops"] >= 2.0
+    # a width set without the mixed search is a usage error, not silently ignored
+    assert main(["compile", str(DIGITS_CNN), "--calib", str(tmp_path / "calib.npy"), "-q", "-o",
+                 str(tmp_path / "int8"), "--widths", "extended"]) == 2

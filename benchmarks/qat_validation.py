@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict | None] = {
     "cutmix": {"aug": qat.CUTMIX},
     "strong-aug": {"aug": {}},
     "lr-x4": {"lr": 0.02},
+    "lr-x10": {"lr": 0.05},
+    "lr-x10-features-0.1": {"lr": 0.05, "features": 0.1},
 }
 
 

@@ -529,16 +529,20 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
                 par -= (decay * step * upd).astype(np.float32)
     g = graph.copy()
     _write_act_ranges(g, grids, p)
+    start = init_params(graph)
+    changed = {}
     for n in g.nodes:
         if n.name in p.w:
             s = p.scale[n.name]
             q = np.clip(np.rint(p.w[n.name] / s), -p.qmax[n.name], p.qmax[n.name])
+            q0 = np.clip(np.rint(start.w[n.name] / s), -p.qmax[n.name], p.qmax[n.name])
+            changed[n.name] = round(float((q != q0).mean()), 4)  # how much the integers moved
             g.constants[n.params["weight"]] = (q * s).astype(np.float32)
             g.constants[n.params["bias"]] = p.b[n.name].astype(np.float32)
             n.attrs["w_scale"] = [float(v) for v in s.reshape(-1)]
             n.attrs["w_scale_bits"] = n.attrs.get("weight_bits", 8)
     k = max(1, steps // 10)
     info.update(loss_first=round(float(np.mean(losses[:k])), 6), loss_last=round(float(np.mean(losses[-k:])), 6),
-                batch=batch, seconds=round(time.perf_counter() - t0, 3))
+                batch=batch, weights_changed=changed, seconds=round(time.perf_counter() - t0, 3))
     g.meta["finetune"] = {"steps": int(steps)}
     return g, info

@@ -86,3 +86,28 @@ def ort_quantize_qdq(model_path: str | Path, out_path: str | Path, calib: np.nda
                     weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
     return Path(out_path)
+
+
+@pytest.fixture(scope="module")
+def tvm_cache(tmp_path_factory):
+    """A fresh TVM module cache folder (HILC_TVM_CACHE) for a test module, not the user's."""
+    old = os.environ.get("HILC_TVM_CACHE")
+    path = tmp_path_factory.mktemp("tvm_cache")
+    os.environ["HILC_TVM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HILC_TVM_CACHE", None)
+    else:
+        os.environ["HILC_TVM_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def float_graph():
+    """resnet8 imported and through the float pipeline (BatchNorm folded), not yet calibrated."""
+    from hilc.compiler import passes
+    from hilc.compiler.onnx_import import import_onnx
+
+    g = import_onnx(RESNET8)
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+    return g

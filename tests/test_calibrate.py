@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 from conftest import RESNET8
 
-from hilc.compiler import calibrate, passes
-from hilc.compiler.onnx_import import import_onnx
+from hilc.compiler import calibrate
 from hilc.compiler.pipeline import compile_model
 from hilc.sim.simulator import simulate
-
-
-@pytest.fixture(scope="module")
-def float_graph():
-    g = import_onnx(RESNET8)
-    for p in passes.FLOAT_PIPELINE:
-        g = p(g)
-    return g
 
 
 def test_minmax_ranges_cover_every_calibration_value(float_graph, crops32):

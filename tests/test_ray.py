@@ -34,14 +34,6 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def float_graph():
-    g = import_onnx(RESNET8)
-    for p in passes.FLOAT_PIPELINE:
-        g = p(g)
-    return g
-
-
-@pytest.fixture(scope="module")
 def resnet8(tmp_path_factory):
     return hilc.compile(RESNET8, tmp_path_factory.mktemp("r8") / "out", calib=DATA / "resnet8_calib.npy")
 

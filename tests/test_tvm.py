@@ -21,18 +21,8 @@ from hilc.errors import HilcError
 from hilc.sim.simulator import run_int_batched, simulate, to_physical
 from hilc.targets.tvm import engine
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tvm_cache(tmp_path_factory):
-    """Modules built here go to a fresh cache folder, not the user's."""
-    old = os.environ.get("HILC_TVM_CACHE")
-    path = tmp_path_factory.mktemp("tvm_cache")
-    os.environ["HILC_TVM_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("HILC_TVM_CACHE", None)
-    else:
-        os.environ["HILC_TVM_CACHE"] = old
+# TVM modules built here go to a fresh cache folder (conftest.tvm_cache), not the user's
+pytestmark = pytest.mark.usefixtures("tvm_cache")
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hilc.compiler.arith import rounding_shift
 from hilc.errors import HilcError
 
 SPECIALS = ("none", "fn", "ieee")
@@ -219,11 +220,6 @@ def code_to_fix(fmt: MiniFloat, code: np.ndarray) -> np.ndarray:
     return sig << sh
 
 
-def _round_shift(t: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """t / 2**c, nearest, ties to even, for t >= 0 and c >= 1 (arith.rounding_shift's formula)."""
-    return (t + ((np.int64(1) << (c - 1)) - 1) + ((t >> c) & 1)) >> c
-
-
 def _bit_length(v: np.ndarray) -> np.ndarray:
     """Bit length of non-negative int64 values below 2**53 (frexp of an exact float64)."""
     if np.any(v >= 2**53):
@@ -246,7 +242,7 @@ def cast_int(fmt: MiniFloat, d: np.ndarray, q: int) -> np.ndarray:
     fl = t >> q if q >= 0 else t << -q
     sh = np.maximum(_bit_length(fl) - (fmt.m + 1), 0)
     total = q + sh
-    sig = np.where(total > 0, _round_shift(t, np.maximum(total, 1)), t << np.maximum(-total, 0))
+    sig = np.where(total > 0, rounding_shift(t, np.maximum(total, 1)), t << np.maximum(-total, 0))
     carry = sig == (1 << (fmt.m + 1))
     sig = np.where(carry, sig >> 1, sig)
     sh = np.where(carry, sh + 1, sh)

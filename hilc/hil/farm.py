@@ -166,31 +166,22 @@ class FarmJob:
     qx: np.ndarray
 
 
-def run_on_farm(out_dir: Path, graph: Graph, qx: np.ndarray, boards: list[FarmBoard], cluster: str = "local",
-                chunk: int = 4, progress: Callable[[int, int], None] | None = None, chunk_timeout: float | None = None,
-                on_start: Callable[[dict[str, int | None]], None] | None = None,
-                on_chunk: Callable[[int], None] | None = None) -> FarmResult:
-    """Raw outputs for quantized inputs ``qx`` (n, features) from every board in ``boards``.
-
-    ``on_start`` gets {board: QEMU pid}; ``on_chunk(answered_inputs)`` runs after each accepted
-    chunk (tests use both to kill a board mid-run). A board whose link stops answering fails
-    within the link's timeouts; one that takes longer than ``chunk_timeout`` seconds over a chunk
-    is dropped too (its actor and emulator killed, a late answer ignored). The default deadline
-    adapts: 5 x the slowest chunk answered so far, at least 10 s (300 s before any answer, so a
-    slow model on a real board is not mistaken for a dead one)."""
-    return run_jobs_on_farm([FarmJob(Path(out_dir), graph, qx)], boards, cluster, chunk, progress, chunk_timeout,
-                            on_start, on_chunk)[0]
-
-
 def run_jobs_on_farm(jobs: list[FarmJob], boards: list[FarmBoard], cluster: str = "local", chunk: int = 4,
                      progress: Callable[[int, int], None] | None = None, chunk_timeout: float | None = None,
                      on_start: Callable[[dict[str, int | None]], None] | None = None,
                      on_chunk: Callable[[int], None] | None = None) -> list[FarmResult]:
-    """Several models over one farm (``run_on_farm`` for each, at once): the work items are
-    (model, chunk of inputs); a free board takes a chunk of the model it runs, else of the next
-    model it can run (a QEMU board reboots with that model's firmware; a real board only runs
-    the model it was flashed with). Failure handling is ``run_on_farm``'s, per chunk; every
-    input of every model is answered exactly once. One FarmResult per job, in job order."""
+    """Raw outputs of every job's quantized inputs (n, features) from the boards in ``boards``.
+
+    The work items are (model, chunk of inputs); a free board takes a chunk of the model it runs,
+    else of the next model it can run (a QEMU board reboots with that model's firmware; a real
+    board only runs the model it was flashed with). Every input of every model is answered
+    exactly once. ``on_start`` gets {board: QEMU pid}; ``on_chunk(answered_inputs)`` runs after
+    each accepted chunk (tests use both to kill a board mid-run). A board whose link stops
+    answering fails within the link's timeouts; one that takes longer than ``chunk_timeout``
+    seconds over a chunk is dropped too (its actor and emulator killed, a late answer ignored)
+    and its chunk reassigned. The default deadline adapts: 5 x the slowest chunk answered so far,
+    at least 10 s (300 s before any answer, so a slow model on a real board is not mistaken for a
+    dead one). One FarmResult per job, in job order."""
     from hilc.distributed import connect
     from hilc.hil.runner import ensure_firmware
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from hilc.compiler import minifloat as mf
 from hilc.compiler.ir import Graph, Node
+from hilc.targets.hls.lower import acc_bits_for
 
 DSP_MIN_BITS = 5  # both operands at least this wide: the product goes to a DSP
 
@@ -82,19 +83,10 @@ def requant_dsp(acc_bits: int, mult_bits: int) -> int:
     return math.ceil(acc_bits / 17) * math.ceil(mult_bits / 26)
 
 
-def _acc_bits(node: Node) -> int:
-    return max(2, int(node.attrs["acc_bound"]).bit_length() + 1)
-
-
-def _k(graph: Graph, node: Node) -> int:
-    w = graph.param(node, "weight")
-    return int(w[0].size)
-
-
 def layer_cost(graph: Graph, node: Node, pe: int = 1, simd: int = 1) -> dict[str, Any]:
     """Cost of a quantized conv2d/dense with PE x SIMD lanes (the HLS layer's parallelism)."""
     a = node.attrs
-    acc = _acc_bits(node)
+    acc = acc_bits_for(node.attrs["acc_bound"])
     ab = graph.tensors[node.inputs[0]].quant.bits
     weight = a.get("format") or int(a.get("weight_bits", 8))
     m = mac_cost(weight, a.get("act_format") or ab, acc, ab)

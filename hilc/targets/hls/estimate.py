@@ -52,17 +52,14 @@ def layer_estimate(cfg: dict[str, Any]) -> dict[str, int]:
     if kind in ("conv2d", "dense"):
         pe, simd, wb = cfg["pe"], cfg["simd"], cfg["weight_bits"]
         lanes = pe * simd
-        if cfg.get("format"):  # minifloat lanes and the wide requantizer: the FPGA cost model's rules
-            from hilc.targets.hls.cost import mac_cost, requant_dsp
+        # MAC lanes and requantizer by the FPGA cost model's rules (one rule for both reports);
+        # an integer layer's requantizer is the template's 33 x 31-bit product
+        from hilc.targets.hls.cost import mac_cost, requant_dsp
 
-            m = mac_cost(cfg["format"], cfg.get("act_format") or ab, cfg["acc_bits"], ab)
-            dsp += lanes * m["dsp"] + requant_dsp(cfg["acc_bits"], cfg["mult_bits"])
-            lut += lanes * m["lut"] + simd * m["cast_lut"]
-        else:
-            big = wb > 4 and ab > 4
-            dsp += lanes if big else 0
-            lut += lanes * (cfg["acc_bits"] + (0 if big else wb * (ab + 1)))
-            dsp += 4
+        m = mac_cost(cfg.get("format") or wb, cfg.get("act_format") or ab, cfg["acc_bits"], ab)
+        dsp += lanes * m["dsp"] + (requant_dsp(cfg["acc_bits"], cfg["mult_bits"]) if cfg.get("format")
+                                   else requant_dsp(33, 31))
+        lut += lanes * m["lut"] + simd * m["cast_lut"]
         lut += 150
         n_out = cfg["oc"] if kind == "conv2d" else cfg["o"]
         k = cfg["kh"] * cfg["kw"] * cfg["cg"] if kind == "conv2d" else cfg["k"]

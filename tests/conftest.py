@@ -111,3 +111,14 @@ def float_graph():
     for p in passes.FLOAT_PIPELINE:
         g = p(g)
     return g
+
+
+def calibrated(model, calib):
+    """A model imported, through the float pipeline, and calibrated on ``calib``."""
+    from hilc.compiler import calibrate, passes
+    from hilc.compiler.onnx_import import import_onnx
+
+    g = import_onnx(model)
+    for p in passes.FLOAT_PIPELINE:
+        g = p(g)
+    return calibrate.calibrate(g, calib)

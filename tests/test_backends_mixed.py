@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from test_mixed import calibrated, chain_model
+from conftest import calibrated
+from test_mixed import chain_model
 
 from hilc.compiler import mixed
 from hilc.compiler.pipeline import compile_model, write_artifacts

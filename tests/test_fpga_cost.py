@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import DIGITS_CNN
-from test_minifloat_hls import float_graph
+from conftest import calibrated as float_graph
 
 from hilc.compiler.quantize import quantize
 from hilc.targets.hls import cost

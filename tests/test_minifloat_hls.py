@@ -7,12 +7,11 @@ import subprocess
 import numpy as np
 import pytest
 from conftest import DIGITS_CNN, RESNET8
+from conftest import calibrated as float_graph
 from test_hls_backend import int_inputs
 
 from hilc.compiler import calibrate as calib_mod
 from hilc.compiler import minifloat as mf
-from hilc.compiler import passes
-from hilc.compiler.onnx_import import import_onnx
 from hilc.compiler.quantize import quantize
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int_batched
@@ -22,12 +21,6 @@ from hilc.targets.hls.codegen import generate_hls, write_hls_project
 # per-layer (weight format, input cast format), cycled over the conv/dense layers
 MIX = [("E4M3", "E4M3"), ("E3M2", "E3M2"), ("E2M1", "E2M1"), ("E4M3", None), ("E2M1", "E4M3")]
 
-
-def float_graph(model, calib):
-    g = import_onnx(model)
-    for p in passes.FLOAT_PIPELINE:
-        g = p(g)
-    return calib_mod.calibrate(g, calib)
 
 
 def mixed(g):

@@ -9,16 +9,15 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET8
+from conftest import RESNET8, calibrated
 from onnx import TensorProto, helper, numpy_helper
 from opmodels import cases
 
 from hilc.cli import main
-from hilc.compiler import arith, calibrate, mixed, passes
+from hilc.compiler import arith, mixed
 from hilc.compiler.arith import quantize_host
 from hilc.compiler.costmodel import load_cost_model
 from hilc.compiler.mixed import Budgets
-from hilc.compiler.onnx_import import import_onnx
 from hilc.compiler.pipeline import compile_model, write_artifacts
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int_batched, to_physical
@@ -54,11 +53,6 @@ def chain_model() -> onnx.ModelProto:
     return m
 
 
-def calibrated(model, calib):
-    g = import_onnx(model)
-    for p in passes.FLOAT_PIPELINE:
-        g = p(g)
-    return calibrate.calibrate(g, calib)
 
 
 def host_vs_sim(model, calib, x, out_dir, **kw):

@@ -12,23 +12,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import calibrated  # noqa: E402
 
 from hilc.cli import main
-from hilc.compiler import calibrate, mixed, passes
+from hilc.compiler import mixed
 from hilc.compiler.arith import quantize_host
-from hilc.compiler.onnx_import import import_onnx
 from hilc.compiler.patch_precision import choose_threshold, hot_flags
 from hilc.compiler.pipeline import compile_model, write_artifacts
 from hilc.errors import HilcError
 from hilc.sim.simulator import run_int_batched, to_physical
 from hilc.targets.c import build
-
-
-def calibrated(model, calib):
-    g = import_onnx(model)
-    for p in passes.FLOAT_PIPELINE:
-        g = p(g)
-    return calibrate.calibrate(g, calib)
 
 
 def _arch_models():

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET8
-from test_mixed import calibrated, chain_model
+from conftest import RESNET8, calibrated
+from test_mixed import chain_model
 
 from hilc.compiler import mixed, qat
 from hilc.compiler.quantize import quantize

@@ -9,8 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DIGITS_CNN, RESNET8
-from test_mixed import calibrated
+from conftest import DIGITS_CNN, RESNET8, calibrated
 
 from hilc.compiler import mixed
 from hilc.compiler.arith import quantize_host

@@ -1,0 +1,109 @@
+"""Re-ranking the ILP's best allocations by a whole-model measurement on calibration data.
+
+HAWQ-V3's objective adds per-layer perturbations measured one layer at a time; near the optimum
+the sum can rank allocations differently from what the whole model does once every layer is
+lowered together (and PTQ'd together). ``apply_precision(rerank=K)`` takes the K best ILP
+solutions (``mixed.allocate_top``: no-good cuts, each still within every budget), gives each
+the post-training quantization the compiler applies (``mixed.ptq_lowered``, with fewer AdaRound
+steps: ``SCORE_ITERATIONS``), runs the integer model on the calibration inputs and keeps the
+candidate with the least ``METRIC``; ties keep the ILP's order, and K=1 is the ILP's optimum.
+
+Metrics (all on the calibration inputs, against the float model's logits, or the all-int8
+model's for ``mse_int8``): ``kl_float``, the mean KL divergence of the softmax; ``flips_float``,
+the fraction of inputs whose top-1 class differs; ``mse_int8``, the sensitivity's metric on the
+whole model; ``*_aug`` the same on the inputs and their mirror images (flipped along the width).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hilc.compiler.ir import Graph
+from hilc.errors import HilcError
+
+SCORE_ITERATIONS = 300  # AdaRound steps per lowered layer when scoring a candidate (a count, not a time)
+METRIC = "kl_float_aug"  # what benchmarks/mixed_rerank.py measured to rank best against validation
+METRICS = ("mse_int8", "kl_float", "flips_float", "kl_float_aug", "flips_float_aug")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _kl(ref: np.ndarray, z: np.ndarray) -> float:
+    p, q = _softmax(ref), _softmax(z)
+    return float(np.mean(np.sum(p * (np.log(np.maximum(p, 1e-12)) - np.log(np.maximum(q, 1e-12))), axis=1)))
+
+
+def float_logits(graph: Graph, x: np.ndarray) -> np.ndarray:
+    """The float model's output on physical inputs ``x``; before a final softmax, its input."""
+    from hilc.sim.simulator import run_float
+
+    last = graph.producer(graph.outputs[0])
+    want = last.inputs[0] if last is not None and last.op == "softmax" else graph.outputs[0]
+    got: dict[str, np.ndarray] = {}
+
+    def observe(name: str, v: np.ndarray) -> None:
+        if name == want:
+            got[name] = v
+
+    run_float(graph, {graph.inputs[0]: x}, observe=observe)
+    return got[want].reshape(len(x), -1).astype(np.float64)
+
+
+class Scorer:
+    """Scores allocations of the calibrated (and ``prepare_subbyte``'d) float ``graph`` on the
+    calibration ``samples`` (the model's layout, as given to the compiler)."""
+
+    def __init__(self, graph: Graph, samples: np.ndarray, max_samples: int = 128, engine: str = "numpy") -> None:
+        from hilc.compiler.mixed import _outputs
+        from hilc.compiler.quantize import quantize
+        from hilc.sim.simulator import to_physical
+
+        self.graph, self.engine = graph, engine
+        self.samples = np.asarray(samples, np.float32)[:max_samples]
+        self.n = len(self.samples)
+        logical = np.concatenate([self.samples, self.samples[..., ::-1]]) if self.samples.ndim == 4 \
+            else self.samples  # mirror along the width (NCHW); other layouts: the inputs only
+        self.x = to_physical(graph, graph.inputs[0], np.ascontiguousarray(logical))
+        self.ref_float = float_logits(graph, self.x)
+        self.ref_int8 = _outputs(quantize(graph), self.x, engine)
+        self.scale = float(np.mean(self.ref_int8[:self.n] ** 2)) or 1.0
+
+    def graph_for(self, alloc, iterations: int = SCORE_ITERATIONS) -> Graph:
+        """``alloc``'s widths on the float graph with its PTQ (``iterations`` AdaRound steps)."""
+        from hilc.compiler.mixed import assign_bitwidths, ptq_lowered
+
+        g = assign_bitwidths(self.graph, alloc.weight_bits, alloc.act_bits)
+        return ptq_lowered(self.graph, g, self.samples, len(self.samples), iterations=iterations)
+
+    def metrics(self, assigned: Graph) -> dict[str, float]:
+        from hilc.compiler.mixed import _outputs
+        from hilc.compiler.quantize import quantize
+
+        z = _outputs(quantize(assigned), self.x, self.engine).reshape(len(self.x), -1)
+        n = self.n
+        ref, top = self.ref_float, self.ref_float.argmax(1)
+        return {"mse_int8": float(np.mean((z[:n] - self.ref_int8[:n]) ** 2)) / self.scale,
+                "kl_float": _kl(ref[:n], z[:n]), "flips_float": float(np.mean(z[:n].argmax(1) != top[:n])),
+                "kl_float_aug": _kl(ref, z), "flips_float_aug": float(np.mean(z.argmax(1) != top))}
+
+
+def pick(scorer: Scorer, candidates: list, metric: str = METRIC,
+         iterations: int = SCORE_ITERATIONS) -> tuple[int, list[dict[str, Any]]]:
+    """The index of the candidate with the least ``metric`` (the first of equals: the ILP's order)
+    and each candidate's row for ``report.json``."""
+    if metric not in METRICS:
+        raise HilcError(f"unknown re-ranking metric '{metric}' (choose {', '.join(METRICS)})")
+    rows = []
+    for i, a in enumerate(candidates):
+        m = scorer.metrics(scorer.graph_for(a, iterations))
+        rows.append({"rank": i, "predicted_perturbation": a.objective, "measured": m,
+                     "bitops_reduction": a.bitops_int8 / max(1, a.bitops),
+                     "weight_bits": a.weight_bits, "act_bits": a.act_bits})
+    best = min(range(len(rows)), key=lambda i: (rows[i]["measured"][metric], i))
+    return best, rows

@@ -12,7 +12,8 @@
 
 4. resnet8 search time at 2x with the sensitivity cache cold (alone: ``--search-time``).
 
-``--quick``: only step 2, for the sub-byte set at 1, 1.5, 2, 2.2 and 3x, the extended set at 2 and
+``--quick [--rerank K] [--finetune-steps N] [--label L] [--only-2x]``: only step 2, for the sub-byte
+set at 1, 1.5, 2, 2.2 and 3x, the extended set at 2 and
 2.2x and the digits CNN at 2 and 3x, merged into the last full results (other keys kept as they were).
 
 Prints a table and writes benchmarks/results/mixed.json. Run from the repository root:
@@ -91,6 +92,23 @@ def fit_latency(d: Path, res: dict, rows: list, crops, digits_x) -> None:
                      " / ".join(f"{per.get(b, float('nan')):.2f}" for b in ("8", "4", "2")), ""))
 
 
+def _opt(name: str, default=None, cast=int):
+    """``--name VALUE`` from the command line (this script's few options)."""
+    return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+# --quick options: --rerank K and --finetune-steps N go to compile_model; --label L stores the
+# curves under resnet8_pareto_<set>_<L> (other runs' keys kept); --only-2x: the 2.0 and 2.2x points
+# of both sets (no digits), e.g. the fine-tuning-off comparison
+def _compile_kw() -> dict:
+    kw = {}
+    if "--rerank" in sys.argv:
+        kw["rerank"] = _opt("--rerank")
+    if "--finetune-steps" in sys.argv:
+        kw["finetune_steps"] = _opt("--finetune-steps")
+    return kw
+
+
 def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
     calib, held = crops[:128], crops[128:]
     ref = ort_run(RESNET8, held).argmax(1)
@@ -103,11 +121,13 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
             cache = Path(d) / f"sens_{label}.json"
             curve = []
             quick_ratios = (1.0, 1.5, 2.0, 2.2, 3.0) if label == "subbyte" else (2.0, 2.2)
+            if "--only-2x" in sys.argv:
+                quick_ratios = (2.0, 2.2)
             for ratio in quick_ratios if quick else (1.0, 1.25, 1.5, 1.75, 2.0, 2.2, 2.5, 3.0):
                 t = time.perf_counter()
                 try:
                     r = compile_model(RESNET8, calib, precision="mixed", budgets=Budgets(bitops_ratio=ratio),
-                                      sensitivity_cache=cache, extended_bits=ext)
+                                      sensitivity_cache=cache, extended_bits=ext, **_compile_kw())
                 except HilcError as e:
                     curve.append({"bitops_ratio": ratio, "error": str(e)})
                     continue
@@ -121,10 +141,12 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
                               "predicted_perturbation": m["predicted_perturbation"],
                               "measured_perturbation": m["measured_perturbation"],
                               "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
-                              "ptq": m.get("ptq"), "finetune": m.get("finetune")})
+                              "ptq": m.get("ptq"), "finetune": m.get("finetune"), "rerank": m.get("rerank")})
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
-            res[f"resnet8_pareto_{label}"] = curve
+            res[f"resnet8_pareto_{label}" + (f"_{_opt('--label', cast=str)}" if "--label" in sys.argv else "")] = curve
+        if "--only-2x" in sys.argv:
+            return
         # digits CNN
         xtr, xte, yte = digits
         f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())
@@ -133,7 +155,8 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
         for label, ext in sets[:1] if quick else sets:
             for ratio in (2.0, 3.0) if quick else (2.0, 2.5, 3.0):
                 r = compile_model(DIGITS_CNN, xtr[:256], precision="mixed", budgets=Budgets(bitops_ratio=ratio),
-                                  sensitivity_cache=Path(d) / f"dsens_{label}.json", extended_bits=ext)
+                                  sensitivity_cache=Path(d) / f"dsens_{label}.json", extended_bits=ext,
+                                  **_compile_kw())
                 acc = float((simulate(r.graph, xte).argmax(1) == yte).mean())
                 dig.append({"set": label, "bitops_ratio": ratio,
                             "bitops_reduction": r.report["bitops_int8"] / r.report["bitops"], "accuracy": acc,

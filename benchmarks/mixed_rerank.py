@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["subbyte", "extended"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[2.0])
     ap.add_argument("--k", type=int, default=12)
-    ap.add_argument("--cheap-iterations", type=int, default=rerank.SCORE_ITERATIONS)
+    ap.add_argument("--cheap-iterations", type=int, default=300)
     args = ap.parse_args()
     crops = np.load(DATA / "natural_crops.npz")
     c96 = crops["crops96"].astype(np.float32)
@@ -65,7 +65,7 @@ def main() -> None:
         gp = mixed.with_prepared(g, sens["prepared"])
         space = mixed.analyse(gp, ext)
         space.sram = mixed.sram_model(quantize(gp), space)
-        scorer = rerank.Scorer(gp, calib)
+        scorer = rerank.Scorer(gp, calib, augment=True)
         for ratio in args.ratios:
             t = time.perf_counter()
             cands = mixed.allocate_top(space, sens, Budgets(bitops_ratio=ratio), args.k, load_cost_model())

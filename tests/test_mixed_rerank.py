@@ -75,15 +75,17 @@ def test_rerank_pick_is_deterministic_and_k1_is_the_plain_ilp(chain):
     space, cost = mixed.analyse(g), load_cost_model()
     cands = mixed.allocate_top(space, sens, Budgets(bitops_ratio=2.0), 3, cost)
     scorer = rerank.Scorer(g, calib)
-    a, rows_a = rerank.pick(scorer, cands, iterations=50)
-    b, rows_b = rerank.pick(rerank.Scorer(g, calib), cands, iterations=50)
-    assert a == b and rows_a == rows_b
+    a, rows_a, ga = rerank.pick(scorer, cands, iterations=50)
+    b, rows_b, gb = rerank.pick(rerank.Scorer(g, calib), cands, iterations=50)
+    assert a == b and rows_a == rows_b and ga.content_hash() == gb.content_hash()
     chosen = rows_a[a]["measured"][rerank.METRIC]
     assert chosen == min(r["measured"][rerank.METRIC] for r in rows_a)
-    assert all(set(r["measured"]) == set(rerank.METRICS) and r["measured"]["kl_float"] >= 0 for r in rows_a)
+    assert all(set(r["measured"]) == {"mse_int8", "kl_float", "flips_float"} and r["measured"]["kl_float"] >= 0
+               for r in rows_a)
     assert rerank.pick(scorer, cands[:1], iterations=50)[0] == 0
-    with pytest.raises(HilcError, match="unknown re-ranking metric 'x'"):
-        rerank.pick(scorer, cands, metric="x")
+    for bad in ("x", "kl_float_aug"):  # the mirrored inputs' metrics need Scorer(augment=True)
+        with pytest.raises(HilcError, match=f"unknown re-ranking metric '{bad}'"):
+            rerank.pick(scorer, cands, metric=bad)
 
 
 def test_compile_rerank_reports_candidates_and_keeps_the_budget(chain, tmp_path, capsys):

@@ -759,7 +759,7 @@ def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None)
 
 # --- post-training quantization of the allocation -------------------------------------------
 
-RERANK_K = 1  # allocations re-ranked by default (``apply_precision(rerank=...)``, ``--rerank``)
+RERANK_K = 3  # allocations re-ranked by default (``apply_precision(rerank=...)``, ``--rerank``)
 ADAROUND_ITERATIONS = 2000  # a step count, not a time budget: the same inputs give the same model
 SENSITIVITY_ITERATIONS = 500  # per-layer sensitivity ranks widths; fewer steps do (search time)
 
@@ -906,13 +906,17 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
 
         t_rr = time.perf_counter()
         cands = allocate_top(space, sens, budgets, rerank_k, cost)
-        best, rows = rr.pick(rr.Scorer(graph, samples, sens["samples"], engine), cands)
+        best, rows, chosen = rr.pick(rr.Scorer(graph, samples, sens["samples"], engine), cands)
         alloc = cands[best]
         rerank_info = {"k": rerank_k, "metric": rr.METRIC, "score_adaround_iterations": rr.SCORE_ITERATIONS,
-                       "chosen": best, "candidates": rows, "seconds": round(time.perf_counter() - t_rr, 3)}
-    g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+                       "chosen": best, "candidates": rows,
+                       "seconds": round(time.perf_counter() - t_rr, 3)}  # includes the chosen one's PTQ
     t_ptq = time.perf_counter()
-    g = ptq_lowered(graph, g, samples, sens["samples"])
+    if rerank_info is None:
+        g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+        g = ptq_lowered(graph, g, samples, sens["samples"])
+    else:  # scored after this very PTQ (same inputs, same AdaRound steps): not fitted twice
+        g = chosen
     ptq_seconds = time.perf_counter() - t_ptq
     search_seconds = time.perf_counter() - t0
     ft_info = None

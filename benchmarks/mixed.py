@@ -207,12 +207,13 @@ def search_time(res: dict, rows: list, crops) -> None:
     """The acceptance measure alone: resnet8 at 2x fewer BitOps, sensitivity cache cold."""
     with tempfile.TemporaryDirectory() as d:
         r = compile_model(RESNET8, crops[:128], precision="mixed", budgets=Budgets(bitops_ratio=2.0),
-                          sensitivity_cache=Path(d) / "sens.json")
+                          sensitivity_cache=Path(d) / "sens.json", **_compile_kw())
     m = r.report["mixed_precision"]
-    res["resnet8_search_2x_cold"] = {"search_seconds": m["search_seconds"],
-                                     "sensitivity_seconds": m["sensitivity_seconds"],
-                                     "ptq_seconds": (m.get("ptq") or {}).get("seconds"),
-                                     "finetune_seconds": (m.get("finetune") or {}).get("seconds")}
+    key = "resnet8_search_2x_cold" + (f"_{_opt('--label', cast=str)}" if "--label" in sys.argv else "")
+    res[key] = {"search_seconds": m["search_seconds"], "sensitivity_seconds": m["sensitivity_seconds"],
+                "ptq_seconds": (m.get("ptq") or {}).get("seconds"),
+                "finetune_seconds": (m.get("finetune") or {}).get("seconds"),
+                **({"rerank_seconds": m["rerank"]["seconds"]} if "rerank" in m else {})}
     rows.append(("resnet8 2x search, sensitivity cold (of it: sensitivity, PTQ)", f"{m['search_seconds']:.1f} s",
                  f"{m['sensitivity_seconds']:.1f} s, {(m.get('ptq') or {}).get('seconds', 0):.1f} s; then fine-tuning "
                  f"{(m.get('finetune') or {}).get('seconds', 0):.1f} s"))

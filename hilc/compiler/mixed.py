@@ -757,7 +757,7 @@ def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None)
 
 # --- post-training quantization of the allocation -------------------------------------------
 
-RERANK_K = 3  # allocations re-ranked by default (``apply_precision(rerank=...)``, ``--rerank``)
+RERANK_K = 1  # allocations re-ranked by default (``apply_precision(rerank=...)``, ``--rerank``)
 ADAROUND_ITERATIONS = 2000  # a step count, not a time budget: the same inputs give the same model
 SENSITIVITY_ITERATIONS = 500  # per-layer sensitivity ranks widths; fewer steps do (search time)
 

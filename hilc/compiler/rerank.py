@@ -10,11 +10,14 @@ calibration inputs and keeps the candidate with the least ``METRIC``; ties keep 
 and K=1 is the ILP's optimum. benchmarks/mixed_rerank.py measured the choices on validation tiles
 outside the held-out crops: the ILP's own objective and the metrics after a shortened AdaRound
 (300 steps) ranked the candidates poorly; the KL divergence after the full PTQ ranked them best.
+Each candidate costs one full PTQ (about 10 s for resnet8 on a quiet 2-core machine), so it is
+opt-in (``--rerank K``; ``mixed.RERANK_K`` = 1 keeps the search within its time target).
 
 Metrics (all on the calibration inputs, against the float model's logits, or the all-int8
 model's for ``mse_int8``): ``kl_float``, the mean KL divergence of the softmax; ``flips_float``,
 the fraction of inputs whose top-1 class differs; ``mse_int8``, the sensitivity's metric on the
-whole model; ``*_aug`` the same on the inputs and their mirror images (flipped along the width).
+whole model; ``*_aug`` (``Scorer(augment=True)``) the same on the inputs and their mirror
+images (flipped along the width).
 """
 
 from __future__ import annotations

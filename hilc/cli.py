@@ -105,6 +105,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     if args.precision == "int8" and not budgets.any():
         return pp
     ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
+    if args.finetune_data is not None:
+        ft["finetune_data"] = args.finetune_data
     if args.widths == "extended":
         ft["extended_bits"] = True
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
@@ -506,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --precision mixed: N steps of quantization-aware fine-tuning by distillation from the "
                         "float model on the calibration inputs when some width is below 8 (default: 75 passes over "
                         "them, 300 steps of 32 for 128 inputs; 0: off)")
+    c.add_argument("--finetune-data", metavar="FILE",
+                   help="with --precision mixed: the fine-tuning inputs (unlabeled; .npy/.npz laid out as --calib), "
+                        "e.g. many in-distribution crops; default: the calibration inputs")
     c.add_argument("--patch-precision", default="off", choices=["off", "value"],
                    help="value: QuantMCU patch-branch precision; patches without input outliers run the patch stage "
                         "at lower activation widths (value-driven search; needs a patch schedule and --calib)")

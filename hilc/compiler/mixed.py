@@ -822,12 +822,14 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                     act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
                     board: str | None = None, extended: bool = False,
                     cluster: str | None = None, engine: str = "numpy",
-                    finetune_steps: int | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    finetune_steps: int | None = None,
+                    finetune_samples: np.ndarray | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write.
     ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations.
     ``finetune_steps``: quantization-aware fine-tuning after the PTQ (``hilc.compiler.qat``;
-    None: its default step count, 0: off), when some width went below 8."""
+    None: its default step count, 0: off), when some width went below 8; ``finetune_samples``: its
+    inputs (model layout; None: the calibration samples)."""
     budgets = budgets or Budgets()
     if precision not in ("int8", "mixed"):
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
@@ -875,7 +877,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         from hilc.compiler import qat
         from hilc.sim.simulator import to_physical
 
-        x_ft = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
+        ft_src = samples[:sens["samples"]] if finetune_samples is None else finetune_samples
+        x_ft = to_physical(graph, graph.inputs[0], np.asarray(ft_src, np.float32))
         g, ft_info = qat.finetune(graph, g, x_ft,
                                   qat.default_steps(len(x_ft)) if finetune_steps is None else finetune_steps)
     info = alloc.summary()

@@ -52,7 +52,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   extended_bits: bool = False, cluster: str | None = None,
                   fpga_error_ratio: float = 1.0, order: str = "memory",
                   patch_precision: str = "off", engine: str = "numpy",
-                  finetune_steps: int | None = None) -> CompileResult:
+                  finetune_steps: int | None = None,
+                  finetune_data: str | Path | np.ndarray | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -116,7 +117,13 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     samples = None
     if calib is not None:
         samples = calib if isinstance(calib, np.ndarray) else calib_mod.load_samples(calib)
+    ft_samples = None
+    if finetune_data is not None:  # fine-tuning inputs apart from calibration (unlabeled; distillation)
+        ft_samples = finetune_data if isinstance(finetune_data, np.ndarray) else calib_mod.load_samples(finetune_data)
     g = import_onnx(model)
+    if ft_samples is not None:
+        ft_source = "--finetune-data" if isinstance(finetune_data, np.ndarray) else str(finetune_data)
+        ft_samples = calib_mod.check_samples(g, np.asarray(ft_samples), ft_source)
     if "import" in (dump_after or []):
         dumps["import"] = g.summary()
     for p in passes.FLOAT_PIPELINE:
@@ -172,7 +179,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
                                                sensitivity_cache, board, extended_bits, cluster=cluster,
-                                               engine=engine, finetune_steps=finetune_steps)
+                                               engine=engine, finetune_steps=finetune_steps,
+                                               finetune_samples=ft_samples)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"

@@ -543,6 +543,6 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
             n.attrs["w_scale_bits"] = n.attrs.get("weight_bits", 8)
     k = max(1, steps // 10)
     info.update(loss_first=round(float(np.mean(losses[:k])), 6), loss_last=round(float(np.mean(losses[-k:])), 6),
-                batch=batch, weights_changed=changed, seconds=round(time.perf_counter() - t0, 3))
+                batch=batch, samples=len(x), weights_changed=changed, seconds=round(time.perf_counter() - t0, 3))
     g.meta["finetune"] = {"steps": int(steps)}
     return g, info

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -51,6 +52,8 @@ VARIANTS: dict[str, dict | None] = {
     "tiles-600-features-0.3": {"data": "tiles", "steps": 600, "features": 0.3},
     "tiles-600-features-3": {"data": "tiles", "steps": 600, "features": 3.0},
     "tiles-1000-lr-x4": {"data": "tiles", "steps": 1000, "lr": 0.02},
+    "tiles-600-wscale": {"data": "tiles", "steps": 600, "weight_scale_lr": 0.01},
+    "tiles-600-wscale-lr-x4": {"data": "tiles", "steps": 600, "weight_scale_lr": 0.01, "lr": 0.02},
 }
 
 
@@ -72,8 +75,11 @@ def grid_tiles(c96: np.ndarray) -> np.ndarray:
     return np.concatenate([c96[:, :, i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] for i in range(3) for j in range(3)])
 
 
-def captured(label: str, calib: np.ndarray, d: Path):
-    """(float reference, PTQ'd mixed graph, physical fine-tuning inputs, steps) at 2x."""
+def captured(label: str, calib: np.ndarray, d: Path, keep: Path | None = None):
+    """(float reference, PTQ'd mixed graph, physical fine-tuning inputs, steps) at 2x; ``keep``:
+    a pickle of them, reused when it exists (parallel runs of other variants)."""
+    if keep is not None and keep.exists():
+        return pickle.loads(keep.read_bytes())
     got = {}
     real = qat.finetune
 
@@ -87,7 +93,10 @@ def captured(label: str, calib: np.ndarray, d: Path):
                       sensitivity_cache=d / f"sens_{label}.json", extended_bits=label == "extended")
     finally:
         qat.finetune = real
-    return got["ref"], got["g"], got["x"], got["steps"]
+    out = got["ref"], got["g"], got["x"], got["steps"]
+    if keep is not None:
+        keep.write_bytes(pickle.dumps(out))
+    return out
 
 
 def main() -> None:
@@ -95,6 +104,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["extended", "subbyte"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["no-finetune", "default", "cutmix"])
+    ap.add_argument("--keep", type=Path, help="a folder where the captured PTQ graphs are kept between runs")
     ap.add_argument("--split", action="store_true",
                     help="fine-tuning tiles from crops96[:96], validation on the 288 tiles of crops96[96:]")
     args = ap.parse_args()
@@ -115,7 +125,7 @@ def main() -> None:
     rows = [("int8", "", f"{res['int8']:.2%}")]
     with tempfile.TemporaryDirectory() as d:
         for label in args.sets:
-            ref, g, x, steps = captured(label, calib, Path(d))
+            ref, g, x, steps = captured(label, calib, Path(d), args.keep / f"{label}.pkl" if args.keep else None)
             x_tiles = to_physical(ref, ref.inputs[0], ft_tiles)
             for v in args.variants:
                 kw = None if VARIANTS[v] is None else dict(VARIANTS[v])

@@ -197,3 +197,40 @@ def test_finetune_data_bad_file_or_shape_is_a_one_line_error(tmp_path, crops32, 
     with pytest.raises(HilcError, match=r"--finetune-data: input .* must have shape \['N', 3, 32, 32\]"):
         compile_model(RESNET8, crops32[:8], precision="mixed", budgets=Budgets(bitops_ratio=2.0),
                       finetune_data=crops32[:4, :, :16, :16])
+
+
+def test_learned_weight_scale_gradient_matches_finite_differences(chain):
+    """LSQ weight scales: d loss / d s = sum over the channel of d loss / d w_fake times
+    ``rint(w/s) - w/s`` (inside the grid). Against central differences of the loss at fixed
+    integers (a step of s too small to move any), which give sum d loss / d w_fake * rint(w/s):
+    the two differ by sum grad_w * w/s, with grad_w the (straight-through) latent weight gradient."""
+    g, calib, x = chain
+    low = mixed.ptq_lowered(g, _lowered(g), calib, iterations=50)
+    p = _float64(qat.init_params(low))
+    p.scale = {k: v.astype(np.float64) for k, v in p.scale.items()}
+    p.learn_scale = {k for k, q in p.qmax.items() if q < 127}
+    assert p.learn_scale
+    rng = np.random.default_rng(4)
+    for k in p.learn_scale:  # off the grid (PTQ leaves them on it, where the residue is 0), some clipped
+        p.w[k] = p.w[k] + rng.uniform(-0.7, 0.7, p.w[k].shape) * p.scale[k]
+    xx = x[:4].astype(np.float64)
+    z, state = qat.forward(low, p, xx, None, keep=True)
+    target = np.random.default_rng(1).standard_normal(z.shape)
+    _, dl = qat.distill_loss(z, target, 2.0)
+    grads = qat.backward(low, p, state, dl.astype(np.float64))
+    for k in p.learn_scale:
+        gs = grads["wscale:" + k][0]
+        ste = (grads[k][0] * p.w[k] / p.scale[k]).reshape(len(gs), -1).sum(axis=1)
+        for c in range(len(gs)):
+            s = p.scale[k]
+            old = s[c].copy()
+            eps = 1e-9 * float(old.reshape(-1)[0])
+            s[c] = old + eps
+            lp = qat.distill_loss(qat.forward(low, p, xx, None)[0], target, 2.0)[0]
+            s[c] = old - eps
+            lm = qat.distill_loss(qat.forward(low, p, xx, None)[0], target, 2.0)[0]
+            s[c] = old
+            num = (lp - lm) / (2 * eps)
+            assert abs(gs[c] - (num - ste[c])) <= 1e-4 + 1e-3 * abs(num), (k, c, gs[c], num, ste[c])
+    assert qat.fake_weight_scale_grad(np.array([0.26, -0.74, 1.3]), np.array(0.5), 1).tolist() == \
+        pytest.approx([1 - 0.52, -1 + 1.48, 1.0])

@@ -14,7 +14,8 @@
 
 ``--quick``: only step 2, for the sub-byte set at 1, 1.5, 2, 2.2 and 3x, the extended set at 2 and
 2.2x and the digits CNN at 2 and 3x, merged into the last full results (other keys kept as they were).
-``--ratios R ...`` (with ``--quick``): only these resnet8 ratios, for both sets.
+``--ratios R ...`` (with ``--quick``): only these resnet8 ratios; ``--sets subbyte|extended``: only
+these width sets.
 ``--finetune-tiles``: resnet8's fine-tuning runs on 32x32 tiles of ``crops96[:96]``
 (benchmarks/qat_validation.py ``train_tiles``: unlabeled in-distribution inputs, none of them
 held out) instead of the 128 calibration crops; the JSON records it under ``finetune_data``.
@@ -125,6 +126,8 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
     rows.append(("resnet8 int8 top-1 agreement with float (384)", f"{agree8:.2%}", ""))
     with tempfile.TemporaryDirectory() as d:
         sets = (("subbyte", False), ("extended", True))
+        if _flag_values("--sets"):
+            sets = tuple(s for s in sets if s[0] in _flag_values("--sets"))
         for label, ext in sets:
             cache = Path(d) / f"sens_{label}.json"
             curve = []
@@ -151,6 +154,8 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
             res[f"resnet8_pareto_{label}"] = curve
+        if only or _flag_values("--sets"):  # a partial resnet8 run: the digits rows stay as they were
+            return
         # digits CNN
         xtr, xte, yte = digits
         f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())

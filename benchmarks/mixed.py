@@ -18,7 +18,8 @@
 these width sets.
 ``--finetune-tiles``: resnet8's fine-tuning runs on 32x32 tiles of ``crops96[:96]``
 (benchmarks/qat_validation.py ``train_tiles``: unlabeled in-distribution inputs, none of them
-held out) instead of the 128 calibration crops; the JSON records it under ``finetune_data``.
+held out) instead of the 128 calibration crops; written as ``resnet8_pareto_<set>_finetune_tiles``
+(each point's ``finetune_data`` says which inputs).
 
 Prints a table and writes benchmarks/results/mixed.json. Run from the repository root:
     python benchmarks/mixed.py [--no-fit] [--search-time] [--quick]
@@ -153,7 +154,8 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
                               "ptq": m.get("ptq"), "finetune": m.get("finetune"), "finetune_data": ft_data})
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
-            res[f"resnet8_pareto_{label}"] = curve
+            # fine-tuned on other inputs: its own curve, the default's stays as it was
+            res[f"resnet8_pareto_{label}" + ("_finetune_tiles" if ft else "")] = curve
         if only or _flag_values("--sets"):  # a partial resnet8 run: the digits rows stay as they were
             return
         # digits CNN

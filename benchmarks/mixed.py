@@ -19,7 +19,8 @@ these width sets.
 ``--finetune-tiles``: resnet8's fine-tuning runs on 32x32 tiles of ``crops96[:96]``
 (benchmarks/qat_validation.py ``train_tiles``: unlabeled in-distribution inputs, none of them
 held out) instead of the 128 calibration crops; written as ``resnet8_pareto_<set>_finetune_tiles``
-(each point's ``finetune_data`` says which inputs).
+(each point's ``finetune_data`` says which inputs); with ``--with-calib`` the calibration crops
+and the tiles together (``..._finetune_calib_tiles``).
 
 Prints a table and writes benchmarks/results/mixed.json. Run from the repository root:
     python benchmarks/mixed.py [--no-fit] [--search-time] [--quick]
@@ -105,7 +106,7 @@ def _flag_values(name: str) -> list[str]:
     return rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
 
 
-def finetune_kw(res: dict) -> dict:
+def finetune_kw(res: dict, calib: np.ndarray) -> dict:
     if "--finetune-tiles" not in sys.argv:
         res["finetune_data"] = "the 128 calibration crops"
         return {}
@@ -113,12 +114,15 @@ def finetune_kw(res: dict) -> dict:
 
     tiles = train_tiles(np.load(DATA / "natural_crops.npz")["crops96"].astype(np.float32)[:96])
     res["finetune_data"] = f"{len(tiles)} tiles of crops96[:96] (qat_validation.train_tiles)"
+    if "--with-calib" in sys.argv:  # the calibration crops and the tiles together
+        res["finetune_data"] = "the 128 calibration crops + " + res["finetune_data"]
+        tiles = np.concatenate([calib, tiles])
     return {"finetune_data": tiles}
 
 
 def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
     calib, held = crops[:128], crops[128:]
-    ft = finetune_kw(res)
+    ft = finetune_kw(res, calib)
     ft_data = res.pop("finetune_data")  # per curve point: a --ratios run keeps the other points as they were
     only = [float(r) for r in _flag_values("--ratios")]
     ref = ort_run(RESNET8, held).argmax(1)
@@ -155,7 +159,8 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
             # fine-tuned on other inputs: its own curve, the default's stays as it was
-            res[f"resnet8_pareto_{label}" + ("_finetune_tiles" if ft else "")] = curve
+            suffix = ("_finetune_calib_tiles" if "--with-calib" in sys.argv else "_finetune_tiles") if ft else ""
+            res[f"resnet8_pareto_{label}{suffix}"] = curve
         if only or _flag_values("--sets"):  # a partial resnet8 run: the digits rows stay as they were
             return
         # digits CNN

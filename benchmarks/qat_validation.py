@@ -36,7 +36,7 @@ from hilc.compiler.pipeline import compile_model  # noqa: E402
 from hilc.compiler.quantize import quantize  # noqa: E402
 from hilc.sim.simulator import simulate, to_physical  # noqa: E402
 
-# "data": "tiles" fine-tunes on ``train_tiles`` (else: the 128 calibration crops)
+# "data": "tiles" fine-tunes on ``train_tiles``, "calib+tiles" on both (else: the 128 calibration crops)
 VARIANTS: dict[str, dict | None] = {
     "no-finetune": None,
     "default": {},
@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict | None] = {
     "tiles-600-features-3": {"data": "tiles", "steps": 600, "features": 3.0},
     "tiles-1000-lr-x4": {"data": "tiles", "steps": 1000, "lr": 0.02},
     "wscale": {"weight_scale_lr": 0.01},
+    "calib+tiles-600": {"data": "calib+tiles", "steps": 600},
     "tiles-600-wscale": {"data": "tiles", "steps": 600, "weight_scale_lr": 0.01},
     "tiles-600-wscale-lr-x4": {"data": "tiles", "steps": 600, "weight_scale_lr": 0.01, "lr": 0.02},
 }
@@ -136,7 +137,8 @@ def main() -> None:
             x_tiles = to_physical(ref, ref.inputs[0], ft_tiles)
             for v in args.variants:
                 kw = None if VARIANTS[v] is None else dict(VARIANTS[v])
-                x_v = x_tiles if kw is not None and kw.pop("data", None) == "tiles" else x
+                data = kw.pop("data", None) if kw is not None else None
+                x_v = {"tiles": x_tiles, "calib+tiles": np.concatenate([x, x_tiles])}.get(data, x)
                 n_steps = kw.pop("steps", steps) if kw is not None else 0
                 for seed in [0] if kw is None else args.seeds:
                     t = time.perf_counter()

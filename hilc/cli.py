@@ -94,6 +94,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
 
     if args.widths != "subbyte" and args.precision != "mixed":
         raise HilcError(f"--widths {args.widths} chooses among mixed-precision candidates: add --precision mixed")
+    if args.finetune_data is not None and args.precision != "mixed":
+        raise HilcError("--finetune-data feeds the mixed-precision fine-tuning: add --precision mixed")
 
     # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
     sram = args.sram if args.precision == "mixed" and args.patch == "off" else None

@@ -127,7 +127,8 @@ def main() -> None:
                  "int8": float((int8.argmax(1) == ref_top).mean())}
     if args.split:
         res = {"validation": "288 32x32 tiles of crops96[96:]; fine-tuning tiles from crops96[:96] "
-                             f"({len(ft_tiles)}: 12 random offsets + a 3x downscale per image)",
+                             f"({len(ft_tiles)}: 12 random offsets + a 3x downscale per image); resnet8 at 2x, "
+                             "PTQ'd allocation calibrated on crops32[:128]",
                "bitops_ratio": 2.0, "int8": res["int8"], "int8_kl": round(_kl(ref_out, int8), 5)}
     key = "split" if args.split else None
     rows = [("int8", "", f"{res['int8']:.2%}")]
@@ -165,9 +166,15 @@ def main() -> None:
     if key:  # the split runs live under "split", one level deeper (per width set)
         old_split = old.get("split", {})
         for k, v in res.items():
-            if k == "split":
+            if k == "split":  # merged per seed: runs of other seeds in parallel keep theirs
                 for lab, vs in v.items():
-                    old_split[lab] = old_split.get(lab, {}) | vs
+                    for var, runs in vs.items():
+                        merged = old_split.setdefault(lab, {}).get(var, {}) | runs
+                        accs = [a for s_, a in merged.items() if s_.isdigit()]
+                        kls = [a for s_, a in merged.items() if s_.startswith("kl_")]
+                        merged.update(mean=float(np.mean(accs)), spread=float(np.max(accs) - np.min(accs)),
+                                      kl_mean=float(np.mean(kls)))
+                        old_split[lab][var] = merged
             else:
                 old_split[k] = v
         old["split"] = old_split

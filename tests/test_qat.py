@@ -152,7 +152,7 @@ def test_separate_finetune_data_is_used_deterministic_and_bit_exact_on_host(tmp_
     """``finetune_data``: fine-tuning runs on those inputs (not the calibration ones), the same
     inputs give the same integers, and the fine-tuned build is bit-exact between the simulator
     and the host C kernels (portable and DSP)."""
-    from test_mixed import host_vs_sim
+    from conftest import host_vs_sim
 
     from hilc.compiler.mixed import Budgets
     from hilc.compiler.pipeline import compile_model

@@ -171,7 +171,7 @@ def main() -> None:
                     for var, runs in vs.items():
                         merged = old_split.setdefault(lab, {}).get(var, {}) | runs
                         accs = [a for s_, a in merged.items() if s_.isdigit()]
-                        kls = [a for s_, a in merged.items() if s_.startswith("kl_")]
+                        kls = [a for s_, a in merged.items() if s_.startswith("kl_") and s_[3:].isdigit()]
                         merged.update(mean=float(np.mean(accs)), spread=float(np.max(accs) - np.min(accs)),
                                       kl_mean=float(np.mean(kls)))
                         old_split[lab][var] = merged

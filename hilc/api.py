@@ -159,10 +159,12 @@ def evaluate(m: Compiled | str | Path, x: np.ndarray, labels: np.ndarray | None 
 
 
 def regress(m: Compiled | str | Path | list, x: np.ndarray | list, farm: str | Path, kind: str | None = None,
-            cluster: str = "local", chunk: int = 4, quiet: bool = True) -> RunResult | list[RunResult]:
-    """Inputs spread over every board of a kind in a farm inventory (``hilc regress``), one Ray
-    actor per board; failed boards are dropped and their work reassigned. ``mismatches`` counts
-    outputs differing from the simulator; ``farm`` holds the per-board FarmResult.
+            cluster: str = "local", chunk: int = 4, quiet: bool = True, check: bool = True,
+            raw: bool = False) -> RunResult | list[RunResult]:
+    """Inputs spread over every board of a kind in a farm inventory (``hilc regress``, ``hilc run
+    --farm``), one Ray actor per board; failed boards are dropped and their work reassigned.
+    ``mismatches`` counts outputs differing from the simulator (None with ``check=False``: the
+    simulator is not run); ``farm`` holds the per-board FarmResult; ``raw``: the integer outputs.
 
     ``m`` a list of compiled models (``x`` one array for all, or a list with one per model):
     they are spread over the boards together (a QEMU board switches firmware as needed) and a
@@ -185,9 +187,14 @@ def regress(m: Compiled | str | Path | list, x: np.ndarray | list, farm: str | P
                               chunk, update)
     out = []
     for c, xi, (y, res) in zip(ms, xs, results, strict=True):
-        bad = int(np.sum(np.any(simulator_raw(c.graph, xi).reshape(len(xi), -1) != y.reshape(len(xi), -1), axis=1)))
-        qo = c.graph.tensors[c.graph.outputs[0]].quant
-        out.append(RunResult(dequantize_host(y, qo.scale, qo.zero_point), ",".join(res.per_board), bad, res))
+        bad = None
+        if check:
+            sim = simulator_raw(c.graph, xi)
+            bad = int(np.sum(np.any(sim.reshape(len(xi), -1) != y.reshape(len(xi), -1), axis=1)))
+        if not raw:
+            qo = c.graph.tensors[c.graph.outputs[0]].quant
+            y = dequantize_host(y, qo.scale, qo.zero_point)
+        out.append(RunResult(y, ",".join(res.per_board), bad, res))
     return out if several else out[0]
 
 

@@ -51,9 +51,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.cluster is not None:
         ptq_args["cluster"] = args.cluster
     if args.engine != "numpy":  # the mixed-precision search's integer-model runs
-        from hilc.targets.tvm import require_tvm
-
-        require_tvm()  # before any work: a missing extra is one line
+        _require_engine(args.engine)
         ptq_args["engine"] = args.engine
     if prog is not None:
         with prog:
@@ -134,6 +132,30 @@ def _load_inputs(path: str, graph) -> np.ndarray:
         raise HilcError(f"{path}: {e}") from None
 
 
+def _save_npy(out: Path, y: np.ndarray) -> None:
+    """Write ``out`` whole or not at all (a temp file renamed over it): no truncated .npy is left."""
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    np.save(tmp, y)
+    os.replace(tmp, out)
+
+
+def _require_engine(engine: str) -> None:
+    """Before any work: a missing hilc[tvm] extra is one line, not a wrapped input error."""
+    if engine == "tvm":
+        from hilc.targets.tvm import require_tvm
+
+        require_tvm()
+
+
+def _farm_options(p: argparse.ArgumentParser, farm_help: str, required: bool = False) -> None:
+    """--farm and its options, the same for ``run --farm`` and ``regress`` (run: "with --farm")."""
+    w = "" if required else "with --farm: "
+    p.add_argument("--farm", required=required, metavar="INVENTORY.toml", help=farm_help)
+    p.add_argument("--kind", help=f"{w}the kind of board to use (default: the only kind listed)")
+    p.add_argument("--cluster", metavar="auto|local|ADDRESS", help=f"{w}the Ray cluster (default: local)")
+    p.add_argument("--chunk", type=int, default=4, help=f"{w}inputs per work unit (default 4)")
+
+
 def _parse_parallel(items: list[str]) -> dict[str, tuple[int, int]]:
     """--parallel LAYER=PExSIMD (repeatable) -> {layer: (pe, simd)}."""
     out = {}
@@ -205,10 +227,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from hilc.compiler.pipeline import load_artifacts
     from hilc.sim.simulator import simulate
 
-    if args.engine == "tvm":  # before any work: a missing extra is one line, not a wrapped input error
-        from hilc.targets.tvm import require_tvm
-
-        require_tvm()
+    _require_engine(args.engine)
     graph = load_artifacts(args.compiled)
     x = load_samples(args.input)
     if not np.issubdtype(x.dtype, np.floating):
@@ -225,9 +244,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise HilcError(f"{out}: is a directory, expected an .npy file path")
-    tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, y)
-    os.replace(tmp, out)
+    _save_npy(out, y)
     if not args.quiet:
         print(f"wrote {out}: {y.dtype} {list(y.shape)}")
     return 0
@@ -265,9 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         y, bad = run_command(Path(args.compiled), board, graph, x, args.check, args.port, args.raw)
     out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, y)
-    os.replace(tmp, out)
+    _save_npy(out, y)
     if args.check:
         msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {board.name}"
         print(msg if bad == 0 else f"MISMATCH: {msg}")
@@ -282,61 +297,53 @@ def cmd_regress(args: argparse.Namespace) -> int:
 
 
 def _farm_run(args: argparse.Namespace, check: bool) -> int:
-    """``run --farm`` / ``regress``: inputs spread over the inventory's boards (Ray actors);
-    ``regress`` takes several compiled models, spread over the boards together."""
-    from hilc.compiler.arith import dequantize_host
-    from hilc.compiler.pipeline import load_artifacts
+    """``run --farm`` / ``regress``: ``hilc.api.regress`` (inputs spread over the inventory's boards,
+    Ray actors); ``regress`` takes several compiled models, spread over the boards together."""
+    from hilc.api import load, regress
     from hilc.distributed import require_ray
-    from hilc.hil.farm import farm_models, simulator_raw
-    from hilc.progress import parts_progress
 
     require_ray()
     dirs = [Path(d) for d in (args.compiled if isinstance(args.compiled, list) else [args.compiled])]
     if len({d.resolve() for d in dirs}) < len(dirs):
         raise HilcError("regress: a compiled model is listed twice")
-    models = []
+    models, xs = [], []
     for d in dirs:
-        graph = load_artifacts(d)
-        models.append((d, graph, _load_inputs(args.input, graph).astype(np.float32)))
+        models.append(load(d))
+        xs.append(_load_inputs(args.input, models[-1].graph).astype(np.float32))
     several = len(models) > 1
     if several and args.output:
         names = [d.name for d in dirs]
         if len(set(names)) < len(names):
             raise HilcError("-o with several models writes DIR/<model folder name>.npy: the folder names must differ")
-    with parts_progress("running on the board farm", args.quiet) as update:
-        results = farm_models(models, args.farm, args.kind, args.cluster or "local", args.chunk, update)
+    results = regress(models, xs, args.farm, args.kind, args.cluster or "local", args.chunk, quiet=args.quiet,
+                      check=check, raw=args.raw)
     failed, messages = 0, []
     per_board: dict[str, int] = {}
-    for (d, graph, x), (y, res) in zip(models, results, strict=True):
-        bad = 0
-        if check:
-            sim = simulator_raw(graph, x)
-            bad = int(np.sum(np.any(sim.reshape(len(x), -1) != y.reshape(len(x), -1), axis=1)))
+    bad_boards: dict[str, str] = {}  # over every model: a board may fail on any model's chunk
+    for d, r in zip(dirs, results, strict=True):
         if args.output:
             out = Path(args.output) / f"{d.name}.npy" if several else Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
-            if not args.raw:
-                qo = graph.tensors[graph.outputs[0]].quant
-                y = dequantize_host(y, qo.scale, qo.zero_point)
-            tmp = out.with_name(f".{out.name}.tmp.npy")
-            np.save(tmp, y)
-            os.replace(tmp, out)
-        for name, count in res.per_board.items():
+            _save_npy(out, r.outputs)
+        for name, count in r.farm.per_board.items():
             per_board[name] = per_board.get(name, 0) + count
+        bad_boards.update(r.farm.bad_boards)
         if check:
-            msg = f"{len(x) - bad}/{len(x)} outputs bit-exact with the simulator on {len(res.per_board)} boards"
+            n = len(r.outputs)
+            msg = f"{n - r.mismatches}/{n} outputs bit-exact with the simulator on {len(r.farm.per_board)} boards"
             if several:
                 msg = f"{d}: {msg}"
-            failed += bad > 0
-            messages.append(msg if bad == 0 else f"MISMATCH: {msg}")
+            failed += r.mismatches > 0
+            messages.append(msg if r.mismatches == 0 else f"MISMATCH: {msg}")
     if not args.quiet:
         for name, count in per_board.items():
-            why = f"  BAD: {res.bad_boards[name]}" if name in res.bad_boards else ""
+            why = f"  BAD: {bad_boards[name]}" if name in bad_boards else ""
             print(f"{name:20s} {count:6d} inputs{why}")
-        if res.reassigned:
-            print(f"{res.reassigned} chunk(s) reassigned after board failures")
-        if several and res.switches:
-            print(f"{res.switches} firmware switch(es) between models")
+        farm = results[-1].farm  # reassigned and switches count over the whole run (every model's alike)
+        if farm.reassigned:
+            print(f"{farm.reassigned} chunk(s) reassigned after board failures")
+        if several and farm.switches:
+            print(f"{farm.switches} firmware switch(es) between models")
     if check:
         print("\n".join(messages))
         return 0 if failed == 0 else 1
@@ -409,17 +416,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     x = load_samples(args.input)
     labels = load_samples(args.labels) if args.labels else None
     reference = load_samples(args.reference) if args.reference else None
-    if args.engine == "tvm":  # before any work: a missing extra is one line
-        from hilc.targets.tvm import require_tvm
-
-        require_tvm()
+    _require_engine(args.engine)
     res = evaluate(args.compiled, x, labels=labels, reference=reference, cluster=args.cluster, shard=args.shard,
                    quiet=args.quiet, engine=args.engine)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp.npy")
-        np.save(tmp, res.outputs)
-        os.replace(tmp, out)
+        _save_npy(Path(args.output), res.outputs)
     if args.json:
         print(json.dumps(res.metrics, indent=1))
     else:
@@ -556,11 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout)")
     r.add_argument("--board", help="a board (see hilc boards); or --farm")
     r.add_argument("-o", "--output", required=True)
-    r.add_argument("--farm", metavar="INVENTORY.toml", help="spread the inputs over the boards of an inventory "
-                   "(Ray actors, hilc[ray]; see hilc regress)")
-    r.add_argument("--kind", help="with --farm: the kind of board to use (default: the only kind listed)")
-    r.add_argument("--cluster", metavar="auto|local|ADDRESS", help="with --farm: the Ray cluster (default local)")
-    r.add_argument("--chunk", type=int, default=4, help="with --farm: inputs per work unit (default 4)")
+    _farm_options(r, "spread the inputs over the boards of an inventory (Ray actors, hilc[ray]; see hilc regress)")
     r.add_argument("--check", action="store_true", help="compare with the simulator bit for bit; exit 1 on mismatch")
     r.add_argument("--port", help="serial port or pyserial URL (default: the board file's)")
     r.add_argument("--raw", action="store_true")
@@ -572,10 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "spread over the boards together, each checked against its own simulator")
     rg.add_argument("input", help=".npy input (float32, first axis = batch, the model's own layout; "
                     "every model runs it)")
-    rg.add_argument("--farm", required=True, metavar="INVENTORY.toml", help="board inventory (TOML)")
-    rg.add_argument("--kind", help="the kind of board to use (default: the only kind listed)")
-    rg.add_argument("--cluster", metavar="auto|local|ADDRESS", help="the Ray cluster (default: local)")
-    rg.add_argument("--chunk", type=int, default=4, help="inputs per work unit (default 4)")
+    _farm_options(rg, "board inventory (TOML)", required=True)
     rg.add_argument("-o", "--output", help="also write the outputs (.npy; with several models a folder of "
                     "<model folder name>.npy)")
     rg.add_argument("--raw", action="store_true")

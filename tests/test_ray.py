@@ -177,6 +177,16 @@ def _inventory(tmp_path, text: str):
     return p
 
 
+def _qemu_farm(tmp_path, count: int = 3):
+    """An inventory of ``count`` QEMU boards named after a tag unique to this run: a board's
+    emulator is found by its firmware's temp folder (hilc-farm-<board>-...), so a test kills only
+    the emulators of its own farm, never those of another test run on the same machine."""
+    import uuid
+
+    tag = f"q{uuid.uuid4().hex[:10]}"
+    return _inventory(tmp_path, f'[[board]]\nname = "{tag}"\nkind = "qemu-mps2-an386"\ncount = {count}\n'), tag
+
+
 def test_inventory_errors_name_the_file_and_board(tmp_path):
     from hilc.hil.farm import load_inventory
 
@@ -206,7 +216,8 @@ def digits_board(tmp_path_factory, digits):
 
 def _kill_qemu_of(board: str, after: float, killed: list) -> None:
     """Kill the QEMU process of farm board ``board`` ``after`` seconds after it appears (the
-    emulator's firmware sits in a temp folder named after the board)."""
+    emulator's firmware sits in a temp folder named after the board; the board names of
+    ``_qemu_farm`` are unique to the run, so only this test's emulator matches)."""
     import os
     import signal
     import time
@@ -239,7 +250,7 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
     out, graph = digits_board
     x = digits["x_test"][:150]
     np.save(tmp_path / "x.npy", x)
-    inv = _inventory(tmp_path, '[[board]]\nname = "q"\nkind = "qemu-mps2-an386"\ncount = 3\n')
+    inv, q = _qemu_farm(tmp_path)
     sim = simulator_raw(graph, x)
 
     # API: kill board q-1 after 24 answers; every input answered once, by a live board, bit-exact
@@ -251,20 +262,20 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
             import os
             import signal
 
-            os.kill(pids["q-1"], signal.SIGKILL)
+            os.kill(pids[f"{q}-1"], signal.SIGKILL)
             killed.append(done)
 
     y, res = farm_command(out, graph, x, inv, on_start=pids.update, on_chunk=on_chunk)
-    assert killed and list(res.bad_boards) == ["q-1"] and res.reassigned == 1
+    assert killed and list(res.bad_boards) == [f"{q}-1"] and res.reassigned == 1
     assert len(res.answered_by) == len(x) and sum(res.per_board.values()) == len(x)
-    assert res.per_board["q-0"] > 0 and res.per_board["q-2"] > 0
+    assert res.per_board[f"{q}-0"] > 0 and res.per_board[f"{q}-2"] > 0
     assert np.array_equal(y, sim)
 
     # a board that stops answering (its emulator frozen with SIGSTOP): dropped after the link's
     # timeouts; with a short chunk deadline, dropped by the deadline (its actor and emulator killed)
     # (10 s: a healthy board answers a chunk in milliseconds, but a 2-core machine at load 7 was
     # seen to stall a healthy emulator past 4 s, and a healthy board must not be dropped)
-    for victim, kw in (("q-1", {}), ("q-0", {"chunk_timeout": 10.0})):
+    for victim, kw in ((f"{q}-1", {}), (f"{q}-0", {"chunk_timeout": 10.0})):
         pids, frozen = {}, []
 
         def freeze(done: int, victim=victim, pids=pids, frozen=frozen) -> None:
@@ -292,7 +303,7 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
 
     # CLI: hilc regress while another thread kills board q-2's emulator mid-run
     killed = []
-    t = threading.Thread(target=_kill_qemu_of, args=("q-2", 1.0, killed))
+    t = threading.Thread(target=_kill_qemu_of, args=(f"{q}-2", 1.0, killed))
     t.start()
     rc = main(["regress", str(out), str(tmp_path / "x.npy"), "--farm", str(inv), "--cluster", "local",
                "-o", str(tmp_path / "y.npy"), "--raw"])
@@ -304,7 +315,7 @@ def test_regress_on_three_qemu_boards_survives_a_killed_board(ray_local, digits_
     # The kill lands on a wall-clock delay, so on a fast run it may come after q-2's last answer;
     # the killed-mid-run path itself is pinned down deterministically by the API run above.
     # Either way: every input answered once, bit-exact.
-    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
+    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith(f"{q}-")]
     assert sum(counts) == len(x)
     assert np.array_equal(np.load(tmp_path / "y.npy"), sim)
 
@@ -364,7 +375,8 @@ def test_patch_searches_on_ray_give_the_same_plan_and_widths(ray_local, tmp_path
 
 def _kill_board_emulator(board: str) -> int | None:
     """SIGKILL the QEMU process farm board ``board`` runs now (found by its firmware's temp folder,
-    so a board that switched firmware is still found); returns its pid."""
+    so a board that switched firmware is still found; the board names of ``_qemu_farm`` are unique
+    to the run, so only this test's emulator matches); returns its pid."""
     import os
     import signal
     from pathlib import Path
@@ -378,6 +390,19 @@ def _kill_board_emulator(board: str) -> int | None:
             os.kill(int(proc.name), signal.SIGKILL)
             return int(proc.name)
     return None
+
+
+def _keep_killing_qemu_of(board: str, stop, killed: list) -> None:
+    """SIGKILL every QEMU process farm board ``board`` starts until ``stop`` is set, so the board
+    fails whatever it runs (one kill during boot is not enough: QemuBoard.start retries)."""
+    import time
+
+    while not stop.is_set():
+        pid = _kill_board_emulator(board)
+        if pid is None:
+            time.sleep(0.01)
+        else:
+            killed.append(pid)
 
 
 @pytest.mark.slow
@@ -396,30 +421,45 @@ def test_regress_spreads_several_models_over_the_farm(ray_local, digits_board, d
     g2 = r2.graph
     assert g1.content_hash() != g2.content_hash()
     x = digits["x_test"][:60]
-    inv = _inventory(tmp_path, '[[board]]\nname = "q"\nkind = "qemu-mps2-an386"\ncount = 3\n')
+    inv, q = _qemu_farm(tmp_path)
     killed: list = []
 
     def on_chunk(done: int) -> None:
         if done >= 16 and not killed:
-            killed.append(_kill_board_emulator("q-1"))
+            killed.append(_kill_board_emulator(f"{q}-1"))
 
     results = farm_models([(out1, g1, x), (out2, g2, x[:40])], inv, on_chunk=on_chunk)
     assert killed and killed[0] is not None
     for (y, res), g, n in zip(results, (g1, g2), (60, 40), strict=True):
-        assert list(res.bad_boards) == ["q-1"] and res.reassigned == 1
+        assert list(res.bad_boards) == [f"{q}-1"] and res.reassigned == 1
         assert len(res.answered_by) == n and sum(res.per_board.values()) == n
         assert np.array_equal(y, simulator_raw(g, x[:n]))
     assert results[0][1].switches >= 1  # q-1's model went on on another board
 
+    # CLI: every emulator board 1 starts is killed at once, so it fails whichever model it runs;
+    # the per-board table names it BAD (the bad boards of every model are printed)
+    import threading
+
     np.save(tmp_path / "x.npy", x[:24])
-    rc = main(["regress", str(out1), str(out2), str(tmp_path / "x.npy"), "--farm", str(inv), "-o",
-               str(tmp_path / "ys"), "--raw"])
+    killed, stop = [], threading.Event()
+    t = threading.Thread(target=_keep_killing_qemu_of, args=(f"{q}-1", stop, killed))
+    t.start()
+    try:
+        rc = main(["regress", str(out1), str(out2), str(tmp_path / "x.npy"), "--farm", str(inv), "-o",
+                   str(tmp_path / "ys"), "--raw"])
+    finally:
+        stop.set()
+        t.join()
     text = capsys.readouterr().out
     assert rc == 0, text
+    assert killed, "the emulator was not found to kill"
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(f"{q}-")}
+    assert sorted(rows) == [f"{q}-0", f"{q}-1", f"{q}-2"], text
+    assert "BAD:" in rows[f"{q}-1"] and "BAD:" not in rows[f"{q}-0"] + rows[f"{q}-2"], text
     for out, g in ((out1, g1), (out2, g2)):
         assert f"{out}: 24/24 outputs bit-exact with the simulator on 3 boards" in text
         assert np.array_equal(np.load(tmp_path / "ys" / f"{out.name}.npy"), simulator_raw(g, x[:24]))
-    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith("q-")]
+    counts = [int(line.split()[1]) for line in text.splitlines() if line.startswith(f"{q}-")]
     assert sum(counts) == 48
 
     rs = hilc.regress([hilc.load(out1), hilc.load(out2)], [x[:8], x[8:20]], inv)

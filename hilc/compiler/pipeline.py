@@ -107,6 +107,11 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         check_options(patch_precision, patch)
     if sram_bytes is not None and sram_bytes <= 0:
         raise HilcError(f"--sram: expected a positive number of bytes, got {sram_bytes}")
+    from hilc.compiler.options import check_compile_options
+
+    check_compile_options(percentile=percentile, ptq_budget=ptq_budget, fpga_error_ratio=fpga_error_ratio,
+                          flash_bytes=flash_bytes, sram_bytes=sram_bytes, finetune_steps=finetune_steps,
+                          target=target, patch=patch, precision=precision)
     for name in dump_after or []:
         if name not in PASS_NAMES:
             raise HilcError(f"--dump-after: unknown pass '{name}' (passes: {', '.join(PASS_NAMES)})")
@@ -322,6 +327,13 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HilcError(f"{parent}: cannot create the output's parent directory ({e.strerror})") from None
+    try:
+        _write_artifacts(out, parent, result)
+    except OSError as e:  # a full disk or a read-only folder: name the place, leave OUT as it was
+        raise HilcError(f"{out}: cannot write the compiled model ({e.strerror or e})") from None
+
+
+def _write_artifacts(out: Path, parent: Path, result: CompileResult) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         result.graph.save(tmp)

@@ -342,10 +342,9 @@ def write_report(out_dir: str | Path, output: str | Path | None = None,
     measured elsewhere (name -> value; floats <= 1 show as percentages) to the summary."""
     page = render_report(out_dir, accuracy)
     dest = Path(output) if output else Path(out_dir) / "report.html"
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(dest)
-    return dest
+    from hilc.fileio import atomic_write
+
+    return atomic_write(dest, lambda tmp: tmp.write_text(page, encoding="utf-8"), "an .html file")
 
 
 def short_summary(report: dict[str, Any], out: str | Path) -> str:

@@ -1,0 +1,132 @@
+"""A new user's mistakes on every subcommand: each is one line on stderr naming the file, option,
+node or tensor at fault, exit code 2, no traceback, and no earlier artifact damaged.
+
+(tests/test_cli.py covers missing/truncated/non-ONNX models, unsupported ops, calibration data of
+the wrong shape or dtype, OUT that is a file and a failed compile over a good OUT.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import DIGITS_CNN
+
+from hilc.cli import main
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def one_line_error(capsys, *args, fragments=()) -> str:
+    rc, _, err = run(capsys, *args)
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("hilc: error: "), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_out(tmp_path_factory, digits):
+    d = tmp_path_factory.mktemp("ux")
+    np.save(d / "calib.npy", digits["x_train"][:64])
+    np.save(d / "x.npy", digits["x_test"][:16])
+    np.save(d / "labels.npy", digits["y_test"][:16])
+    assert main(["compile", str(DIGITS_CNN), "--calib", str(d / "calib.npy"), "-o", str(d / "out"), "-q"]) == 0
+    return d
+
+
+def _snapshot(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--calib-method", "percentile", "--percentile", "200"], "--percentile"),  # was a numpy ValueError (exit 3)
+    (["--calib-method", "percentile", "--percentile", "10"], "--percentile"),  # an upside-down range
+    (["--percentile", "99.9"], "--percentile 99.9 needs --calib-method percentile"),  # silently minmax
+    (["--ptq", "adaround", "--ptq-budget", "nan"], "--ptq-budget"),
+    (["--ptq", "all", "--ptq-budget", "-5"], "--ptq-budget"),
+    (["--precision", "auto-fpga", "--fpga-error-ratio", "-1"], "--fpga-error-ratio"),
+    (["--fpga-error-ratio", "2"], "--fpga-error-ratio needs --precision auto-fpga"),
+    (["--finetune-steps", "10"], "--finetune-steps needs --precision mixed"),
+    (["--precision", "mixed", "--bitops-ratio", "2", "--finetune-steps", "-3"], "--finetune-steps"),
+    (["--target", "c", "--flash", "-1"], "--flash: expected a positive number"),
+    (["--flash", "100"], "--flash needs --target c"),  # target sim has no flash: was ignored
+    (["--sram", "10"], "--sram needs --target c"),  # target sim alone: was ignored
+    (["--input-range", "0,1"], "--input-range sets the synthesised inputs"),  # with --calib: was ignored
+])
+def test_bad_or_ignored_compile_options(capsys, digits_out, tmp_path, args, fragment):
+    one_line_error(capsys, "compile", DIGITS_CNN, "--calib", digits_out / "calib.npy", "-o", tmp_path / "o", "-q",
+                   *args, fragments=[fragment])
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_input_range(capsys, tmp_path):
+    one_line_error(capsys, "compile", DIGITS_CNN, "-o", tmp_path / "o", "--input-range", "0,inf",
+                   fragments=["--input-range", "finite"])
+
+
+def test_unwritable_outputs_are_one_line_errors(capsys, digits_out, tmp_path):
+    out = digits_out / "out"
+    # /proc takes no new files: the stand-in for a read-only or full disk (was an OSError, exit 3)
+    one_line_error(capsys, "compile", DIGITS_CNN, "--calib", digits_out / "calib.npy", "-o", "/proc/hilc_ux_out",
+                   "-q", fragments=["/proc/hilc_ux_out", "cannot write"])
+    for cmd in (["simulate", out, digits_out / "x.npy", "-o", "/proc/hilc_ux.npy"],
+                ["evaluate", out, digits_out / "x.npy", "-o", "/proc/hilc_ux.npy"],
+                ["report", out, "-o", "/proc/hilc_ux.html"],
+                ["export-onnx", out, "-o", "/proc/hilc_ux.onnx"]):
+        one_line_error(capsys, *cmd, fragments=["/proc/hilc_ux", "cannot write"])
+    one_line_error(capsys, "report", out, "-o", tmp_path, fragments=[str(tmp_path), "is a directory"])
+    # a missing folder for an output file is created, like compile's -o (was FileNotFoundError, exit 3)
+    assert main(["simulate", str(out), str(digits_out / "x.npy"), "-o", str(tmp_path / "new" / "y.npy"), "-q"]) == 0
+    assert main(["report", str(out), "-o", str(tmp_path / "new2" / "r.html"), "-q"]) == 0
+    assert np.load(tmp_path / "new" / "y.npy").shape == (16, 10)
+    assert not [p for p in tmp_path.rglob(".*tmp*")]
+
+
+def test_truncated_report_json(capsys, digits_out, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(digits_out / "out", d)
+    text = (d / "report.json").read_text()
+    (d / "report.json").write_text(text[: len(text) // 2])
+    for cmd in (["export-onnx", d, "-o", tmp_path / "m.onnx"], ["evaluate", d, digits_out / "x.npy"]):
+        one_line_error(capsys, *cmd, fragments=["report.json", "unreadable report"])
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    (np.full(16, 0.5, np.float32), "expected integer class indices, got 0.5 at index 0"),
+    (np.full(16, np.nan, np.float32), "got nan at index 0"),
+    (np.full(16, -1), "label -1 at index 0 is not a class of the model's 10 outputs"),
+    (np.arange(16), "label 10 at index 10"),
+])
+def test_evaluate_labels_that_are_not_classes(capsys, digits_out, tmp_path, labels, fragment):
+    """They were counted as misses: a silent top-1 of 0%."""
+    np.save(tmp_path / "lab.npy", labels)
+    one_line_error(capsys, "evaluate", digits_out / "out", digits_out / "x.npy", "--labels", tmp_path / "lab.npy",
+                   fragments=["lab.npy: ", fragment])
+
+
+def test_evaluate_errors_name_the_users_files(capsys, digits_out, tmp_path):
+    rc, out, _ = run(capsys, "evaluate", digits_out / "out", digits_out / "x.npy", "--labels",
+                     digits_out / "labels.npy", "--json")
+    assert rc == 0 and json.loads(out)["top1"] >= 0.9
+    np.save(tmp_path / "ref.npy", np.full((16, 10), np.inf, np.float32))
+    one_line_error(capsys, "evaluate", digits_out / "out", digits_out / "x.npy", "--reference", tmp_path / "ref.npy",
+                   fragments=["ref.npy: ", "NaN or Inf"])
+    np.save(tmp_path / "u8.npy", np.zeros((4, 1, 8, 8), np.uint8))
+    one_line_error(capsys, "evaluate", digits_out / "out", tmp_path / "u8.npy", fragments=["u8.npy: ", "uint8"])
+    one_line_error(capsys, "evaluate", digits_out / "out", digits_out / "x.npy", "--shard", "4",
+                   fragments=["--shard 4: needs --cluster"])
+
+
+def test_farm_chunk_below_one(capsys, digits_out, tmp_path):
+    """range(0, n, 0) raised ValueError (exit 3); a negative chunk ran no input at all."""
+    for cmd in (["regress", digits_out / "out", digits_out / "x.npy"],
+                ["run", digits_out / "out", digits_out / "x.npy", "-o", tmp_path / "y.npy"]):
+        one_line_error(capsys, *cmd, "--farm", tmp_path / "farm.toml", "--chunk", "0", fragments=["--chunk 0"])

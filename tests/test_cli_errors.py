@@ -130,3 +130,71 @@ def test_farm_chunk_below_one(capsys, digits_out, tmp_path):
     for cmd in (["regress", digits_out / "out", digits_out / "x.npy"],
                 ["run", digits_out / "out", digits_out / "x.npy", "-o", tmp_path / "y.npy"]):
         one_line_error(capsys, *cmd, "--farm", tmp_path / "farm.toml", "--chunk", "0", fragments=["--chunk 0"])
+
+
+def _edit_json(d, fn):
+    g = json.loads((d / "graph.json").read_text())
+    fn(g)
+    (d / "graph.json").write_text(json.dumps(g))
+
+
+def _edit_npz(d, fn):
+    with np.load(d / "constants.npz") as z:
+        c = dict(z)
+    fn(c)
+    np.savez(d / "constants.npz", **c)
+
+
+def _cut(name):
+    def fn(d):
+        raw = (d / name).read_bytes()
+        (d / name).write_bytes(raw[: len(raw) // 2])
+    return fn
+
+
+def _node(i, key, value):
+    return lambda d: _edit_json(d, lambda g: g["nodes"][i].update({key: value}))
+
+
+def _attr(i, key, value):
+    return lambda d: _edit_json(d, lambda g: g["nodes"][i]["attrs"].update({key: value}))
+
+
+def _bias_value(g):
+    g["nodes"][0]["params"]["bias"]["value"][0] += 1000
+
+
+# each was an internal error (exit 3) or, for the last four, ran quietly with the edit ignored or misread
+DAMAGE = {
+    "truncated constants.npz": (_cut("constants.npz"), "constants.npz: unreadable constants"),
+    "constant dropped": (lambda d: _edit_npz(d, lambda c: c.pop("conv2d_1.weight")),
+                         "node conv2d_1: constant 'conv2d_1.weight' (weight) is not in constants.npz"),
+    "constant of another shape": (lambda d: _edit_npz(d, lambda c: c.update({"conv2d_1.bias": c["conv2d_1.bias"][:5]})),
+                                  "'conv2d_1.bias' has shape [5] in constants.npz, graph.json says [32]"),
+    "unknown operator": (_node(1, "op", "frobnicate"), "node conv2d_1: unknown operator 'frobnicate'"),
+    "input renamed": (_node(1, "inputs", ["nowhere"]), "node conv2d_1: input 'nowhere' is not a tensor"),
+    "nodes swapped": (lambda d: _edit_json(d, lambda g: g["nodes"].insert(0, g["nodes"].pop(1))),
+                      "node conv2d_1: input 'conv2d_0' is not computed before it"),
+    "attribute deleted": (lambda d: _edit_json(d, lambda g: g["nodes"][1]["attrs"].pop("kernel")),
+                          "node conv2d_1 (conv2d): its attributes do not fit its inputs (KeyError: 'kernel')"),
+    "zero stride": (_attr(1, "strides", [0, 0]), "node conv2d_1 (conv2d): its attributes do not fit"),
+    "graph output renamed": (lambda d: _edit_json(d, lambda g: g.update(outputs=["nope"])), "graph output 'nope'"),
+    "quant removed": (lambda d: _edit_json(d, lambda g: g["tensors"][0].pop("quant")), "tensor 'input': no quant"),
+    "negative scale": (lambda d: _edit_json(d, lambda g: g["tensors"][0]["quant"].update(scale=-1.0)),
+                       "tensor 'input': quant scale -1.0 is not a positive number"),
+    "zero point out of sync": (_attr(1, "zp_out", 5), "node conv2d_1: zp_out 5 differs from the zero_point"),
+    "inline value edited": (lambda d: _edit_json(d, _bias_value),
+                            "the value of constant 'conv2d_0.bias' in graph.json differs from constants.npz"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_or_hand_edited_compiled_model(capsys, digits_out, tmp_path, damage):
+    edit, fragment = DAMAGE[damage]
+    d = tmp_path / "m"
+    shutil.copytree(digits_out / "out", d)
+    edit(d)
+    for cmd in (["simulate", d, digits_out / "x.npy", "-o", tmp_path / "y.npy"], ["export-onnx", d, "-o",
+                                                                                     tmp_path / "m.onnx"]):
+        one_line_error(capsys, *cmd, fragments=[str(d), fragment])
+    assert not (tmp_path / "y.npy").exists() and not (tmp_path / "m.onnx").exists()

@@ -381,7 +381,13 @@ def load_artifacts(out_dir: str | Path) -> Graph:
         raise HilcError(f"{out}: no such compiled model directory")
     if not (out / "graph.json").exists() or not (out / "constants.npz").exists():
         raise HilcError(f"{out}: not a compiled model (graph.json / constants.npz missing); run hilc compile")
+    from hilc.compiler.artifacts import check_graph, check_shapes, read_constants
+    from hilc.fileio import read_json
+
+    # checked before use: a damaged or hand-edited model is one line naming what is wrong
+    check_graph(read_json(out / "graph.json", "compiled graph"), read_constants(out / "constants.npz"),
+                out / "graph.json")
     try:
-        return Graph.load(out)
+        return check_shapes(Graph.load(out), out / "graph.json")
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise HilcError(f"{out}: compiled model is unreadable ({e})") from None

@@ -198,3 +198,27 @@ def test_damaged_or_hand_edited_compiled_model(capsys, digits_out, tmp_path, dam
                                                                                      tmp_path / "m.onnx"]):
         one_line_error(capsys, *cmd, fragments=[str(d), fragment])
     assert not (tmp_path / "y.npy").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_models_hilc_cannot_take_are_refused_by_compile_and_inspect(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    vi = helper.make_tensor_value_info
+    two = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g",
+                            [vi("a", TensorProto.FLOAT, [1, 4]), vi("b", TensorProto.FLOAT, [1, 4])],
+                            [vi("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(two, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "two.onnx"))
+    # was KeyError 'b' from the simulator during calibration (exit 3)
+    one_line_error(capsys, "compile", tmp_path / "two.onnx", "-o", tmp_path / "o",
+                   fragments=["graph inputs 'a', 'b'", "one input tensor"])
+    m = onnx.load(str(DIGITS_CNN))
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    onnx.save(m, str(tmp_path / "dyn.onnx"))
+    # inspect counted the dynamic sizes as 1: MACs and memory 64x too small, and boards said "fits"
+    one_line_error(capsys, "inspect", tmp_path / "dyn.onnx",
+                   fragments=["dyn.onnx: graph input 'input' has shape [-1, 1, -1, -1]", "only the first (batch) axis"])
+    one_line_error(capsys, "compile", tmp_path / "dyn.onnx", "-o", tmp_path / "o",
+                   fragments=["graph input 'input' has shape [-1, 1, -1, -1]"])
+    assert not (tmp_path / "o").exists()

@@ -375,11 +375,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hilc.compiler.calibrate import load_samples
     from hilc.hil.runner import profile_command
 
     board, graph = _board_and_graph(args)
-    x = load_samples(args.input).astype(np.float32) if args.input else None
+    x = _load_inputs(args.input, graph).astype(np.float32) if args.input else None  # errors name the file
     prof = profile_command(Path(args.compiled), board, graph, x, args.port)
     from hilc.fileio import read_json
 

@@ -222,3 +222,23 @@ def test_models_hilc_cannot_take_are_refused_by_compile_and_inspect(capsys, tmp_
     one_line_error(capsys, "compile", tmp_path / "dyn.onnx", "-o", tmp_path / "o",
                    fragments=["graph input 'input' has shape [-1, 1, -1, -1]"])
     assert not (tmp_path / "o").exists()
+
+
+def test_board_commands_check_inputs_and_port_first(capsys, digits_out, tmp_path):
+    out, x = digits_out / "out", np.load(digits_out / "x.npy")
+    x[3, 0, 2, 2] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    # run quantized the NaN and ran it as a value (exit 0, a meaningless output, "bit-exact" with --check)
+    one_line_error(capsys, "run", out, tmp_path / "nan.npy", "--board", "qemu-mps2-an386", "-o", tmp_path / "y.npy",
+                   fragments=["nan.npy: ", "NaN or Inf", "sample 3"])
+    # profile --input took any dtype and NaN, and its shape error named no file
+    one_line_error(capsys, "profile", out, "--board", "qemu-mps2-an386", "--input", tmp_path / "nan.npy",
+                   fragments=["nan.npy: ", "NaN or Inf"])
+    np.save(tmp_path / "flat.npy", x.reshape(len(x), -1))
+    one_line_error(capsys, "profile", out, "--board", "qemu-mps2-an386", "--input", tmp_path / "flat.npy",
+                   fragments=["flat.npy: ", "must have shape"])
+    # --port was silently ignored on an emulated board
+    for cmd in (["run", out, digits_out / "x.npy", "-o", tmp_path / "y.npy"], ["profile", out]):
+        one_line_error(capsys, *cmd, "--board", "qemu-mps2-an386", "--port", "/dev/ttyUSB7",
+                       fragments=["--port /dev/ttyUSB7: qemu-mps2-an386 is emulated"])
+    assert not (tmp_path / "y.npy").exists()

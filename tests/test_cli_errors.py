@@ -242,3 +242,18 @@ def test_board_commands_check_inputs_and_port_first(capsys, digits_out, tmp_path
         one_line_error(capsys, *cmd, "--board", "qemu-mps2-an386", "--port", "/dev/ttyUSB7",
                        fragments=["--port /dev/ttyUSB7: qemu-mps2-an386 is emulated"])
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_calibration_files_that_are_not_arrays(capsys, digits_out, tmp_path):
+    np.savez(tmp_path / "c.npz", x=np.load(digits_out / "calib.npy"))
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "flip.npz").write_bytes(bytes(raw))
+    (tmp_path / "notes.npy").write_text("1 2 3\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for name, fragment in (("flip.npz", "Bad CRC-32"),  # was BadZipFile, exit 3
+                           ("notes.npy", "not an .npy/.npz file"),  # numpy said "pickled (object) data"
+                           ("empty.npy", "empty file")):
+        one_line_error(capsys, "compile", DIGITS_CNN, "--calib", tmp_path / name, "-o", tmp_path / "o",
+                       fragments=[f"{name}: ", fragment])
+    assert not (tmp_path / "o").exists()

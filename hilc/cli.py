@@ -99,6 +99,8 @@ def _check_option_pairs(args: argparse.Namespace) -> None:
         raise HilcError("--fpga-error-ratio needs --precision auto-fpga")
     if args.finetune_steps is not None and args.precision != "mixed":
         raise HilcError("--finetune-steps needs --precision mixed (int8 layers are not fine-tuned)")
+    if args.engine != "numpy" and args.precision != "mixed":
+        raise HilcError(f"--engine {args.engine} runs the --precision mixed search: add --precision mixed")
     if _input_range(args.input_range) is not None and args.calib is not None:
         raise HilcError("--input-range sets the synthesised inputs of data-free calibration: drop it or --calib")
 

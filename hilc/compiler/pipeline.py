@@ -87,6 +87,9 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.hil.boards import load_board
 
         board_obj = load_board(board)
+        if cpu is not None and cpu != board_obj.cpu:  # it would be replaced by the board's without a word
+            raise HilcError(f"--cpu {cpu} contradicts --board {board_obj.name}, whose CPU is {board_obj.cpu} "
+                            "(drop --cpu)")
         target, cpu = "c", None
         flash_bytes = board_obj.flash_bytes if flash_bytes is None else flash_bytes
     if target not in TARGETS:

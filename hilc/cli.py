@@ -659,6 +659,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path is an unset shell variable, not a wish: Path("") is the current folder, where
+    compile would write its files and report would read them."""
+    for key in ("model", "compiled", "input", "output", "calib", "labels", "reference", "farm", "port"):
+        values = getattr(args, key, None)
+        for v in values if isinstance(values, list) else [values]:
+            if v is not None and not str(v).strip():
+                flag = {"output": "-o/--output"}.get(key, f"--{key}" if key in ("calib", "labels", "reference", "farm",
+                                                                               "port") else key.upper())
+                raise HilcError(f"{flag}: empty path")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -672,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         # every failure they hint at is caught and reported by hilc itself.
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
+            _check_empty_paths(args)
             return args.func(args)
     except HilcError as e:
         print(f"hilc: error: {e}", file=sys.stderr)

@@ -259,3 +259,13 @@ def test_calibration_files_that_are_not_arrays(capsys, digits_out, tmp_path):
         one_line_error(capsys, "compile", DIGITS_CNN, "--calib", tmp_path / name, "-o", tmp_path / "o",
                        fragments=[f"{name}: ", fragment])
     assert not (tmp_path / "o").exists()
+
+
+def test_empty_paths_are_refused(capsys, digits_out, tmp_path, monkeypatch):
+    """Path('') is the current folder: `-o "$OUT"` with OUT unset wrote the model's files into it."""
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, "compile", DIGITS_CNN, "--calib", digits_out / "calib.npy", "-o", "", "-q",
+                   fragments=["-o/--output: empty path"])
+    one_line_error(capsys, "report", "", fragments=["COMPILED: empty path"])
+    one_line_error(capsys, "simulate", digits_out / "out", "", "-o", "y.npy", fragments=["INPUT: empty path"])
+    assert list(tmp_path.iterdir()) == []

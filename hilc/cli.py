@@ -292,6 +292,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from hilc.hil.runner import run_command
 
+    if Path(args.output).is_dir():  # before the board run, not after it
+        raise HilcError(f"{args.output}: is a directory, expected an .npy file path")
     if getattr(args, "farm", None):
         return _farm_run(args, args.check)
     if not args.board:

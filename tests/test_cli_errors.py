@@ -271,3 +271,18 @@ def test_empty_paths_are_refused(capsys, digits_out, tmp_path, monkeypatch):
     one_line_error(capsys, "report", "", fragments=["COMPILED: empty path"])
     one_line_error(capsys, "simulate", digits_out / "out", "", "-o", "y.npy", fragments=["INPUT: empty path"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("report, fragment", [
+    ({"layers": [{}]}, "layers #0: 'name' missing"),
+    ({"layers": 5}, "'layers' is not a list"),
+    ({"layers": [{"name": "c", "op": "conv2d", "macs": "many", "act_bits": 8, "out_shape": [1]}],
+     "profile": {"layers": []}}, "layers #0: 'macs' missing or not a number"),
+])
+def test_report_of_a_hand_edited_report_json(capsys, digits_out, tmp_path, report, fragment):
+    """Each was a KeyError or TypeError from the page builder (exit 3)."""
+    d = tmp_path / "m"
+    shutil.copytree(digits_out / "out", d)
+    (d / "report.json").write_text(json.dumps(report))
+    one_line_error(capsys, "report", d, fragments=["report.json: unreadable report", fragment])
+    assert not (d / "report.html").exists()

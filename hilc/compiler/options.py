@@ -9,7 +9,7 @@ import math
 from hilc.errors import HilcError
 
 
-def check_compile_options(*, percentile: float, ptq_budget: float, fpga_error_ratio: float,
+def check_compile_options(*, percentile: float, ptq_budget: float | None, fpga_error_ratio: float,
                           flash_bytes: int | None, sram_bytes: int | None, finetune_steps: int | None,
                           target: str, patch: str, precision: str) -> None:
     """``target`` as resolved from ``board`` ("c" for an MCU board, "hls" for an FPGA one)."""
@@ -17,7 +17,9 @@ def check_compile_options(*, percentile: float, ptq_budget: float, fpga_error_ra
     if not (isinstance(percentile, int | float) and 50 < percentile <= 100):
         raise HilcError(f"--percentile: expected a number in (50, 100] (values between the (100-P)-th and "
                         f"P-th percentiles are kept), got {percentile}")
-    if not (isinstance(ptq_budget, int | float) and math.isfinite(ptq_budget) and ptq_budget >= 0):
+    # (None, from the Python API: every AdaRound runs its full step count)
+    if ptq_budget is not None and not (isinstance(ptq_budget, int | float) and math.isfinite(ptq_budget)
+                                       and ptq_budget >= 0):
         raise HilcError(f"--ptq-budget: expected a finite number of seconds >= 0, got {ptq_budget}")
     if not (isinstance(fpga_error_ratio, int | float) and math.isfinite(fpga_error_ratio) and fpga_error_ratio > 0):
         raise HilcError(f"--fpga-error-ratio: expected a finite number above 0, got {fpga_error_ratio}")

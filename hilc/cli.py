@@ -294,6 +294,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if Path(args.output).is_dir():  # before the board run, not after it
         raise HilcError(f"{args.output}: is a directory, expected an .npy file path")
+    farm_only = [f"--{k}" for k in ("kind", "cluster") if getattr(args, k, None) is not None]
+    if getattr(args, "farm", None) and (args.board or args.port):  # the farm's inventory names the boards
+        raise HilcError(f"--farm and {'--board' if args.board else '--port'}: the inventory lists the boards and "
+                        "their ports (use one or the other)")
+    if farm_only and not getattr(args, "farm", None):
+        raise HilcError(f"{' and '.join(farm_only)} only apply with --farm INVENTORY.toml")
     if getattr(args, "farm", None):
         return _farm_run(args, args.check)
     if not args.board:

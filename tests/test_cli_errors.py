@@ -286,3 +286,11 @@ def test_report_of_a_hand_edited_report_json(capsys, digits_out, tmp_path, repor
     (d / "report.json").write_text(json.dumps(report))
     one_line_error(capsys, "report", d, fragments=["report.json: unreadable report", fragment])
     assert not (d / "report.html").exists()
+
+
+def test_run_farm_options_that_would_be_ignored(capsys, digits_out, tmp_path):
+    run_ = ["run", digits_out / "out", digits_out / "x.npy", "-o", tmp_path / "y.npy"]
+    one_line_error(capsys, *run_, "--farm", tmp_path / "f.toml", "--board", "qemu-mps2-an386",
+                   fragments=["--farm and --board"])
+    one_line_error(capsys, *run_, "--board", "qemu-mps2-an386", "--kind", "qemu-mps2-an386",
+                   fragments=["--kind only apply with --farm"])

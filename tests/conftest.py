@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +124,51 @@ def calibrated(model, calib):
     for p in passes.FLOAT_PIPELINE:
         g = p(g)
     return calibrate.calibrate(g, calib)
+
+
+def hilc_cli(*args, **kw) -> subprocess.CompletedProcess:
+    """``python -m hilc.cli ARGS`` in a subprocess (stdin closed, output captured as text);
+    ``kw`` goes to subprocess.run (cwd, env, timeout)."""
+    return subprocess.run([sys.executable, "-m", "hilc.cli", *map(str, args)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+@contextlib.contextmanager
+def plain_int64_arithmetic():
+    """Inside the block the exact float shortcuts (``arith.FAST_EXACT_PATHS``) are off: int32
+    accumulators and int64 requantization everywhere, as the C kernels compute."""
+    from hilc.compiler import arith
+
+    old = arith.FAST_EXACT_PATHS
+    arith.FAST_EXACT_PATHS = False
+    try:
+        yield
+    finally:
+        arith.FAST_EXACT_PATHS = old
+
+
+@pytest.fixture
+def plain_int64():
+    """A test run with the exact float shortcuts off (``plain_int64_arithmetic``)."""
+    with plain_int64_arithmetic():
+        yield
+
+
+def host_vs_sim(model, calib, x, out_dir, **kw):
+    """Compile ``model`` to C (``kw``: compile_model options), build the host harness under
+    ASan/UBSan with the portable and with the DSP kernels and run both on ``x``; returns
+    (the compile result, [portable_out, dsp_out], the simulator's output) as int8 rows."""
+    from hilc.compiler.arith import quantize_host
+    from hilc.compiler.pipeline import compile_model, write_artifacts
+    from hilc.sim.simulator import run_int_batched, to_physical
+    from hilc.targets.c import build
+
+    result = compile_model(model, calib, target="c", **kw)
+    write_artifacts(out_dir, result)
+    g = result.graph
+    q = g.tensors[g.inputs[0]].quant
+    qx = quantize_host(to_physical(g, g.inputs[0], x), q.scale, q.zero_point)
+    sim = run_int_batched(g, qx).reshape(len(x), -1)
+    outs = [build.run_host(build.build_host(out_dir, sanitize=True, dsp=dsp), qx.reshape(len(x), -1), sim.shape[1])
+            for dsp in (False, True)]
+    return result, outs, sim

@@ -9,36 +9,20 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import AD01, DIGITS_CNN, RESNET8
+from conftest import AD01, DIGITS_CNN, RESNET8, host_vs_sim
 from opmodels import cases
 
-from hilc.compiler.arith import quantize_host
 from hilc.compiler.pipeline import compile_model, write_artifacts
 from hilc.errors import HilcError
-from hilc.sim.simulator import run_int_batched, to_physical
 from hilc.targets.c import build
 
 needs_arm = pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="arm-none-eabi-gcc not installed")
 
 
-def host_vs_sim(model, calib, x, out_dir, sanitize=True):
-    """Compile to C, build the host harness with the portable and with the DSP kernels, run both
-    on x; returns ([portable_out, dsp_out], sim_output) as int8."""
-    result = compile_model(model, calib, target="c")
-    write_artifacts(out_dir, result)
-    g = result.graph
-    q = g.tensors[g.inputs[0]].quant
-    qx = quantize_host(to_physical(g, g.inputs[0], x), q.scale, q.zero_point)
-    sim = run_int_batched(g, qx).reshape(len(x), -1)
-    outs = [build.run_host(build.build_host(out_dir, sanitize=sanitize, dsp=dsp), qx.reshape(len(x), -1), sim.shape[1])
-            for dsp in (False, True)]
-    return outs, sim
-
-
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c.name)
 def test_single_operator_models_bit_exact_under_sanitizers(case, tmp_path):
     onnx.save(case.model, str(tmp_path / "m.onnx"))
-    (portable, dsp), sim = host_vs_sim(tmp_path / "m.onnx", case.inputs(64, 0), case.inputs(32, 1), tmp_path / "out")
+    _, (portable, dsp), sim = host_vs_sim(tmp_path / "m.onnx", case.inputs(64, 0), case.inputs(32, 1), tmp_path / "out")
     assert np.array_equal(portable, sim)
     assert np.array_equal(dsp, sim)
 
@@ -52,7 +36,7 @@ def test_real_models_bit_exact_under_sanitizers(name, tmp_path, crops32, digits)
         model, calib, x = AD01, frames, np.concatenate([frames[:32] * 0.9, frames[:8] * 1.1])
     else:
         model, calib, x = DIGITS_CNN, digits["x_train"][:128], digits["x_test"][:48]
-    (portable, dsp), sim = host_vs_sim(model, calib, x, tmp_path / "out")
+    _, (portable, dsp), sim = host_vs_sim(model, calib, x, tmp_path / "out")
     assert len(sim) >= 32
     assert np.array_equal(portable, sim)
     assert np.array_equal(dsp, sim)

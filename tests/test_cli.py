@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 from conftest import RESNET8
+from conftest import hilc_cli as hilc
 from onnx import TensorProto, helper
 
 from hilc.compiler.pipeline import compile_model
 from hilc.sim.simulator import simulate
-
-
-def hilc(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hilc.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 from conftest import AD01, DIGITS_CNN, RESNET8
+from conftest import hilc_cli as hilc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,11 +23,6 @@ from hilc.sim.simulator import run_int_batched, to_physical
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
                                 reason="needs qemu-system-arm and arm-none-eabi-gcc (installed by .ci/run)")
-
-
-def hilc(*args):
-    return subprocess.run([sys.executable, "-m", "hilc.cli", *map(str, args)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
 
 
 # --- protocol ---------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from conftest import AD01, DIGITS_CNN, RESNET8
+from conftest import hilc_cli as hilc
 from onnx import TensorProto, helper
 from opmodels import OpCase, cases
 
@@ -26,11 +26,6 @@ from hilc.errors import HilcError
 from hilc.sim.simulator import run_int_batched, to_physical
 from hilc.targets.hls import build, estimate
 from hilc.targets.hls.codegen import generate_hls, write_hls_project
-
-
-def hilc(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hilc.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, stdin=subprocess.DEVNULL)
 
 
 def quantized_graph(model, calib, weight_bits: int | None = None):

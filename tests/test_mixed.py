@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET8, calibrated
+from conftest import RESNET8, calibrated, host_vs_sim
 from onnx import TensorProto, helper, numpy_helper
 from opmodels import cases
 
@@ -52,20 +52,6 @@ def chain_model() -> onnx.ModelProto:
     m.ir_version = 8
     return m
 
-
-
-
-def host_vs_sim(model, calib, x, out_dir, **kw):
-    """Host C (portable and DSP kernels, ASan/UBSan) and the simulator on x, as int8 rows."""
-    result = compile_model(model, calib, target="c", **kw)
-    write_artifacts(out_dir, result)
-    g = result.graph
-    q = g.tensors[g.inputs[0]].quant
-    qx = quantize_host(to_physical(g, g.inputs[0], x), q.scale, q.zero_point)
-    sim = run_int_batched(g, qx).reshape(len(x), -1)
-    outs = [build.run_host(build.build_host(out_dir, sanitize=True, dsp=dsp), qx.reshape(len(x), -1), sim.shape[1])
-            for dsp in (False, True)]
-    return result, outs, sim
 
 
 def test_packing_layout_and_round_trip():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import AD01, DIGITS_CNN, RESNET8, ort_quantize_qdq, ort_run
+from conftest import AD01, DIGITS_CNN, RESNET8, ort_quantize_qdq, ort_run, plain_int64_arithmetic
 
 from hilc.compiler.pipeline import compile_model
 from hilc.sim.simulator import interpret, simulate
@@ -69,14 +69,10 @@ def test_float_interpretation_of_real_models_matches_onnxruntime(path, shape):
 
 @pytest.mark.parametrize("path", [RESNET8, DIGITS_CNN])
 def test_fast_exact_paths_equal_plain_int64_arithmetic(path, crops32, digits):
-    from hilc.compiler import arith
 
     x = crops32[:64] if path == RESNET8 else digits["x_test"]
     graph = compile_model(path, x[:32]).graph
     fast = simulate(graph, x, raw=True)
-    arith.FAST_EXACT_PATHS = False
-    try:
+    with plain_int64_arithmetic():
         slow = simulate(graph, x, raw=True)
-    finally:
-        arith.FAST_EXACT_PATHS = True
     assert np.array_equal(fast, slow)

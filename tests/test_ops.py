@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import ort_quantize_qdq, ort_run
+from conftest import ort_quantize_qdq, ort_run, plain_int64_arithmetic
 from opmodels import cases
 
-from hilc.compiler import arith
 from hilc.compiler.arith import dequantize_host
 from hilc.compiler.onnx_import import import_model
 from hilc.compiler.pipeline import compile_model
@@ -61,11 +60,8 @@ def test_integer_simulation_within_quantization_error(case, saved):
     assert err.max() <= 4.0, f"max error {err.max():.2f} LSB"
     raw = simulate(result.graph, x, raw=True)
     assert raw.dtype == np.int8 and np.array_equal(dequantize_host(raw, q.scale, q.zero_point), y)
-    arith.FAST_EXACT_PATHS = False  # the BLAS / float64 shortcuts must equal plain int64 arithmetic
-    try:
+    with plain_int64_arithmetic():  # the BLAS / float64 shortcuts must equal plain int64 arithmetic
         assert np.array_equal(simulate(result.graph, x, raw=True), raw)
-    finally:
-        arith.FAST_EXACT_PATHS = True
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS_CNN, RESNET8
+from conftest import hilc_cli as hilc
 
 from hilc.compiler import passes, ptq
 from hilc.compiler.arith import quantize_host
@@ -28,11 +27,6 @@ def float_graph(path):
     for p in passes.FLOAT_PIPELINE:
         g = p(g)
     return g
-
-
-def hilc(*args):
-    return subprocess.run([sys.executable, "-m", "hilc.cli", *map(str, args)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
 
 
 def test_parse_methods():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import AD01, DATA, DIGITS_CNN, RESNET8, ort_run
+from conftest import AD01, DATA, DIGITS_CNN, RESNET8, hilc_cli, ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 import hilc
@@ -25,11 +24,6 @@ ARTIFACTS = Path(os.environ.get("HILC_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-arm") is None or shutil.which("arm-none-eabi-gcc") is None,
                                 reason="needs qemu-system-arm and arm-none-eabi-gcc (installed by .ci/run)")
-
-
-def hilc_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "hilc.cli", *map(str, args)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, **kw)
 
 
 def _lsb_diff(graph, y_float: np.ndarray, sim_raw: np.ndarray) -> np.ndarray:

@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from conftest import DATA
+from conftest import DATA, hilc_cli, host_vs_sim, plain_int64_arithmetic
 from onnx import TensorProto, helper, numpy_helper
-from test_c_backend import host_vs_sim
 
 from hilc.compiler import arith
 from hilc.compiler.onnx_import import import_model
@@ -54,15 +51,12 @@ def test_transformer_integer_accuracy_within_one_point_of_float(compiled, digits
 def test_transformer_fast_paths_equal_plain_int64(compiled, digits):
     x = digits["x_test"][:32]
     raw = simulate(compiled.graph, x, raw=True)
-    arith.FAST_EXACT_PATHS = False
-    try:
+    with plain_int64_arithmetic():
         assert np.array_equal(simulate(compiled.graph, x, raw=True), raw)
-    finally:
-        arith.FAST_EXACT_PATHS = True
 
 
 def test_transformer_host_c_bit_exact_under_sanitizers(tmp_path, digits):
-    (portable, dsp), sim = host_vs_sim(TRANSFORMER, digits["x_train"][:256], digits["x_test"][:48], tmp_path / "o")
+    _, (portable, dsp), sim = host_vs_sim(TRANSFORMER, digits["x_train"][:256], digits["x_test"][:48], tmp_path / "o")
     assert np.array_equal(portable, sim)
     assert np.array_equal(dsp, sim)
 
@@ -94,9 +88,7 @@ def test_transformer_run_check_bit_exact_on_qemu_m4(tmp_path, digits):
     out = tmp_path / "o"
     write_artifacts(out, compile_model(TRANSFORMER, digits["x_train"][:256], board="qemu-mps2-an386"))
     np.save(tmp_path / "x.npy", digits["x_test"][:16])
-    r = subprocess.run([sys.executable, "-m", "hilc.cli", "run", str(out), str(tmp_path / "x.npy"), "--board",
-                        "qemu-mps2-an386", "-o", str(tmp_path / "y.npy"), "--check"], capture_output=True, text=True,
-                       stdin=subprocess.DEVNULL)
+    r = hilc_cli("run", out, tmp_path / "x.npy", "--board", "qemu-mps2-an386", "-o", tmp_path / "y.npy", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "16/16 outputs bit-exact" in r.stdout
 

@@ -25,16 +25,6 @@ from hilc.targets.tvm import engine
 pytestmark = pytest.mark.usefixtures("tvm_cache")
 
 
-@pytest.fixture
-def plain_int64():
-    """Exact float paths off: int32 accumulators and int64 requantization everywhere."""
-    arith.FAST_EXACT_PATHS = False
-    try:
-        yield
-    finally:
-        arith.FAST_EXACT_PATHS = True
-
-
 def quantized_input(graph, x):
     q = graph.tensors[graph.inputs[0]].quant
     return quantize_host(to_physical(graph, graph.inputs[0], x), q.scale, q.zero_point)

@@ -7,13 +7,10 @@ supported weight width: 8-bit, and 4- and 2-bit weights in int8 containers."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import onnx
 import pytest
-from conftest import AD01, DIGITS_CNN, RESNET8
+from conftest import AD01, DIGITS_CNN, RESNET8, hilc_cli, plain_int64_arithmetic
 from onnx import TensorProto, helper, numpy_helper
 from opmodels import cases
 
@@ -55,11 +52,8 @@ def quantized(model, calib: np.ndarray, weight_bits: int = 8) -> Graph:
 
 def int64_eval(node: Node, g: Graph, xs: list[np.ndarray]) -> np.ndarray:
     """The node's integer kernel with the float shortcuts off (plain int64 arithmetic)."""
-    arith.FAST_EXACT_PATHS = False
-    try:
+    with plain_int64_arithmetic():
         return OPS[node.op].eval_int(node, g, xs)[0]
-    finally:
-        arith.FAST_EXACT_PATHS = True
 
 
 # --- worst-case inputs of one conv / dense output ----------------------------------------------
@@ -353,8 +347,7 @@ def test_overflowing_model_is_refused_by_the_cli_in_one_line(tmp_path):
     k = arith.INT32_MAX // TERM + 1
     path = limit_dense(tmp_path, k, "over")
     np.save(tmp_path / "calib.npy", calib_01((1, k)))
-    r = subprocess.run([sys.executable, "-m", "hilc.cli", "compile", str(path), "--calib", str(tmp_path / "calib.npy"),
-                        "-o", str(tmp_path / "out")], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    r = hilc_cli("compile", path, "--calib", tmp_path / "calib.npy", "-o", tmp_path / "out")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr

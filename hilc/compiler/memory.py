@@ -134,7 +134,8 @@ def _lower_bound(blocks: list[_Block], n_steps: int) -> int:
     return int(np.cumsum(live).max()) if blocks else 0
 
 
-def _align_up(x: int, align: int) -> int:
+def align_up(x: int, align: int) -> int:
+    """``x`` rounded up to a multiple of ``align`` (where the planner may place a block)."""
     return -(-x // align) * align
 
 
@@ -154,7 +155,7 @@ def _pack(blocks: list[_Block], align: int, best_fit: bool) -> tuple[list[int], 
                     break
                 if choice_gap is None or gap < choice_gap:
                     choice, choice_gap = cursor, gap
-            cursor = max(cursor, _align_up(e, align))
+            cursor = max(cursor, align_up(e, align))
         if choice is None:
             choice = cursor
         offsets.append(choice)
@@ -206,7 +207,7 @@ def plan_memory(graph: Graph, align: int = 4, inplace: bool = True, inplace_dept
             tensor_offsets[t] = off
     return MemoryPlan(
         offsets={t: tensor_offsets[t] for t in lifetimes},
-        arena_bytes=_align_up(top, align),
+        arena_bytes=align_up(top, align),
         lower_bound=lower,
         lifetimes=lifetimes,
         inplace=inplace_map,

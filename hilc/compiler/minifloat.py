@@ -367,7 +367,8 @@ def cast_fake_quant(graph):
 def split_ptq_for_casts(spec, graph) -> tuple[str, list[str]]:
     """``--ptq`` for a graph with minifloat input casts: equalization before calibration (it keeps
     the float function), bias correction and AdaRound after it and after the cast shifts are
-    searched, so they fit the weights to the inputs as the casts leave them (``ptq_with_casts``)."""
+    searched, so they fit the weights to the inputs as the casts leave them (``ptq_with_casts``).
+    ``--precision auto-fpga`` splits the same way (``hilc.targets.hls.cost.split_ptq``)."""
     from hilc.compiler.ptq import parse_methods
 
     methods = parse_methods(spec, graph)

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from hilc.compiler.ir import Graph
+from hilc.compiler.memory import align_up
 from hilc.compiler.ops import OPS
+from hilc.compiler.ops.base import bitops
 from hilc.errors import HilcError
 
 WEIGHT_BITS = (8, 4, 2)
@@ -157,7 +159,7 @@ def analyse(graph: Graph, extended: bool = False) -> Space:
             if eligible:
                 other.append((root, macs))
             else:
-                fixed += macs * 64
+                fixed += bitops(macs, 8)
     if extended:
         return Space(layers, roots, other, fixed, EXTENDED_WEIGHT_BITS, EXTENDED_ACT_BITS)
     return Space(layers, roots, other, fixed)
@@ -314,14 +316,10 @@ def pack_subbyte_activations(graph: Graph) -> Graph:
     return g
 
 
-def _aligned(n: int, align: int = 4) -> int:
-    return -(-n // align) * align
-
-
 def block_bytes(int8_bytes: int, bits: int) -> int:
     """Arena bytes of an activation block at ``bits`` (4: packed two to a byte), aligned as
     the memory planner places blocks."""
-    return _aligned((int8_bytes + 1) // 2 if bits == 4 else int8_bytes)
+    return align_up((int8_bytes + 1) // 2 if bits == 4 else int8_bytes, 4)
 
 
 def sram_model(quantized: Graph, space: Space) -> SramModel:
@@ -347,7 +345,7 @@ def sram_model(quantized: Graph, space: Space) -> SramModel:
                 if base in packable:
                     var[base] = tensor_bytes(quantized, base)
                 else:
-                    fixed += _aligned(tensor_bytes(quantized, base))
+                    fixed += align_up(tensor_bytes(quantized, base), plan.align)
         steps.append((fixed, var))
     scratch = 2 * max((la.k for la in space.layers), default=0)
     return SramModel(steps, plan.input_bytes + plan.output_bytes + scratch)
@@ -544,7 +542,7 @@ class _Problem:
         self.lat = np.zeros(n)
         for i, (la, w, a) in enumerate(self.z):
             self.obj[i] = sens["weights"][la.name][str(w)]
-            self.bitops[i] = la.macs * w * a
+            self.bitops[i] = bitops(la.macs, a, w)
             self.wbytes[i] = weight_bytes(la, w)
             self.lat[i] = cost.layer(la, w, a)
         writer = {la.out_root: la for la in space.layers if la.out_root is not None}
@@ -552,8 +550,8 @@ class _Problem:
             self.obj[nz + j] = sens["acts"][r][str(a)]
             if a == 4 and r in writer:  # the producing layer writes packed nibbles
                 self.lat[nz + j] = cost.packed_output(writer[r])
-            self.bitops[nz + j] = sum(m for rr, m in space.other_bitops if rr == r) * a * a
-        self.bitops_const = space.fixed_bitops + sum(m * 64 for rr, m in space.other_bitops if rr is None)
+            self.bitops[nz + j] = bitops(sum(m for rr, m in space.other_bitops if rr == r), a)
+        self.bitops_const = space.fixed_bitops + sum(bitops(m, 8) for rr, m in space.other_bitops if rr is None)
         int8 = np.array([w == 8 and a == 8 for _, w, a in self.z] + [a == 8 for _, a in self.y])
         self.int8 = int8.astype(float)
         self.bitops_int8 = float(self.bitops @ self.int8) + self.bitops_const

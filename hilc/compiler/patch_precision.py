@@ -36,6 +36,7 @@ import numpy as np
 
 from hilc.compiler.ir import Graph, Node
 from hilc.compiler.ops import OPS
+from hilc.compiler.ops.base import bitops, node_bitops
 from hilc.errors import HilcError
 
 LOW_SUFFIX = "_lowbr"
@@ -98,14 +99,6 @@ def low_graph(graph: Graph) -> Graph:
 
 # --- BitOps ------------------------------------------------------------------------------------
 
-def node_bitops(node: Node, graph: Graph, macs: int, in_bits: int | None = None) -> int:
-    """BitOps of ``macs`` MACs of ``node``: weight bits x input bits for conv/dense, input bits
-    squared for weightless ops (as hilc.compiler.mixed counts them)."""
-    a = in_bits if in_bits is not None else graph.tensors[node.inputs[0]].quant.bits
-    w = node.attrs.get("weight_bits", 8) if node.op in ("conv2d", "dense") else a
-    return int(macs) * int(w) * int(a)
-
-
 def _stage_macs(graph: Graph) -> list[list[int]]:
     """Per patch, per stage node: the MACs of that patch's window."""
     from hilc.compiler.patches import _window_macs
@@ -129,7 +122,7 @@ def branch_bitops(graph: Graph, bits: dict[str, int]) -> int:
 
 def rest_bitops(graph: Graph) -> int:
     k = graph.meta["patch"]["split_index"]
-    return sum(node_bitops(n, graph, OPS[n.op].macs(n, graph)) for n in graph.nodes[k + 1:])
+    return sum(node_bitops(n, graph) for n in graph.nodes[k + 1:])
 
 
 # --- the search --------------------------------------------------------------------------------
@@ -305,8 +298,8 @@ def apply_patch_precision(q: Graph, g: Graph, samples: np.ndarray | None, mode: 
     frac = hot.mean(axis=0)
     expected = rest + sum(f * h + (1 - f) * lo for f, h, lo in zip(frac, hi_p, lo_p, strict=True))
     layerwise = rest + sum(hi_p)
-    int8 = sum(int(m) * 64 for pm in per_patch_macs for m in pm) + \
-        sum(OPS[n.op].macs(n, q) * 64 for n in q.nodes[k + 1:])
+    int8 = sum(bitops(m, 8) for pm in per_patch_macs for m in pm) + \
+        sum(bitops(OPS[n.op].macs(n, q), 8) for n in q.nodes[k + 1:])
 
     def widths(bits: dict[str, int]) -> dict[str, dict[str, int]]:
         return {n.name: {"weight_bits": int(n.attrs.get("weight_bits", 8)) if n.op in ("conv2d", "dense") else None,

@@ -9,6 +9,7 @@ import numpy as np
 from hilc import __version__
 from hilc.compiler.ir import Graph
 from hilc.compiler.ops import OPS
+from hilc.compiler.ops import base as ops_base
 
 
 def _logical_shape(graph: Graph, name: str) -> list[int]:
@@ -30,15 +31,13 @@ def build_report(graph: Graph, model: str, target: str, extra: dict[str, Any] | 
         out = graph.tensors[node.outputs[0]]
         act_bits = out.quant.bits if out.quant else 32
         in_bits = graph.tensors[node.inputs[0]].quant.bits if graph.tensors[node.inputs[0]].quant else 32
-        w_bits = node.attrs.get("weight_bits") if "weight" in node.params else None
-        # BitOps (HAWQ-V3): MACs x weight bits x input activation bits; weightless ops count
-        # their input width twice (an activation x activation product or a compare).
-        bitops = macs * (w_bits or in_bits) * in_bits
+        w_bits = ops_base.node_weight_bits(node)
+        bitops = ops_base.node_bitops(node, graph, macs, in_bits)
         n_w = op.weight_count(node, graph)
         wbytes = (n_w * (w_bits or 8) + 7) // 8
         total_macs += macs
         total_bitops += bitops
-        total_bitops_int8 += macs * 64
+        total_bitops_int8 += ops_base.bitops(macs, 8)  # every weight and activation at 8 bits
         weights_bytes += wbytes
         layer = {"name": node.name, "op": node.op, "onnx_name": node.onnx_name, "macs": macs,
                  "bitops": bitops, "weight_bits": w_bits, "act_bits": act_bits, "in_act_bits": in_bits,

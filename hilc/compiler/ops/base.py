@@ -90,6 +90,30 @@ def onnx_importer(*op_types: str) -> Callable:
     return deco
 
 
+def bitops(macs: int, in_bits: int, weight_bits: int | None = None) -> int:
+    """BitOps (HAWQ-V3) of ``macs`` MACs: weight bits x input activation bits; a weightless op
+    (``weight_bits`` None) counts its input width twice (an activation x activation product or a
+    compare). The one rule behind report.json, the bit allocation (hilc.compiler.mixed) and the
+    patch-branch search (hilc.compiler.patch_precision); ``bitops(macs, 8)`` is the all-int8 figure."""
+    return int(macs) * int(weight_bits or in_bits) * int(in_bits)
+
+
+def node_weight_bits(node: Node) -> int | None:
+    """The width of a node's weights (None: no weights, or not yet given one)."""
+    return node.attrs.get("weight_bits") if "weight" in node.params else None
+
+
+def node_bitops(node: Node, graph: Graph, macs: int | None = None, in_bits: int | None = None) -> int:
+    """BitOps of ``node`` (of ``macs`` of its MACs, default all of them, e.g. one patch's window)
+    with its input at ``in_bits`` (default: the input's quantized width, 32 when unquantized)."""
+    if macs is None:
+        macs = OPS[node.op].macs(node, graph)
+    if in_bits is None:
+        q = graph.tensors[node.inputs[0]].quant
+        in_bits = q.bits if q else 32
+    return bitops(macs, in_bits, node_weight_bits(node))
+
+
 def in_quant(graph: Graph, node: Node, i: int = 0) -> QParams:
     q = graph.tensors[node.inputs[i]].quant
     assert q is not None, f"{node.name}: input {node.inputs[i]} is not quantized"

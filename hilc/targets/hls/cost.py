@@ -243,11 +243,9 @@ def pricing_parallelism(graph: Graph, board: Any, parallel: dict[str, tuple[int,
 def split_ptq(spec: str | list[str] | None) -> tuple[str, list[str]]:
     """``--ptq`` for ``--precision auto-fpga``: equalization (format-independent, it keeps the float
     function) runs before calibration and the pick; bias correction and learned rounding run after
-    the pick, on the chosen grids. ``auto`` means all three (the pick may go below 8 bits)."""
-    from hilc.compiler.ptq import parse_methods
-
-    methods = parse_methods("all" if spec in (None, "auto") else spec)
-    return ("equalize" if "equalize" in methods else "none"), [m for m in methods if m != "equalize"]
+    the pick, on the chosen grids (the split of ``minifloat.split_ptq_for_casts``). ``auto`` means
+    all three (the pick may go below 8 bits)."""
+    return mf.split_ptq_for_casts("all" if spec in (None, "auto") else spec, None)
 
 
 def _cost_of(costs: dict[str, dict], choice: dict[str, str]) -> dict[str, int]:

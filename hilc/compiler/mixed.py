@@ -850,13 +850,15 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                     board: str | None = None, extended: bool = False,
                     cluster: str | None = None, engine: str = "numpy",
                     finetune_steps: int | None = None,
+                    finetune_samples: np.ndarray | None = None,
                     rerank: int | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write.
     ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations.
     ``finetune_steps``: quantization-aware fine-tuning after the PTQ (``hilc.compiler.qat``;
-    None: its default step count, 0: off), when some width went below 8. ``rerank``: the K best
-    ILP solutions are scored on the calibration data by the whole integer model and the best kept
+    None: its default step count, 0: off), when some width went below 8; ``finetune_samples``: its
+    inputs (model layout; None: the calibration samples). ``rerank``: the K best ILP solutions are
+    scored on the calibration data by the whole integer model and the best kept
     (``hilc.compiler.rerank``; None: ``RERANK_K``, 1: the ILP's optimum as it is)."""
     rerank_k = RERANK_K if rerank is None else rerank
     if isinstance(rerank_k, bool) or not isinstance(rerank_k, int | np.integer) or rerank_k < 1:
@@ -923,7 +925,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         from hilc.compiler import qat
         from hilc.sim.simulator import to_physical
 
-        x_ft = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
+        ft_src = samples[:sens["samples"]] if finetune_samples is None else finetune_samples
+        x_ft = to_physical(graph, graph.inputs[0], np.asarray(ft_src, np.float32))
         g, ft_info = qat.finetune(graph, g, x_ft,
                                   qat.default_steps(len(x_ft)) if finetune_steps is None else finetune_steps)
     info = alloc.summary()

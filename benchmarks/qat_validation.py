@@ -61,6 +61,8 @@ VARIANTS: dict[str, dict | None] = {
     "hard": {"loss": "hard"},
     "kl+hard": {"loss": "kl+hard"},
     "kl+margin-features-0.3": {"loss": "kl+margin", "features": 0.3},
+    "margin": {"loss": "margin"},
+    "kl+margin-1.0": {"loss": "kl+margin", "margin_scale": 1.0},
 }
 
 

@@ -732,26 +732,32 @@ def _least_peak(p: _Problem, others: list) -> int:
     return lo
 
 
-def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation | None:
-    """Enumerate every allocation (small models only): the reference the ILP is tested against."""
-    from hilc.compiler.costmodel import load_cost_model
-
-    p = _Problem(space, sens, cost or load_cost_model())
+def feasible_allocations(p: _Problem, budgets: Budgets):
+    """Every allocation of ``p`` within the budgets, by enumeration (small models only), as
+    (objective, choice vector) pairs: the reference the ILP is tested against."""
     limits = p.limits(budgets)
-    best, best_x = np.inf, None
     index = {(zz[0].name, zz[1], zz[2]): i for i, zz in enumerate(p.z)}
-    for acts in itertools.product(space.abits, repeat=len(space.roots)):
-        amap = dict(zip(space.roots, acts, strict=True))
-        for ws in itertools.product(space.wbits, repeat=len(space.layers)):
+    for acts in itertools.product(p.space.abits, repeat=len(p.space.roots)):
+        amap = dict(zip(p.space.roots, acts, strict=True))
+        for ws in itertools.product(p.space.wbits, repeat=len(p.space.layers)):
             x = np.zeros(p.n)
-            for la, w in zip(space.layers, ws, strict=True):
+            for la, w in zip(p.space.layers, ws, strict=True):
                 x[index[(la.name, w, amap[la.root] if la.root is not None else 8)]] = 1
             for j, (r, a) in enumerate(p.y):
                 x[len(p.z) + j] = float(amap[r] == a)
             if all(coef @ x <= ub + 1e-9 * max(1.0, abs(ub)) for _, coef, ub in limits):
-                v = float(p.obj @ x)
-                if v < best - 1e-15:
-                    best, best_x = v, x
+                yield float(p.obj @ x), x
+
+
+def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation | None:
+    """The best allocation by enumeration (small models only)."""
+    from hilc.compiler.costmodel import load_cost_model
+
+    p = _Problem(space, sens, cost or load_cost_model())
+    best, best_x = np.inf, None
+    for v, x in feasible_allocations(p, budgets):
+        if v < best - 1e-15:
+            best, best_x = v, x
     return None if best_x is None else p.allocation(best_x, 0.0)
 
 

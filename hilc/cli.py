@@ -111,6 +111,10 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
 
     if args.widths != "subbyte" and args.precision != "mixed":
         raise HilcError(f"--widths {args.widths} chooses among mixed-precision candidates: add --precision mixed")
+    if args.rerank is not None and args.precision != "mixed":
+        raise HilcError("--rerank K re-ranks the mixed-precision search's allocations: add --precision mixed")
+    if args.rerank is not None and args.rerank < 1:
+        raise HilcError(f"--rerank K must be a whole number >= 1, got {args.rerank}")
     if args.finetune_data is not None and args.precision != "mixed":
         raise HilcError("--finetune-data feeds the mixed-precision fine-tuning: add --precision mixed")
 
@@ -126,6 +130,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
         ft["finetune_data"] = args.finetune_data
     if args.widths == "extended":
         ft["extended_bits"] = True
+    if args.rerank is not None:
+        ft["rerank"] = args.rerank
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
 
 
@@ -556,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --precision mixed: N steps of quantization-aware fine-tuning by distillation from the "
                         "float model on the calibration inputs when some width is below 8 (default: 75 passes over "
                         "them, 300 steps of 32 for 128 inputs; 0: off)")
+    c.add_argument("--rerank", type=int, metavar="K",
+                   help="with --precision mixed: score the K best allocations of the ILP by the whole integer model "
+                        "on the calibration data and keep the best (report.json lists them; default 1: the ILP's)")
     c.add_argument("--finetune-data", metavar="FILE",
                    help="with --precision mixed: the fine-tuning inputs (unlabeled; .npy/.npz laid out as --calib), "
                         "e.g. many in-distribution crops; default: the calibration inputs")

@@ -53,7 +53,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   fpga_error_ratio: float = 1.0, order: str = "memory",
                   patch_precision: str = "off", engine: str = "numpy",
                   finetune_steps: int | None = None,
-                  finetune_data: str | Path | np.ndarray | None = None) -> CompileResult:
+                  finetune_data: str | Path | np.ndarray | None = None, rerank: int | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -188,7 +188,7 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
                                                sensitivity_cache, board, extended_bits, cluster=cluster,
                                                engine=engine, finetune_steps=finetune_steps,
-                                               finetune_samples=ft_samples)
+                                               finetune_samples=ft_samples, rerank=rerank)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"

@@ -3,7 +3,6 @@ K best, each within budget; the pick is deterministic; K=1 is the plain ILP; bad
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -30,22 +29,8 @@ def chain(tmp_path_factory):
 
 
 def all_feasible_objectives(space, sens, budgets, cost) -> list[float]:
-    """Every allocation's objective within the budgets, by enumeration (as mixed.brute_force)."""
-    p = mixed._Problem(space, sens, cost)
-    limits = p.limits(budgets)
-    index = {(zz[0].name, zz[1], zz[2]): i for i, zz in enumerate(p.z)}
-    out = []
-    for acts in itertools.product(space.abits, repeat=len(space.roots)):
-        amap = dict(zip(space.roots, acts, strict=True))
-        for ws in itertools.product(space.wbits, repeat=len(space.layers)):
-            x = np.zeros(p.n)
-            for la, w in zip(space.layers, ws, strict=True):
-                x[index[(la.name, w, amap[la.root] if la.root is not None else 8)]] = 1
-            for j, (r, a) in enumerate(p.y):
-                x[len(p.z) + j] = float(amap[r] == a)
-            if all(coef @ x <= ub + 1e-9 * max(1.0, abs(ub)) for _, coef, ub in limits):
-                out.append(float(p.obj @ x))
-    return sorted(out)
+    """Every allocation's objective within the budgets, by enumeration."""
+    return sorted(v for v, _ in mixed.feasible_allocations(mixed._Problem(space, sens, cost), budgets))
 
 
 def test_top_k_are_the_k_best_distinct_allocations_within_budget(chain):

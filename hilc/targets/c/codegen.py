@@ -41,6 +41,7 @@ class CEmitter:
         self.decls: list[str] = []
         self.const_bytes = 0
         self.scratch_elems = 0  # int16 column buffer of the DSP kernels
+        self.subbyte = False  # some conv/dense has packed weights or 4-bit maps: portable kernels take the column
         self._names: set[str] = set()
 
     def need_scratch(self, int16_elems: int) -> None:
@@ -90,6 +91,8 @@ class CEmitter:
             return 4 if tensor is not None and tensor.dtype == "int4" else 8
 
         acts = {"in_bits": width(node.inputs[0]), "out_bits": width(node.outputs[0])}
+        if 4 in acts.values() or int(node.attrs.get("weight_bits", 8)) in arith.PACKED_WEIGHT_BITS:
+            self.subbyte = True
         # one flash array per node, also when a patch stage lowers the node once per patch
         cache = self.__dict__.setdefault("_weight_fields", {})
         if node.name not in cache:
@@ -187,7 +190,7 @@ def generate_c(graph: Graph, model_name: str = "model") -> CModel:
         "input_size": tensor_bytes(graph, graph.inputs[0]), "output_size": tensor_bytes(graph, out),
         "output_expr": em.tensor(out), "arena_size": max(plan.arena_bytes, 4),
         "input_quant": graph.tensors[graph.inputs[0]].quant, "output_quant": graph.tensors[out].quant,
-        "scratch_elems": em.scratch_elems, "model_hash": graph.content_hash(),
+        "scratch_elems": em.scratch_elems, "scratch_portable": em.subbyte, "model_hash": graph.content_hash(),
     }
     files = {"model.c": env.get_template("model.c.j2").render(ctx),
              "model.h": env.get_template("model.h.j2").render(ctx)}

@@ -78,13 +78,13 @@ static HILC_ALWAYS_INLINE void dense_portable(const hilc_dense_params *p, const 
     }
 }
 
-#if !HILC_DSP
 /* Portable sub-byte kernels with a column (the Cortex-M3 path when the model has sub-byte layers):
  * per output pixel and group one int16 column of (x - zp) (0 in the padding; packed 4-bit inputs
  * unpacked once here, not once per output channel), then per output channel a dot product that
  * loads one word of weights and takes its lanes with constant-position signed bit-field extracts
  * (one SBFX each on ARMv7-M): a multiply-accumulate costs a halfword load, an extract and an MLA,
- * whatever the weight width. Same integers as conv2d_portable; `col` holds k int16. */
+ * whatever the weight width. Same integers as conv2d_portable; `col` holds k int16. The generated
+ * code calls them (hilc_conv2d_sub) only for sub-byte layers, so int8-only builds do not link them. */
 static inline int32_t sbits(uint32_t u, int32_t lsb, int32_t width) {
     return (int32_t)(u << (32 - lsb - width)) >> (32 - width);
 }
@@ -144,7 +144,7 @@ static inline void col_fill(int16_t *col, const int8_t *in, int32_t xi, int32_t 
     }
 }
 
-static void conv2d_col(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+void hilc_conv2d_s8_col(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
     const int32_t cg = p->group_in, og = p->group_out, k = p->k_h * p->k_w * cg;
     const int32_t wb = hilc_packed(p->weight_bits) ? p->weight_bits : 8;
     const int32_t stride = wb != 8 ? p->weight_stride : k;
@@ -172,7 +172,7 @@ static void conv2d_col(const hilc_conv_params *p, const int8_t *in, int8_t *out,
     }
 }
 
-static void dense_col(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+void hilc_dense_s8_col(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
     const int32_t k = p->in_features, wb = hilc_packed(p->weight_bits) ? p->weight_bits : 8;
     const int32_t stride = wb != 8 ? p->weight_stride : k;
     for (int32_t r = 0; r < p->rows; r++) {
@@ -184,8 +184,6 @@ static void dense_col(const hilc_dense_params *p, const int8_t *in, int8_t *out,
         }
     }
 }
-
-#endif
 
 void hilc_conv2d_s8(const hilc_conv_params *p, const int8_t *in, int8_t *out) {
     if (is_generic(p->weight_bits, p->in_bits, p->out_bits))
@@ -280,10 +278,8 @@ void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16
 #if HILC_DSP
     hilc_conv2d_s8_dsp(p, in, out, col);
 #else
-    if (col && is_generic(p->weight_bits, p->in_bits, p->out_bits))
-        conv2d_col(p, in, out, col);
-    else
-        hilc_conv2d_s8(p, in, out);
+    (void)col;
+    hilc_conv2d_s8(p, in, out);
 #endif
 }
 
@@ -291,10 +287,8 @@ void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16
 #if HILC_DSP
     hilc_dense_s8_dsp(p, in, out, col);
 #else
-    if (col && is_generic(p->weight_bits, p->in_bits, p->out_bits))
-        dense_col(p, in, out, col);
-    else
-        hilc_dense_s8(p, in, out);
+    (void)col;
+    hilc_dense_s8(p, in, out);
 #endif
 }
 

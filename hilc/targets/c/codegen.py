@@ -91,8 +91,6 @@ class CEmitter:
             return 4 if tensor is not None and tensor.dtype == "int4" else 8
 
         acts = {"in_bits": width(node.inputs[0]), "out_bits": width(node.outputs[0])}
-        if 4 in acts.values() or int(node.attrs.get("weight_bits", 8)) in arith.PACKED_WEIGHT_BITS:
-            self.subbyte = True
         # one flash array per node, also when a patch stage lowers the node once per patch
         cache = self.__dict__.setdefault("_weight_fields", {})
         if node.name not in cache:
@@ -105,7 +103,16 @@ class CEmitter:
                 packed = arith.pack_weights(w, bits).view(np.int8)
                 cache[node.name] = {"weight": self.array(f"{node.name}_weight_{bits}bit", packed),
                                     "weight_bits": bits, "weight_stride": arith.packed_row_bytes(k, bits)}
-        return {**cache[node.name], **acts}
+        fields = {**cache[node.name], **acts}
+        self.subbyte = self.subbyte or self.is_subbyte(fields)
+        return fields
+
+    @staticmethod
+    def is_subbyte(fields: dict[str, Any]) -> bool:
+        """Whether a conv/dense with these ``weights`` fields has packed weights or 4-bit maps: it
+        then calls hilc_conv2d_sub / hilc_dense_sub (on portable builds the column kernels, so
+        int8-only firmware links none of them)."""
+        return fields["weight_bits"] in (4, 2) or fields["in_bits"] == 4 or fields["out_bits"] == 4
 
     def struct(self, ctype: str, name: str, fields: dict[str, Any]) -> str:
         """Declare a const parameter struct; returns ``&ident``."""

@@ -6,7 +6,9 @@
 
 /* Portable kernels (the Cortex-M3 path; the DSP kernels unpack whole weight words into SIMD
  * lanes): packed 4/2-bit weight rows and/or packed 4-bit activations are read element by element
- * through hilc_weight_at / hilc_act4_at; at width 8 these helpers are plain loads and stores. */
+ * through hilc_weight_at / hilc_act4_at; at width 8 these helpers are plain loads and stores.
+ * Generated code runs sub-byte layers through the faster column kernels below instead
+ * (hilc_conv2d_s8_col); these element-wise ones need no scratch and stay the reference. */
 static inline int32_t w_at(const int8_t *row, int32_t i, int32_t bits) {
     return hilc_packed(bits) ? hilc_weight_at(row, i, bits) : row[i];
 }

@@ -12,8 +12,16 @@
 
 4. resnet8 search time at 2x with the sensitivity cache cold (alone: ``--search-time``).
 
-``--quick``: only step 2, for the sub-byte set at 1, 1.5, 2, 2.2 and 3x, the extended set at 2 and
+``--quick [--rerank K] [--finetune-steps N] [--label L] [--only-2x]``: only step 2, for the sub-byte
+set at 1, 1.5, 2, 2.2 and 3x, the extended set at 2 and
 2.2x and the digits CNN at 2 and 3x, merged into the last full results (other keys kept as they were).
+``--ratios R ...`` (with ``--quick``): only these resnet8 ratios; ``--sets subbyte|extended``: only
+these width sets.
+``--finetune-tiles``: resnet8's fine-tuning runs on 32x32 tiles of ``crops96[:96]``
+(benchmarks/qat_validation.py ``train_tiles``: unlabeled in-distribution inputs, none of them
+held out) instead of the 128 calibration crops; written as ``resnet8_pareto_<set>_finetune_tiles``
+(each point's ``finetune_data`` says which inputs); with ``--with-calib`` the calibration crops
+and the tiles together (``..._finetune_calib_tiles``).
 
 Prints a table and writes benchmarks/results/mixed.json. Run from the repository root:
     python benchmarks/mixed.py [--no-fit] [--search-time] [--quick]
@@ -91,23 +99,69 @@ def fit_latency(d: Path, res: dict, rows: list, crops, digits_x) -> None:
                      " / ".join(f"{per.get(b, float('nan')):.2f}" for b in ("8", "4", "2")), ""))
 
 
+def _opt(name: str, default=None, cast=int):
+    """``--name VALUE`` from the command line (this script's few options)."""
+    return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+# --quick options: --rerank K and --finetune-steps N go to compile_model; --label L stores the
+# curves under resnet8_pareto_<set>_<L> (other runs' keys kept); --only-2x: the 2.0 and 2.2x points
+# of both sets (no digits), e.g. the fine-tuning-off comparison
+def _compile_kw() -> dict:
+    kw = {}
+    if "--rerank" in sys.argv:
+        kw["rerank"] = _opt("--rerank")
+    if "--finetune-steps" in sys.argv:
+        kw["finetune_steps"] = _opt("--finetune-steps")
+    return kw
+
+
+def _flag_values(name: str) -> list[str]:
+    """The values after ``name`` on the command line, up to the next option."""
+    if name not in sys.argv:
+        return []
+    rest = sys.argv[sys.argv.index(name) + 1:]
+    return rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
+
+
+def finetune_kw(res: dict, calib: np.ndarray) -> dict:
+    if "--finetune-tiles" not in sys.argv:
+        res["finetune_data"] = "the 128 calibration crops"
+        return {}
+    from qat_validation import train_tiles
+
+    tiles = train_tiles(np.load(DATA / "natural_crops.npz")["crops96"].astype(np.float32)[:96])
+    res["finetune_data"] = f"{len(tiles)} tiles of crops96[:96] (qat_validation.train_tiles)"
+    if "--with-calib" in sys.argv:  # the calibration crops and the tiles together
+        res["finetune_data"] = "the 128 calibration crops + " + res["finetune_data"]
+        tiles = np.concatenate([calib, tiles])
+    return {"finetune_data": tiles}
+
+
 def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
     calib, held = crops[:128], crops[128:]
+    ft = finetune_kw(res, calib)
+    ft_data = res.pop("finetune_data")  # per curve point: a --ratios run keeps the other points as they were
+    only = [float(r) for r in _flag_values("--ratios")]
     ref = ort_run(RESNET8, held).argmax(1)
     agree8 = float((simulate(compile_model(RESNET8, calib).graph, held).argmax(1) == ref).mean())
     res["resnet8_int8_agreement"] = agree8
     rows.append(("resnet8 int8 top-1 agreement with float (384)", f"{agree8:.2%}", ""))
     with tempfile.TemporaryDirectory() as d:
         sets = (("subbyte", False), ("extended", True))
+        if _flag_values("--sets"):
+            sets = tuple(s for s in sets if s[0] in _flag_values("--sets"))
         for label, ext in sets:
             cache = Path(d) / f"sens_{label}.json"
             curve = []
             quick_ratios = (1.0, 1.5, 2.0, 2.2, 3.0) if label == "subbyte" else (2.0, 2.2)
-            for ratio in quick_ratios if quick else (1.0, 1.25, 1.5, 1.75, 2.0, 2.2, 2.5, 3.0):
+            if "--only-2x" in sys.argv:
+                quick_ratios = (2.0, 2.2)
+            for ratio in (only or quick_ratios) if quick else (1.0, 1.25, 1.5, 1.75, 2.0, 2.2, 2.5, 3.0):
                 t = time.perf_counter()
                 try:
                     r = compile_model(RESNET8, calib, precision="mixed", budgets=Budgets(bitops_ratio=ratio),
-                                      sensitivity_cache=cache, extended_bits=ext)
+                                      sensitivity_cache=cache, extended_bits=ext, **ft, **_compile_kw())
                 except HilcError as e:
                     curve.append({"bitops_ratio": ratio, "error": str(e)})
                     continue
@@ -121,10 +175,17 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
                               "predicted_perturbation": m["predicted_perturbation"],
                               "measured_perturbation": m["measured_perturbation"],
                               "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
-                              "ptq": m.get("ptq"), "finetune": m.get("finetune")})
+                              "ptq": m.get("ptq"), "finetune": m.get("finetune"), "finetune_data": ft_data,
+                              "rerank": m.get("rerank")})
                 rows.append((f"resnet8 {label} {ratio:.2f}x BitOps: agreement", f"{agree:.2%}",
                              f"{100 * (agree8 - agree):+.1f} pts vs int8, search {m['search_seconds']:.1f} s"))
-            res[f"resnet8_pareto_{label}"] = curve
+            # fine-tuned on other inputs: its own curve, the default's stays as it was
+            suffix = ("_finetune_calib_tiles" if "--with-calib" in sys.argv else "_finetune_tiles") if ft else ""
+            suffix += f"_{_opt('--label', cast=str)}" if "--label" in sys.argv else ""
+            res[f"resnet8_pareto_{label}{suffix}"] = curve
+        # a partial resnet8 run: the digits rows stay as they were
+        if only or _flag_values("--sets") or "--only-2x" in sys.argv:
+            return
         # digits CNN
         xtr, xte, yte = digits
         f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())
@@ -133,7 +194,8 @@ def pareto(res: dict, rows: list, crops, digits, quick: bool = False) -> None:
         for label, ext in sets[:1] if quick else sets:
             for ratio in (2.0, 3.0) if quick else (2.0, 2.5, 3.0):
                 r = compile_model(DIGITS_CNN, xtr[:256], precision="mixed", budgets=Budgets(bitops_ratio=ratio),
-                                  sensitivity_cache=Path(d) / f"dsens_{label}.json", extended_bits=ext)
+                                  sensitivity_cache=Path(d) / f"dsens_{label}.json", extended_bits=ext,
+                                  **_compile_kw())
                 acc = float((simulate(r.graph, xte).argmax(1) == yte).mean())
                 dig.append({"set": label, "bitops_ratio": ratio,
                             "bitops_reduction": r.report["bitops_int8"] / r.report["bitops"], "accuracy": acc,
@@ -184,12 +246,13 @@ def search_time(res: dict, rows: list, crops) -> None:
     """The acceptance measure alone: resnet8 at 2x fewer BitOps, sensitivity cache cold."""
     with tempfile.TemporaryDirectory() as d:
         r = compile_model(RESNET8, crops[:128], precision="mixed", budgets=Budgets(bitops_ratio=2.0),
-                          sensitivity_cache=Path(d) / "sens.json")
+                          sensitivity_cache=Path(d) / "sens.json", **_compile_kw())
     m = r.report["mixed_precision"]
-    res["resnet8_search_2x_cold"] = {"search_seconds": m["search_seconds"],
-                                     "sensitivity_seconds": m["sensitivity_seconds"],
-                                     "ptq_seconds": (m.get("ptq") or {}).get("seconds"),
-                                     "finetune_seconds": (m.get("finetune") or {}).get("seconds")}
+    key = "resnet8_search_2x_cold" + (f"_{_opt('--label', cast=str)}" if "--label" in sys.argv else "")
+    res[key] = {"search_seconds": m["search_seconds"], "sensitivity_seconds": m["sensitivity_seconds"],
+                "ptq_seconds": (m.get("ptq") or {}).get("seconds"),
+                "finetune_seconds": (m.get("finetune") or {}).get("seconds"),
+                **({"rerank_seconds": m["rerank"]["seconds"]} if "rerank" in m else {})}
     rows.append(("resnet8 2x search, sensitivity cold (of it: sensitivity, PTQ)", f"{m['search_seconds']:.1f} s",
                  f"{m['sensitivity_seconds']:.1f} s, {(m.get('ptq') or {}).get('seconds', 0):.1f} s; then fine-tuning "
                  f"{(m.get('finetune') or {}).get('seconds', 0):.1f} s"))
@@ -215,7 +278,12 @@ def main() -> None:
         width = max(len(r[0]) for r in rows)
         for name, value, note in rows:
             print(f"{name:<{width}}  {value:>30}  {note}")
-        out.write_text(json.dumps(json.loads(out.read_text()) | res, indent=1))
+        old = json.loads(out.read_text())
+        for k in [k for k in res if k.startswith("resnet8_pareto_") and k in old]:  # merged point by point
+            new = {p["bitops_ratio"] for p in res[k]}
+            res[k] = sorted([p for p in old[k] if p["bitops_ratio"] not in new] + res[k],
+                            key=lambda p: p["bitops_ratio"])
+        out.write_text(json.dumps(old | res, indent=1))
         return
     with tempfile.TemporaryDirectory() as d:
         if "--no-fit" not in sys.argv:

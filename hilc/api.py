@@ -12,7 +12,6 @@ added there (board, cpu, flash_bytes, ...) work here without touching this modul
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from hilc.compiler.ir import Graph
 from hilc.errors import HilcError
+from hilc.fileio import read_json
 
 if TYPE_CHECKING:
     from hilc.inspect_onnx import Inspection
@@ -41,7 +41,7 @@ class Compiled:
     def reload_report(self) -> dict[str, Any]:
         """Re-read OUT/report.json (profile results are added to it on disk)."""
         if self.path is not None and (self.path / "report.json").exists():
-            self.report = json.loads((self.path / "report.json").read_text())
+            self.report = read_json(self.path / "report.json", "report")
         return self.report
 
 
@@ -81,7 +81,7 @@ def load(path: str | Path) -> Compiled:
 
     p = Path(path)
     graph = load_artifacts(p)
-    report = json.loads((p / "report.json").read_text()) if (p / "report.json").exists() else {}
+    report = read_json(p / "report.json", "report") if (p / "report.json").exists() else {}
     return Compiled(graph, report, p)
 
 
@@ -175,6 +175,8 @@ def regress(m: Compiled | str | Path | list, x: np.ndarray | list, farm: str | P
     from hilc.progress import parts_progress
     from hilc.sim.simulator import check_inputs
 
+    if not isinstance(chunk, int) or chunk < 1:  # range(0, n, chunk) would raise, or silently run nothing
+        raise HilcError(f"--chunk {chunk}: expected at least 1 input per work unit")
     require_ray()
     several = isinstance(m, list | tuple)
     ms = [_written(c, "regress") for c in (m if several else [m])]
@@ -241,14 +243,9 @@ def export_onnx(m: Compiled | str | Path, output: str | Path) -> Path:
     from hilc.targets.onnx_qdq import export_qdq
 
     model = export_qdq(_compiled(m).graph)
-    out = Path(output)
-    if out.is_dir():
-        raise HilcError(f"{out}: is a directory, expected an .onnx file path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(out)
-    return out
+    from hilc.fileio import atomic_write
+
+    return atomic_write(output, lambda tmp: onnx.save(model, str(tmp)), "an .onnx file")
 
 
 def inspect(model: str | Path) -> Inspection:

@@ -39,6 +39,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     parallel = _parse_parallel(args.parallel) if getattr(args, "parallel", None) else None
     if parallel and args.target != "hls":
         raise HilcError("--parallel needs --target hls")
+    _check_option_pairs(args)
     prog, update = _progress_factory(args.quiet)
     mixed_kw = _mixed_options(args, out)
     ptq_args = dict(ptq=args.ptq, ptq_budget=args.ptq_budget, input_range=_input_range(args.input_range))
@@ -46,13 +47,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from hilc.compiler.minifloat import hook_from_spec
 
         ptq_args["graph_hook"] = hook_from_spec(args.minifloat)
-    if getattr(args, "precision", None) == "auto-fpga":
+    if getattr(args, "precision", None) == "auto-fpga" and args.fpga_error_ratio is not None:
         ptq_args["fpga_error_ratio"] = args.fpga_error_ratio
     if args.cluster is not None:
         ptq_args["cluster"] = args.cluster
     if args.engine != "numpy":  # the mixed-precision search's integer-model runs
         _require_engine(args.engine)
         ptq_args["engine"] = args.engine
+    if args.percentile is None:
+        args.percentile = 99.99
     if prog is not None:
         with prog:
             result = compile_model(args.model, args.calib, args.calib_method, args.percentile, args.target,
@@ -88,12 +91,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_option_pairs(args: argparse.Namespace) -> None:
+    """Options that only mean something with another one: alone they would be silently ignored."""
+    if args.percentile is not None and args.calib_method != "percentile":
+        raise HilcError(f"--percentile {args.percentile:g} needs --calib-method percentile")
+    if args.fpga_error_ratio is not None and args.precision != "auto-fpga":
+        raise HilcError("--fpga-error-ratio needs --precision auto-fpga")
+    if args.finetune_steps is not None and args.precision != "mixed":
+        raise HilcError("--finetune-steps needs --precision mixed (int8 layers are not fine-tuned)")
+    if args.engine != "numpy" and args.precision != "mixed":
+        raise HilcError(f"--engine {args.engine} runs the --precision mixed search: add --precision mixed")
+    if _input_range(args.input_range) is not None and args.calib is not None:
+        raise HilcError("--input-range sets the synthesised inputs of data-free calibration: drop it or --calib")
+
+
 def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     """--precision and its budgets; the sensitivity cache is OUT/sensitivity.json."""
     from hilc.compiler.mixed import Budgets
 
     if args.widths != "subbyte" and args.precision != "mixed":
         raise HilcError(f"--widths {args.widths} chooses among mixed-precision candidates: add --precision mixed")
+    if args.rerank is not None and args.precision != "mixed":
+        raise HilcError("--rerank K re-ranks the mixed-precision search's allocations: add --precision mixed")
+    if args.rerank is not None and args.rerank < 1:
+        raise HilcError(f"--rerank K must be a whole number >= 1, got {args.rerank}")
+    if args.finetune_data is not None and args.precision != "mixed":
+        raise HilcError("--finetune-data feeds the mixed-precision fine-tuning: add --precision mixed")
 
     # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
     sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
@@ -103,8 +126,12 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     if args.precision == "int8" and not budgets.any():
         return pp
     ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
+    if args.finetune_data is not None:
+        ft["finetune_data"] = args.finetune_data
     if args.widths == "extended":
         ft["extended_bits"] = True
+    if args.rerank is not None:
+        ft["rerank"] = args.rerank
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
 
 
@@ -115,6 +142,8 @@ def _input_range(text: str | None) -> tuple[float, float] | None:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise HilcError(f"--input-range: expected LO,HI (two numbers), got '{text}'") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise HilcError(f"--input-range: LO and HI must be finite numbers, got '{text}'")
     if not lo < hi:
         raise HilcError(f"--input-range: LO must be below HI, got '{text}'")
     return lo, hi
@@ -134,9 +163,13 @@ def _load_inputs(path: str, graph) -> np.ndarray:
 
 def _save_npy(out: Path, y: np.ndarray) -> None:
     """Write ``out`` whole or not at all (a temp file renamed over it): no truncated .npy is left."""
-    tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, y)
-    os.replace(tmp, out)
+    from hilc.fileio import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save adds no .npy suffix to it
+            np.save(f, y)
+
+    atomic_write(out, write, "an .npy file")
 
 
 def _require_engine(engine: str) -> None:
@@ -269,6 +302,14 @@ def cmd_flash(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from hilc.hil.runner import run_command
 
+    if Path(args.output).is_dir():  # before the board run, not after it
+        raise HilcError(f"{args.output}: is a directory, expected an .npy file path")
+    farm_only = [f"--{k}" for k in ("kind", "cluster") if getattr(args, k, None) is not None]
+    if getattr(args, "farm", None) and (args.board or args.port):  # the farm's inventory names the boards
+        raise HilcError(f"--farm and {'--board' if args.board else '--port'}: the inventory lists the boards and "
+                        "their ports (use one or the other)")
+    if farm_only and not getattr(args, "farm", None):
+        raise HilcError(f"{' and '.join(farm_only)} only apply with --farm INVENTORY.toml")
     if getattr(args, "farm", None):
         return _farm_run(args, args.check)
     if not args.board:
@@ -354,13 +395,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hilc.compiler.calibrate import load_samples
     from hilc.hil.runner import profile_command
 
     board, graph = _board_and_graph(args)
-    x = load_samples(args.input).astype(np.float32) if args.input else None
+    x = _load_inputs(args.input, graph).astype(np.float32) if args.input else None  # errors name the file
     prof = profile_command(Path(args.compiled), board, graph, x, args.port)
-    report = json.loads((Path(args.compiled) / "report.json").read_text())
+    from hilc.fileio import read_json
+
+    report_path = Path(args.compiled) / "report.json"
+    report = read_json(report_path, "report") if report_path.exists() else {}
     macs = {layer["name"]: layer["macs"] for layer in report.get("layers", [])}
     table = Table(title=f"{board.name}: {prof['total_ticks']:,} ticks ({prof['timer']}, {prof['tick_hz']:,} Hz)")
     for col in ("layer", "op", "ticks", "share", "MACs", "MACs/tick"):
@@ -406,19 +449,29 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hilc.api import evaluate
+    from hilc.api import evaluate, load
     from hilc.compiler.calibrate import load_samples
 
     if args.cluster is not None:
         from hilc.distributed import require_ray
 
         require_ray()
-    x = load_samples(args.input)
+    if args.shard is not None and (args.cluster is None or args.shard < 1):
+        raise HilcError(f"--shard {args.shard}: " + ("needs --cluster (shards are Ray tasks)" if args.cluster is None
+                                                      else "expected at least 1 sample per shard"))
+    compiled = load(args.compiled)
+    x = _load_inputs(args.input, compiled.graph)  # its errors name the file
     labels = load_samples(args.labels) if args.labels else None
     reference = load_samples(args.reference) if args.reference else None
     _require_engine(args.engine)
-    res = evaluate(args.compiled, x, labels=labels, reference=reference, cluster=args.cluster, shard=args.shard,
-                   quiet=args.quiet, engine=args.engine)
+    try:
+        res = evaluate(compiled, x, labels=labels, reference=reference, cluster=args.cluster, shard=args.shard,
+                       quiet=args.quiet, engine=args.engine)
+    except HilcError as e:  # accuracy() names the option: name the user's file instead
+        for what, path in (("labels: ", args.labels), ("reference: ", args.reference)):
+            if path and str(e).startswith(what):
+                raise HilcError(f"{path}: {str(e).removeprefix(what)}") from None
+        raise
     if args.output:
         _save_npy(Path(args.output), res.outputs)
     if args.json:
@@ -473,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.add_argument("--calib", help="calibration inputs: .npy (first axis = samples) or single-array .npz")
     c.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "mse"])
-    c.add_argument("--percentile", type=float, default=99.99, help="with --calib-method percentile")
+    c.add_argument("--percentile", type=float, default=None,
+                   help="with --calib-method percentile: keep values between the (100-P)-th and P-th percentiles "
+                        "(default 99.99)")
     c.add_argument("--target", default="sim", choices=["sim", "c", "hls"],
                    help="sim: integer graph only; c: also MCU C sources (OUT/src) and a host Makefile; "
                         "hls: also a Vitis HLS design (OUT/hls) for an FPGA board (--board, default pynq-z2)")
@@ -507,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --precision mixed: N steps of quantization-aware fine-tuning by distillation from the "
                         "float model on the calibration inputs when some width is below 8 (default: 75 passes over "
                         "them, 300 steps of 32 for 128 inputs; 0: off)")
+    c.add_argument("--rerank", type=int, metavar="K",
+                   help="with --precision mixed: score the K best allocations of the ILP by the whole integer model "
+                        "on the calibration data and keep the best (report.json lists them; default 1: the ILP's)")
+    c.add_argument("--finetune-data", metavar="FILE",
+                   help="with --precision mixed: the fine-tuning inputs (unlabeled; .npy/.npz laid out as --calib), "
+                        "e.g. many in-distribution crops; default: the calibration inputs")
     c.add_argument("--patch-precision", default="off", choices=["off", "value"],
                    help="value: QuantMCU patch-branch precision; patches without input outliers run the patch stage "
                         "at lower activation widths (value-driven search; needs a patch schedule and --calib)")
@@ -516,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ptq-budget", type=float, default=30.0, metavar="SECONDS",
                    help="AdaRound's effort over all layers, in seconds at a nominal speed: converted to a step "
                         "count, so the same inputs give the same model on any machine (default 30)")
-    c.add_argument("--fpga-error-ratio", type=float, default=1.0, metavar="R",
+    c.add_argument("--fpga-error-ratio", type=float, default=None, metavar="R",
                    help="with --precision auto-fpga (integer or minifloat of 3-8 bits per layer, least FPGA cost): "
                         "summed layer output error at most R times int8's (default 1)")
     c.add_argument("--minifloat", metavar="FORMAT[xACT]|LAYER=FORMAT[xACT],...",
@@ -622,6 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path is an unset shell variable, not a wish: Path("") is the current folder, where
+    compile would write its files and report would read them."""
+    for key in ("model", "compiled", "input", "output", "calib", "labels", "reference", "farm", "port"):
+        values = getattr(args, key, None)
+        for v in values if isinstance(values, list) else [values]:
+            if v is not None and not str(v).strip():
+                flag = {"output": "-o/--output"}.get(key, f"--{key}" if key in ("calib", "labels", "reference", "farm",
+                                                                               "port") else key.upper())
+                raise HilcError(f"{flag}: empty path")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -635,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         # every failure they hint at is caught and reported by hilc itself.
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
+            _check_empty_paths(args)
             return args.func(args)
     except HilcError as e:
         print(f"hilc: error: {e}", file=sys.stderr)

@@ -138,11 +138,28 @@ def accuracy(y: np.ndarray, labels: np.ndarray | None = None, reference: np.ndar
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(y):
             raise HilcError(f"labels: {len(labels)} labels for {len(y)} inputs")
+        classes = y.reshape(len(y), -1).shape[1]
+        # a fractional, NaN or out-of-range label would only ever count as wrong: a silent 0% top-1
+        if labels.dtype.kind not in "iuf":
+            raise HilcError(f"labels: expected integer class indices, got dtype {labels.dtype}")
+        if labels.dtype.kind == "f":
+            odd = ~np.isfinite(labels) | (labels != np.round(labels))
+            if odd.any():
+                i = int(np.argmax(odd))
+                raise HilcError(f"labels: expected integer class indices, got {labels[i]} at index {i}")
+        bad = (labels < 0) | (labels >= classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise HilcError(f"labels: label {labels[i]:g} at index {i} is not a class of the model's {classes} "
+                            f"outputs (0..{classes - 1})")
         out["top1"] = float(np.mean(pred == labels))
     if reference is not None:
         reference = np.asarray(reference)
         if reference.shape != y.shape:
             raise HilcError(f"reference: shape {list(reference.shape)}, the outputs have {list(y.shape)}")
+        if reference.dtype.kind not in "iuf" or not np.all(np.isfinite(reference)):
+            raise HilcError(f"reference: expected finite numbers, got {reference.dtype} values with NaN or Inf"
+                            if reference.dtype.kind == "f" else f"reference: expected numbers, got {reference.dtype}")
         out["top1_agreement"] = float(np.mean(pred == reference.reshape(len(y), -1).argmax(axis=1)))
         out["max_abs_diff"] = float(np.max(np.abs(y.astype(np.float64) - reference)))
     return out

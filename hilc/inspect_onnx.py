@@ -125,6 +125,11 @@ def inspect_model(path: str | Path) -> Inspection:
         dims = vi.type.tensor_type.shape.dim
         shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
 
+    for vi in g.input:  # MACs and memory need every size: -1 would silently count as 1
+        dims = shapes.get(vi.name, ())
+        if vi.name not in consts and (not dims or any(d <= 0 for d in dims[1:])):
+            raise HilcError(f"{path}: graph input '{vi.name}' has shape {list(dims)}: only the first (batch) axis "
+                            "may be dynamic (export the model with fixed sizes)")
     nodes = [n for n in g.node if n.op_type != "Constant"]
     supported = {n.op_type for n in nodes if n.op_type in ONNX_IMPORTERS and n.domain in ("", "ai.onnx")}
     unsupported = [f"{n.name or f'#{i}'} ({n.op_type})" for i, n in enumerate(nodes) if n.op_type not in supported]

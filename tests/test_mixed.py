@@ -232,7 +232,7 @@ def test_cli_mixed_precision_report_and_cache(tmp_path, crops32):
     assert all(by_name[n]["weight_bits"] == b for n, b in m["weight_bits"].items())
     assert (tmp_path / "o" / "sensitivity.json").exists()
     # the second search reuses the measured sensitivity (fine-tuning, covered above, skipped for time)
-    assert main(args[:-1] + ["2.2", "--finetune-steps", "0"]) == 0
+    assert main(args[:-1] + ["2.2", "--finetune-steps", "0", "--rerank", "1"]) == 0
     assert json.loads((tmp_path / "o" / "report.json").read_text())["mixed_precision"]["sensitivity_cached"]
     assert main(args[:-1] + ["100"]) == 2  # unreachable: a one-line error with the best figure
     assert main(["compile", str(RESNET8), "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "p"), "-q",

@@ -4,6 +4,8 @@ result stays an integer-only graph whose weights are the trained ones."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -144,3 +146,93 @@ def test_strong_augmentation_is_deterministic_and_stays_in_range():
     kinds = [set(np.unique(ci).tolist()) for ci in c]
     assert all(k <= {float(i), *map(float, range(6))} and float(i) in k for i, k in enumerate(kinds))
     assert sum(len(k) == 2 for k in kinds) >= 4  # its own value and its partner's
+
+
+def test_separate_finetune_data_is_used_deterministic_and_bit_exact_on_host(tmp_path):
+    """``finetune_data``: fine-tuning runs on those inputs (not the calibration ones), the same
+    inputs give the same integers, and the fine-tuned build is bit-exact between the simulator
+    and the host C kernels (portable and DSP)."""
+    from conftest import host_vs_sim
+
+    from hilc.compiler.mixed import Budgets
+    from hilc.compiler.pipeline import compile_model
+
+    onnx.save(chain_model(), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(2)
+    calib = rng.uniform(-2, 2, (48, 3, 7, 9)).astype(np.float32)
+    extra = rng.uniform(-2, 2, (80, 3, 7, 9)).astype(np.float32)
+    kw = {"precision": "mixed", "budgets": Budgets(bitops_ratio=2.0), "finetune_steps": 20,
+          "sensitivity_cache": tmp_path / "sens.json"}
+    a, (portable, dsp), sim = host_vs_sim(tmp_path / "m.onnx", calib, calib[:6], tmp_path / "out",
+                                          finetune_data=extra, **kw)
+    assert np.array_equal(portable, sim) and np.array_equal(dsp, sim)
+    ft = a.report["mixed_precision"]["finetune"]
+    assert ft["samples"] == 80 and ft["steps"] == 20
+    b = compile_model(tmp_path / "m.onnx", calib, finetune_data=extra, **kw)
+    c = compile_model(tmp_path / "m.onnx", calib, **kw)
+    assert c.report["mixed_precision"]["finetune"]["samples"] == 48  # default: the calibration inputs
+
+    def consts(r):
+        return [r.graph.param(n, p) for n in r.graph.nodes for p in sorted(n.params)]
+
+    assert all(np.array_equal(u, v) for u, v in zip(consts(a), consts(b), strict=True))
+    assert not all(np.array_equal(u, v) for u, v in zip(consts(a), consts(c), strict=True))
+
+
+def test_finetune_data_bad_file_or_shape_is_a_one_line_error(tmp_path, crops32, capsys):
+    from hilc.cli import main
+    from hilc.compiler.mixed import Budgets
+    from hilc.compiler.pipeline import compile_model
+    from hilc.errors import HilcError
+
+    np.save(tmp_path / "calib.npy", crops32[:8])
+    np.save(tmp_path / "bad.npy", crops32[:4, :, :16, :16])
+    base = ["compile", str(RESNET8), "--calib", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "o"), "-q",
+            "--precision", "mixed", "--bitops-ratio", "2", "--finetune-data"]
+    for name, why in (("bad.npy", r"must have shape \['N', 3, 32, 32\]"), ("missing.npy", "no such file")):
+        capsys.readouterr()
+        assert main(base + [str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and name in err and re.search(why, err), err
+    assert main(base[:7] + ["--finetune-data", str(tmp_path / "calib.npy")]) == 2  # without --precision mixed
+    assert "add --precision mixed" in capsys.readouterr().err
+    with pytest.raises(HilcError, match=r"--finetune-data: input .* must have shape \['N', 3, 32, 32\]"):
+        compile_model(RESNET8, crops32[:8], precision="mixed", budgets=Budgets(bitops_ratio=2.0),
+                      finetune_data=crops32[:4, :, :16, :16])
+
+
+def test_learned_weight_scale_gradient_matches_finite_differences(chain):
+    """LSQ weight scales: d loss / d s = sum over the channel of d loss / d w_fake times
+    ``rint(w/s) - w/s`` (inside the grid). Against central differences of the loss at fixed
+    integers (a step of s too small to move any), which give sum d loss / d w_fake * rint(w/s):
+    the two differ by sum grad_w * w/s, with grad_w the (straight-through) latent weight gradient."""
+    g, calib, x = chain
+    low = mixed.ptq_lowered(g, _lowered(g), calib, iterations=50)
+    p = _float64(qat.init_params(low))
+    p.scale = {k: v.astype(np.float64) for k, v in p.scale.items()}
+    p.learn_scale = {k for k, q in p.qmax.items() if q < 127}
+    assert p.learn_scale
+    rng = np.random.default_rng(4)
+    for k in p.learn_scale:  # off the grid (PTQ leaves them on it, where the residue is 0), some clipped
+        p.w[k] = p.w[k] + rng.uniform(-0.7, 0.7, p.w[k].shape) * p.scale[k]
+    xx = x[:4].astype(np.float64)
+    z, state = qat.forward(low, p, xx, None, keep=True)
+    target = np.random.default_rng(1).standard_normal(z.shape)
+    _, dl = qat.distill_loss(z, target, 2.0)
+    grads = qat.backward(low, p, state, dl.astype(np.float64))
+    for k in p.learn_scale:
+        gs = grads["wscale:" + k][0]
+        ste = (grads[k][0] * p.w[k] / p.scale[k]).reshape(len(gs), -1).sum(axis=1)
+        for c in range(len(gs)):
+            s = p.scale[k]
+            old = s[c].copy()
+            eps = 1e-9 * float(old.reshape(-1)[0])
+            s[c] = old + eps
+            lp = qat.distill_loss(qat.forward(low, p, xx, None)[0], target, 2.0)[0]
+            s[c] = old - eps
+            lm = qat.distill_loss(qat.forward(low, p, xx, None)[0], target, 2.0)[0]
+            s[c] = old
+            num = (lp - lm) / (2 * eps)
+            assert abs(gs[c] - (num - ste[c])) <= 1e-4 + 1e-3 * abs(num), (k, c, gs[c], num, ste[c])
+    assert qat.fake_weight_scale_grad(np.array([0.26, -0.74, 1.3]), np.array(0.5), 1).tolist() == \
+        pytest.approx([1 - 0.52, -1 + 1.48, 1.0])

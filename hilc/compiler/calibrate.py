@@ -24,6 +24,14 @@ def load_samples(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise HilcError(f"{path}: no such file")
+    if path.is_dir():
+        raise HilcError(f"{path}: is a directory, expected an .npy/.npz file")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head:
+        raise HilcError(f"{path}: empty file, expected an .npy/.npz array")
+    if not head.startswith((b"\x93NUMPY", b"PK")):  # numpy would call anything else "pickled data"
+        raise HilcError(f"{path}: not an .npy/.npz file (it starts with {head!r}; save arrays with numpy.save)")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -33,7 +41,10 @@ def load_samples(path: str | Path) -> np.ndarray:
             if len(data.files) != 1:
                 raise HilcError(f"{path}: an .npz calibration file must hold exactly one array, "
                                 f"found {len(data.files)} ({', '.join(data.files)})")
-            data = data[data.files[0]]
+            try:
+                data = data[data.files[0]]
+            except Exception as e:  # a damaged member (bad CRC, cut short) shows only when it is read
+                raise HilcError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     return data
 
 

@@ -659,6 +659,34 @@ def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) ->
     return p.allocation(x, time.perf_counter() - t0)
 
 
+def allocate_top(space: Space, sens: dict[str, Any], budgets: Budgets, k: int, cost=None) -> list[Allocation]:
+    """The ``k`` best allocations of the ILP, best first (fewer when fewer are feasible): the
+    first is ``allocate``'s optimum; each next one is the ILP's optimum once every allocation
+    found so far is excluded by a no-good cut (HAWQ-V3's objective is additive, so its ranking
+    near the optimum is where a whole-model measurement can disagree with it: ``rerank``)."""
+    from hilc.compiler.costmodel import load_cost_model
+
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise HilcError(f"--rerank K must be a whole number >= 1, got {k}")
+    t0 = time.perf_counter()
+    p = _Problem(space, sens, cost or load_cost_model())
+    limits = p.limits(budgets)
+    x = p.solve(p.obj, limits)
+    if x is None:
+        raise HilcError(_infeasible_message(p, limits))
+    found = [x]
+    while len(found) < k:
+        # no-good cut: every variable is binary and one-hot per layer/activation, so another
+        # allocation sets at least one of this one's chosen variables to 0
+        cuts = [("nogood", f, float(f.sum()) - 1.0) for f in found]
+        x = p.solve(p.obj, limits + cuts)
+        if x is None:
+            break
+        found.append(x)
+    seconds = time.perf_counter() - t0
+    return [p.allocation(x, seconds) for x in found]
+
+
 def _infeasible_message(p: _Problem, limits: list[tuple[str, np.ndarray, float]]) -> str:
     """Name the budget that cannot be met and the best figure achievable (under the others)."""
     sram_rows = [lim for lim in limits if lim[0].startswith("sram@")]
@@ -704,31 +732,38 @@ def _least_peak(p: _Problem, others: list) -> int:
     return lo
 
 
-def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation | None:
-    """Enumerate every allocation (small models only): the reference the ILP is tested against."""
-    from hilc.compiler.costmodel import load_cost_model
-
-    p = _Problem(space, sens, cost or load_cost_model())
+def feasible_allocations(p: _Problem, budgets: Budgets):
+    """Every allocation of ``p`` within the budgets, by enumeration (small models only), as
+    (objective, choice vector) pairs: the reference the ILP is tested against."""
     limits = p.limits(budgets)
-    best, best_x = np.inf, None
     index = {(zz[0].name, zz[1], zz[2]): i for i, zz in enumerate(p.z)}
-    for acts in itertools.product(space.abits, repeat=len(space.roots)):
-        amap = dict(zip(space.roots, acts, strict=True))
-        for ws in itertools.product(space.wbits, repeat=len(space.layers)):
+    for acts in itertools.product(p.space.abits, repeat=len(p.space.roots)):
+        amap = dict(zip(p.space.roots, acts, strict=True))
+        for ws in itertools.product(p.space.wbits, repeat=len(p.space.layers)):
             x = np.zeros(p.n)
-            for la, w in zip(space.layers, ws, strict=True):
+            for la, w in zip(p.space.layers, ws, strict=True):
                 x[index[(la.name, w, amap[la.root] if la.root is not None else 8)]] = 1
             for j, (r, a) in enumerate(p.y):
                 x[len(p.z) + j] = float(amap[r] == a)
             if all(coef @ x <= ub + 1e-9 * max(1.0, abs(ub)) for _, coef, ub in limits):
-                v = float(p.obj @ x)
-                if v < best - 1e-15:
-                    best, best_x = v, x
+                yield float(p.obj @ x), x
+
+
+def brute_force(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation | None:
+    """The best allocation by enumeration (small models only)."""
+    from hilc.compiler.costmodel import load_cost_model
+
+    p = _Problem(space, sens, cost or load_cost_model())
+    best, best_x = np.inf, None
+    for v, x in feasible_allocations(p, budgets):
+        if v < best - 1e-15:
+            best, best_x = v, x
     return None if best_x is None else p.allocation(best_x, 0.0)
 
 
 # --- post-training quantization of the allocation -------------------------------------------
 
+RERANK_K = 1  # allocations re-ranked by default (``apply_precision(rerank=...)``, ``--rerank``)
 ADAROUND_ITERATIONS = 2000  # a step count, not a time budget: the same inputs give the same model
 SENSITIVITY_ITERATIONS = 500  # per-layer sensitivity ranks widths; fewer steps do (search time)
 
@@ -820,12 +855,20 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                     act_bits: dict[str, int] | None = None, cache: str | Path | None = None,
                     board: str | None = None, extended: bool = False,
                     cluster: str | None = None, engine: str = "numpy",
-                    finetune_steps: int | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    finetune_steps: int | None = None,
+                    finetune_samples: np.ndarray | None = None,
+                    rerank: int | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write.
     ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations.
     ``finetune_steps``: quantization-aware fine-tuning after the PTQ (``hilc.compiler.qat``;
-    None: its default step count, 0: off), when some width went below 8."""
+    None: its default step count, 0: off), when some width went below 8; ``finetune_samples``: its
+    inputs (model layout; None: the calibration samples). ``rerank``: the K best ILP solutions are
+    scored on the calibration data by the whole integer model and the best kept
+    (``hilc.compiler.rerank``; None: ``RERANK_K``, 1: the ILP's optimum as it is)."""
+    rerank_k = RERANK_K if rerank is None else rerank
+    if isinstance(rerank_k, bool) or not isinstance(rerank_k, int | np.integer) or rerank_k < 1:
+        raise HilcError(f"--rerank K must be a whole number >= 1, got {rerank}")
     budgets = budgets or Budgets()
     if precision not in ("int8", "mixed"):
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")
@@ -861,10 +904,25 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     from hilc.compiler.quantize import quantize
 
     space.sram = sram_model(quantize(graph), space)
-    alloc = allocate(space, sens, budgets, cost)
-    g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+    rerank_info = None
+    if rerank_k == 1:
+        alloc = allocate(space, sens, budgets, cost)
+    else:  # the K best of the ILP, scored by the whole integer model on the calibration data
+        from hilc.compiler import rerank as rr
+
+        t_rr = time.perf_counter()
+        cands = allocate_top(space, sens, budgets, rerank_k, cost)
+        best, rows, chosen = rr.pick(rr.Scorer(graph, samples, sens["samples"], engine), cands)
+        alloc = cands[best]
+        rerank_info = {"k": rerank_k, "metric": rr.METRIC, "score_adaround_iterations": rr.SCORE_ITERATIONS,
+                       "chosen": best, "candidates": rows,
+                       "seconds": round(time.perf_counter() - t_rr, 3)}  # includes the chosen one's PTQ
     t_ptq = time.perf_counter()
-    g = ptq_lowered(graph, g, samples, sens["samples"])
+    if rerank_info is None:
+        g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+        g = ptq_lowered(graph, g, samples, sens["samples"])
+    else:  # scored after this very PTQ (same inputs, same AdaRound steps): not fitted twice
+        g = chosen
     ptq_seconds = time.perf_counter() - t_ptq
     search_seconds = time.perf_counter() - t0
     ft_info = None
@@ -873,7 +931,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
         from hilc.compiler import qat
         from hilc.sim.simulator import to_physical
 
-        x_ft = to_physical(graph, graph.inputs[0], np.asarray(samples, np.float32)[:sens["samples"]])
+        ft_src = samples[:sens["samples"]] if finetune_samples is None else finetune_samples
+        x_ft = to_physical(graph, graph.inputs[0], np.asarray(ft_src, np.float32))
         g, ft_info = qat.finetune(graph, g, x_ft,
                                   qat.default_steps(len(x_ft)) if finetune_steps is None else finetune_steps)
     info = alloc.summary()
@@ -881,6 +940,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                 sensitivity_cached=sens["cached"], search_seconds=round(search_seconds, 3),
                 latency_model=cost.board, candidates={"weights": list(space.wbits), "acts": list(space.abits)},
                 budgets={k: v for k, v in vars(budgets).items() if v is not None})
+    if rerank_info is not None:
+        info["rerank"] = rerank_info
     if g.meta.get("ptq"):
         info["ptq"] = {"methods": g.meta["ptq"], "adaround_iterations": ADAROUND_ITERATIONS,
                        "seconds": round(ptq_seconds, 3)}

@@ -235,6 +235,10 @@ def import_model(model: onnx.ModelProto, name: str = "model") -> Graph:
     ctx.onnx_uses = Counter(i for n in nodes for i in n.input if i)
     ctx.onnx_uses.update(o.name for o in model.graph.output)
 
+    real_inputs = [vi.name for vi in model.graph.input if vi.name not in ctx.consts]
+    if len(real_inputs) > 1:  # the simulator, the C API and the board protocol all take one input tensor
+        raise UnsupportedModelError(f"graph inputs {', '.join(repr(n) for n in real_inputs)}: hilc compiles models "
+                                    "with one input tensor")
     for vi in model.graph.input:
         if vi.name in ctx.consts:
             continue

@@ -52,7 +52,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   extended_bits: bool = False, cluster: str | None = None,
                   fpga_error_ratio: float = 1.0, order: str = "memory",
                   patch_precision: str = "off", engine: str = "numpy",
-                  finetune_steps: int | None = None) -> CompileResult:
+                  finetune_steps: int | None = None,
+                  finetune_data: str | Path | np.ndarray | None = None, rerank: int | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -87,6 +88,9 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.hil.boards import load_board
 
         board_obj = load_board(board)
+        if cpu is not None and cpu != board_obj.cpu:  # it would be replaced by the board's without a word
+            raise HilcError(f"--cpu {cpu} contradicts --board {board_obj.name}, whose CPU is {board_obj.cpu} "
+                            "(drop --cpu)")
         target, cpu = "c", None
         flash_bytes = board_obj.flash_bytes if flash_bytes is None else flash_bytes
     if target not in TARGETS:
@@ -107,6 +111,11 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         check_options(patch_precision, patch)
     if sram_bytes is not None and sram_bytes <= 0:
         raise HilcError(f"--sram: expected a positive number of bytes, got {sram_bytes}")
+    from hilc.compiler.options import check_compile_options
+
+    check_compile_options(percentile=percentile, ptq_budget=ptq_budget, fpga_error_ratio=fpga_error_ratio,
+                          flash_bytes=flash_bytes, sram_bytes=sram_bytes, finetune_steps=finetune_steps,
+                          target=target, patch=patch, precision=precision)
     for name in dump_after or []:
         if name not in PASS_NAMES:
             raise HilcError(f"--dump-after: unknown pass '{name}' (passes: {', '.join(PASS_NAMES)})")
@@ -116,7 +125,13 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     samples = None
     if calib is not None:
         samples = calib if isinstance(calib, np.ndarray) else calib_mod.load_samples(calib)
+    ft_samples = None
+    if finetune_data is not None:  # fine-tuning inputs apart from calibration (unlabeled; distillation)
+        ft_samples = finetune_data if isinstance(finetune_data, np.ndarray) else calib_mod.load_samples(finetune_data)
     g = import_onnx(model)
+    if ft_samples is not None:
+        ft_source = "--finetune-data" if isinstance(finetune_data, np.ndarray) else str(finetune_data)
+        ft_samples = calib_mod.check_samples(g, np.asarray(ft_samples), ft_source)
     if "import" in (dump_after or []):
         dumps["import"] = g.summary()
     for p in passes.FLOAT_PIPELINE:
@@ -172,7 +187,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
 
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
                                                sensitivity_cache, board, extended_bits, cluster=cluster,
-                                               engine=engine, finetune_steps=finetune_steps)
+                                               engine=engine, finetune_steps=finetune_steps,
+                                               finetune_samples=ft_samples, rerank=rerank)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"
@@ -322,6 +338,13 @@ def write_artifacts(out_dir: str | Path, result: CompileResult) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HilcError(f"{parent}: cannot create the output's parent directory ({e.strerror})") from None
+    try:
+        _write_artifacts(out, parent, result)
+    except OSError as e:  # a full disk or a read-only folder: name the place, leave OUT as it was
+        raise HilcError(f"{out}: cannot write the compiled model ({e.strerror or e})") from None
+
+
+def _write_artifacts(out: Path, parent: Path, result: CompileResult) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         result.graph.save(tmp)
@@ -369,7 +392,13 @@ def load_artifacts(out_dir: str | Path) -> Graph:
         raise HilcError(f"{out}: no such compiled model directory")
     if not (out / "graph.json").exists() or not (out / "constants.npz").exists():
         raise HilcError(f"{out}: not a compiled model (graph.json / constants.npz missing); run hilc compile")
+    from hilc.compiler.artifacts import check_graph, check_shapes, read_constants
+    from hilc.fileio import read_json
+
+    # checked before use: a damaged or hand-edited model is one line naming what is wrong
+    check_graph(read_json(out / "graph.json", "compiled graph"), read_constants(out / "constants.npz"),
+                out / "graph.json")
     try:
-        return Graph.load(out)
+        return check_shapes(Graph.load(out), out / "graph.json")
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise HilcError(f"{out}: compiled model is unreadable ({e})") from None

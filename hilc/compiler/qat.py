@@ -17,9 +17,13 @@ Rounding is straight-through:
   passes inside the grid's range. The scale itself is learned (LSQ, Esser et al. 2020) with the
   zero point fixed, and written back as the range ``quantize`` reads.
 
-Training data are the calibration inputs only, with deterministic augmentations (horizontal
-flips, shifts of a few pixels, brightness), drawn from a generator with a fixed seed: the same
-inputs give the same integers. ``augment_strong`` (random resized crops, colour jitter, cutout,
+Training data are the calibration inputs, or separate unlabeled inputs (``--finetune-data``:
+distillation needs no labels, so any in-distribution inputs serve), with deterministic
+augmentations (horizontal flips, shifts of a few pixels, brightness), drawn from a generator with
+a fixed seed: the same inputs give the same integers. ``weight_scale_lr`` > 0 also learns the
+per-channel weight scales of sub-byte layers (LSQ): the quantizer derives each layer's dyadic
+multiplier from whatever float scale is written (``attrs['w_scale']``), so the integer model
+stays exact with any learned scale. ``augment_strong`` (random resized crops, colour jitter, cutout,
 CutMix; the float teacher labels whatever comes out) is an opt-in that did not help on
 validation tiles. The result is written as ``ptq`` writes its own: float weights
 that sit exactly on their grid plus the grid (``attrs['w_scale']``), so ``quantize`` reproduces
@@ -56,6 +60,7 @@ class Params:
     qmax: dict[str, int]
     act: dict[str, np.ndarray] = field(default_factory=dict)  # learned activation scales, by root tensor
     act_of: dict[str, str] = field(default_factory=dict)  # tensor -> the root whose scale it takes
+    learn_scale: set[str] = field(default_factory=set)  # layers whose weight scale is learned (LSQ)
 
 
 def unsupported(graph: Graph) -> str | None:
@@ -111,7 +116,14 @@ def act_grids(graph: Graph) -> dict[str, tuple[float, int, int, int]]:
 def fake_weight(w: np.ndarray, s: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     """The weight on its grid, and where the gradient passes (not clipped)."""
     t = w / s
-    return (np.clip(np.rint(t), -qmax, qmax) * s).astype(np.float32), np.abs(t) <= qmax + 0.5
+    return (np.clip(np.rint(t), -qmax, qmax) * s).astype(w.dtype), np.abs(t) <= qmax + 0.5
+
+
+def fake_weight_scale_grad(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
+    """d fake_weight / d s per element (LSQ): the rounding residue ``rint(w/s) - w/s`` inside the
+    grid, the clipped level ``+-qmax`` outside it."""
+    t = w / s
+    return np.where(np.abs(t) > qmax + 0.5, np.sign(t) * qmax, np.rint(t) - t).astype(w.dtype)
 
 
 def fake_act(v: np.ndarray, grid: tuple[float, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -219,6 +231,8 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
             w, wmask = (fake_weight(p.w[n.name], p.scale[n.name], p.qmax[n.name]) if quant_weights
                         else (p.w[n.name], None))
             rec.update(w=w, wmask=wmask)
+            if keep and quant_weights and n.name in p.learn_scale:
+                rec["wsg"] = fake_weight_scale_grad(p.w[n.name], p.scale[n.name], p.qmax[n.name])
             b = p.b[n.name]
             if quant_weights and grids is not None and n.inputs[0] in grids:
                 # the integer bias: on the accumulator's grid s_in * s_w (coarse with sub-byte widths)
@@ -287,11 +301,15 @@ def backward(graph: Graph, p: Params, state: list, dlogits: np.ndarray,
             dx, dw, db = _conv_bwd(n, rec["cols"], rec["shapes"][0], rec["w"], dy)
             out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, db)
             dxs = [dx]
+            if "wsg" in rec:  # the layer's weight scale, per output channel
+                out["wscale:" + n.name] = ((dw * rec["wsg"]).reshape(len(dw), -1).sum(axis=1), None)
         elif n.op == "dense":
             xin = env[n.inputs[0]]
             dw = dy.T @ xin
             out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, dy.sum(axis=0))
             dxs = [dy @ rec["w"]]
+            if "wsg" in rec:
+                out["wscale:" + n.name] = ((dw * rec["wsg"]).sum(axis=1), None)
         elif n.op == "add":
             s0, s1 = n.attrs.get("signs", [1, 1])
             dxs = [s0 * dy, s1 * dy]
@@ -453,16 +471,22 @@ def _write_act_ranges(g: Graph, grids: dict, p: Params) -> None:
 # benchmarks/qat_validation.py).
 CUTMIX = {"min_area": 1.0, "jitter": 0.0, "cutout": 0.0, "cutmix": 0.5}
 FINETUNE_EPOCHS = 75  # passes over the calibration inputs by default: 300 steps of 32 for 128 inputs
+# ... and at most this many steps: many separate fine-tuning inputs (``--finetune-data``) are seen
+# fewer times each rather than making a compile last many minutes (about 0.15 s a step on resnet8)
+FINETUNE_MAX_STEPS = 600
+
+
 def default_steps(n: int, batch: int = 32) -> int:
-    """The default step count for ``n`` calibration inputs (a count, never a clock)."""
-    return max(1, -(-FINETUNE_EPOCHS * n // batch))
+    """The default step count for ``n`` fine-tuning inputs (a count, never a clock)."""
+    return max(1, min(FINETUNE_MAX_STEPS, -(-FINETUNE_EPOCHS * n // batch)))
 
 
 @_single_blas
 def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, batch: int = 32,
              lr: float = 0.005, bias_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
              augmentation: bool = True, mixup: float = 0.0, step_unit: str = "grid", features: float = 1.0,
-             act_lr: float = 0.01, aug: dict[str, float] | None = None) -> tuple[Graph, dict[str, Any]]:
+             act_lr: float = 0.01, aug: dict[str, float] | None = None,
+             weight_scale_lr: float = 0.0) -> tuple[Graph, dict[str, Any]]:
     """Fine-tune ``graph`` (bit-widths assigned, grids possibly pinned by ``ptq``) against the
     float ``reference`` on physical calibration inputs ``x``; returns the graph with every
     conv/dense weight on its (pinned) grid and a report. ``lr`` is the weight's Adam step in units
@@ -485,6 +509,10 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
     teacher_p = init_params(reference)
     if act_lr > 0:
         _learnable_acts(graph, grids, p)
+    if weight_scale_lr > 0:
+        p.learn_scale = {k for k, q in p.qmax.items() if q < 127}
+    ws_m = {k: [np.zeros_like(p.scale[k].reshape(-1)), np.zeros_like(p.scale[k].reshape(-1))] for k in p.learn_scale}
+    ws_0 = {k: p.scale[k].copy() for k in p.learn_scale}
     act_m = {r: [np.zeros(()), np.zeros(())] for r in p.act}
     act_s0 = {r: float(v) for r, v in p.act.items()}
     unit = {k: p.scale[k] if step_unit == "grid" else np.float32(np.sqrt(np.mean(p.w[k] ** 2))) for k in p.w}
@@ -521,7 +549,15 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
             act_m[r][1] = b2 * act_m[r][1] + (1 - b2) * ds * ds
             upd = (act_m[r][0] / (1 - b1 ** (it + 1))) / (np.sqrt(act_m[r][1] / (1 - b2 ** (it + 1))) + 1e-12)
             p.act[r] = np.maximum(p.act[r] - decay * act_lr * act_s0[r] * upd, 0.05 * act_s0[r])
-        for k, (dw, db) in [(k, v) for k, v in grads.items() if not k.startswith("act:")]:
+        for k, (ds, _) in [(k, v) for k, v in grads.items() if k.startswith("wscale:")]:
+            k = k[7:]
+            ws_m[k][0] = b1 * ws_m[k][0] + (1 - b1) * ds
+            ws_m[k][1] = b2 * ws_m[k][1] + (1 - b2) * ds * ds
+            upd = (ws_m[k][0] / (1 - b1 ** (it + 1))) / (np.sqrt(ws_m[k][1] / (1 - b2 ** (it + 1))) + 1e-12)
+            s0 = ws_0[k].reshape(-1)
+            p.scale[k] = np.maximum(p.scale[k].reshape(-1) - decay * weight_scale_lr * s0 * upd,
+                                    0.05 * s0).astype(np.float32).reshape(ws_0[k].shape)
+        for k, (dw, db) in [(k, v) for k, v in grads.items() if not k.startswith(("act:", "wscale:"))]:
             for j, (g, par, step) in enumerate(((dw, p.w[k], lr * unit[k]), (db, p.b[k], bias_lr))):
                 m1[k][j] = b1 * m1[k][j] + (1 - b1) * g
                 m2[k][j] = b2 * m2[k][j] + (1 - b2) * g * g
@@ -535,7 +571,7 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
         if n.name in p.w:
             s = p.scale[n.name]
             q = np.clip(np.rint(p.w[n.name] / s), -p.qmax[n.name], p.qmax[n.name])
-            q0 = np.clip(np.rint(start.w[n.name] / s), -p.qmax[n.name], p.qmax[n.name])
+            q0 = np.clip(np.rint(start.w[n.name] / start.scale[n.name]), -p.qmax[n.name], p.qmax[n.name])
             changed[n.name] = round(float((q != q0).mean()), 4)  # how much the integers moved
             g.constants[n.params["weight"]] = (q * s).astype(np.float32)
             g.constants[n.params["bias"]] = p.b[n.name].astype(np.float32)
@@ -543,6 +579,6 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
             n.attrs["w_scale_bits"] = n.attrs.get("weight_bits", 8)
     k = max(1, steps // 10)
     info.update(loss_first=round(float(np.mean(losses[:k])), 6), loss_last=round(float(np.mean(losses[-k:])), 6),
-                batch=batch, weights_changed=changed, seconds=round(time.perf_counter() - t0, 3))
+                batch=batch, samples=len(x), weights_changed=changed, seconds=round(time.perf_counter() - t0, 3))
     g.meta["finetune"] = {"steps": int(steps)}
     return g, info

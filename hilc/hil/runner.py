@@ -45,6 +45,9 @@ def ensure_firmware(out_dir: Path, board: Board) -> Path:
 def connect(out_dir: Path, board: Board, graph: Graph, port: str | None = None,
             timeout: float = 5.0) -> Iterator[Link]:
     """A verified link to a board running this model's firmware (QEMU boards are started here)."""
+    if board.is_qemu and port is not None:  # it would be ignored: the emulator's link is hilc's own
+        raise HilcError(f"--port {port}: {board.name} is emulated; hilc starts QEMU and connects to it itself "
+                        "(--port is for real boards)")
     elf = ensure_firmware(out_dir, board)
     qemu = None
     try:

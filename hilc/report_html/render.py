@@ -218,6 +218,27 @@ def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n:,} B"
 
 
+_LAYER_FIELDS = {"name": str, "op": str, "macs": int, "act_bits": int, "out_shape": list}
+
+
+def _check_layers(report: dict, path: Path) -> None:
+    """The per-layer fields every page shows (what ``hilc compile`` writes), so a hand-edited
+    report.json fails here in one line, not as a KeyError in a plot."""
+    tables = [("layers", report["layers"], _LAYER_FIELDS)]
+    if isinstance(report.get("profile"), dict):
+        tables.append(("profile layers", report["profile"].get("layers"), {"name": str, "ticks": int}))
+    for what, rows, fields in tables:
+        if not isinstance(rows, list):
+            raise HilcError(f"{path}: unreadable report ('{what}' is not a list)")
+        for i, row in enumerate(rows):
+            for key, kind in fields.items():
+                if not isinstance(row, dict) or not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                    raise HilcError(f"{path}: unreadable report ({what} #{i}: '{key}' missing or not "
+                                    f"{'a number' if kind is int else 'a ' + kind.__name__})")
+            if what == "layers" and not (row.get("weight_bits") is None or isinstance(row["weight_bits"], int)):
+                raise HilcError(f"{path}: unreadable report (layers #{i}: 'weight_bits' is not a number)")
+
+
 def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the template shows, plots included (as data: URIs)."""
     import matplotlib
@@ -232,6 +253,7 @@ def build_context(out_dir: str | Path, accuracy: dict[str, Any] | None = None) -
         layers = report["layers"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise HilcError(f"{path}: unreadable report ({e})") from None
+    _check_layers(report, path)
     board = None
     if report.get("board"):
         from hilc.hil.boards import load_board
@@ -342,10 +364,9 @@ def write_report(out_dir: str | Path, output: str | Path | None = None,
     measured elsewhere (name -> value; floats <= 1 show as percentages) to the summary."""
     page = render_report(out_dir, accuracy)
     dest = Path(output) if output else Path(out_dir) / "report.html"
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(dest)
-    return dest
+    from hilc.fileio import atomic_write
+
+    return atomic_write(dest, lambda tmp: tmp.write_text(page, encoding="utf-8"), "an .html file")
 
 
 def short_summary(report: dict[str, Any], out: str | Path) -> str:

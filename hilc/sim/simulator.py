@@ -95,6 +95,11 @@ def check_inputs(graph: Graph, x: np.ndarray) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         raise HilcError(f"input dtype {x.dtype}, expected float32 in the model's input range")
     check_shape(graph, graph.inputs[0], x.shape)
+    if len(x) == 0:
+        raise HilcError("input array holds no samples")
+    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if not finite.all():  # NaN would quantize to some integer and run as if it were a value
+        raise HilcError(f"input array holds NaN or Inf values (sample {int(np.argmin(finite))})")
     return x
 
 

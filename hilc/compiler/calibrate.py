@@ -86,17 +86,21 @@ class _Stats:
         return _mse_range(vals, self.lo, self.hi)
 
 
-def _mse_range(vals: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
-    """The clipped range among shrinkings of [lo, hi] with the least quantization MSE."""
+def _mse_range(vals: np.ndarray, lo: float, hi: float, bits: int = 8,
+               alphas: np.ndarray | None = None) -> tuple[float, float]:
+    """The clipped range among shrinkings of [lo, hi] (by ``alphas``, default 0.2..1 in steps
+    of 0.01) with the least quantization MSE at ``bits`` bits (``mixed`` searches its sub-byte
+    ranges with it too)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if hi - lo < 1e-12:
         return lo, hi
     v = vals.astype(np.float64)
     best, best_err = (lo, hi), np.inf
-    for alpha in np.linspace(0.2, 1.0, 81):
+    qmin, qmax = arith.qrange(bits)
+    for alpha in np.linspace(0.2, 1.0, 81) if alphas is None else alphas:
         a, b = lo * alpha, hi * alpha
-        scale, zp = arith.choose_qparams(a, b)
-        q = np.clip(np.rint(v / scale) + zp, -128, 127)
+        scale, zp = arith.choose_qparams(a, b, bits)
+        q = np.clip(np.rint(v / scale) + zp, qmin, qmax)
         err = float(np.mean(((q - zp) * scale - v) ** 2))
         if err < best_err:
             best, best_err = (a, b), err

@@ -166,19 +166,11 @@ def analyse(graph: Graph, extended: bool = False) -> Space:
 
 
 def _mse_clip(v: np.ndarray, lo: float, hi: float, bits: int) -> tuple[float, float]:
-    """The shrinking of ``[lo, hi]`` with the least quantization MSE at ``bits`` bits."""
-    from hilc.compiler.arith import choose_qparams, qrange
+    """The shrinking of ``[lo, hi]`` (down to 0.1 of it) with the least quantization MSE at ``bits`` bits."""
+    from hilc.compiler.calibrate import _mse_range
 
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    best, best_err = (lo, hi), np.inf
-    qmin, qmax = qrange(bits)
-    for alpha in np.linspace(0.1, 1.0, 46):
-        s, zp = choose_qparams(lo * alpha, hi * alpha, bits)
-        q = np.clip(np.rint(v / s) + zp, qmin, qmax)
-        err = float(np.mean(((q - zp) * s - v) ** 2))
-        if err < best_err:
-            best, best_err = (lo * alpha, hi * alpha), err
-    return float(best[0]), float(best[1])
+    lo, hi = _mse_range(v, lo, hi, bits, np.linspace(0.1, 1.0, 46))
+    return float(lo), float(hi)
 
 
 def prepare_subbyte(graph: Graph, samples: np.ndarray, max_samples: int = 128, keep: int = 1 << 16,
@@ -793,8 +785,10 @@ def ptq_lowered(reference: Graph, assigned: Graph, samples: np.ndarray, max_samp
 
 def _fake_act_quant(graph: Graph):
     """Fake quantization of the sub-byte activations of ``graph`` (``meta['act_bits']``), on the
-    grid ``quantize`` will give them, for the PTQ walk; None when every activation is 8-bit."""
+    grid ``quantize`` will give them, for the PTQ walk; None when every activation is 8-bit.
+    (Not ``qat.act_grids``: that quantizes the whole graph and fake-quantizes the 8-bit tensors too.)"""
     from hilc.compiler.arith import choose_qparams, qrange
+    from hilc.compiler.qat import fake_act
 
     grids = {}
     for t, bits in graph.meta.get("act_bits", {}).items():
@@ -806,10 +800,7 @@ def _fake_act_quant(graph: Graph):
         return None
 
     def fq(name: str, v: np.ndarray) -> np.ndarray:
-        if name not in grids:
-            return v
-        s, zp, qmin, qmax = grids[name]
-        return ((np.clip(np.rint(v / s) + zp, qmin, qmax) - zp) * s).astype(np.float32)
+        return v if name not in grids else fake_act(v, grids[name])[0].astype(np.float32, copy=False)
 
     return fq
 

@@ -159,7 +159,10 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
             source = "synthesised inputs"
         g = calib_mod.calibrate(g, samples, method, percentile, progress=progress, source=source, cluster=cluster)
         if calib is None:
-            g.meta["calibration_method"]["data_free"] = ptq_report.pop("data_free")
+            # the graph (and so its content hash) keeps what was done, not how long it took: the
+            # seconds stay in report.json's ptq methods
+            g.meta["calibration_method"]["data_free"] = {k: v for k, v in ptq_report.pop("data_free").items()
+                                                         if k != "seconds"}
     if samples is not None and any(n.attrs.get("act_format") for n in g.nodes):  # minifloat input casts
         from hilc.compiler.minifloat import PIPELINE_ACT_Q_STEPS, search_act_shifts
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from hilc.compiler import arith
 from hilc.compiler.ir import Graph, Node
-from hilc.compiler.ops.conv import _conv, _FloatProduct, windows
+from hilc.compiler.ops.conv import windows
 from hilc.errors import HilcError
 from hilc.sim.simulator import to_physical
 
@@ -486,15 +486,15 @@ class _WalkDone(Exception):
 
 # --- data-free calibration -----------------------------------------------------------------
 
-DIFF_OPS = ("conv2d", "dense", "clamp", "reshape", "transpose", "add")
-
-
 def _bn_targets(graph: Graph) -> tuple[list[Node], list[Node]]:
-    """BatchNorm-carrying layers reachable by differentiable ops only, and the nodes to run."""
+    """BatchNorm-carrying layers reachable by differentiable ops only (``Op.differentiable``),
+    and the nodes to run."""
+    from hilc.compiler.ops import OPS
+
     stats = graph.meta.get("bn_stats", {})
     diff_ok: set[str] = set(graph.inputs)
     for n in graph.nodes:
-        if n.op in DIFF_OPS and "const" not in n.params and all(i in diff_ok for i in n.inputs):
+        if OPS[n.op].differentiable(n) and all(i in diff_ok for i in n.inputs):
             diff_ok.update(n.outputs)
     targets = [n for n in graph.nodes if n.name in stats and n.op in LINEAR_OPS and n.outputs[0] in diff_ok]
     if not targets:
@@ -503,51 +503,21 @@ def _bn_targets(graph: Graph) -> tuple[list[Node], list[Node]]:
     return targets, [n for n in graph.nodes[:last + 1] if n.outputs[0] in diff_ok]
 
 
-def _conv_input_grad(node: Node, w: np.ndarray, dz: np.ndarray, in_shape: tuple[int, ...]) -> np.ndarray:
-    a = node.attrs
-    g = a["group"]
-    o, kh, kw, cg = w.shape
-    cin = in_shape[3]
-    og = o // g
-    full = np.zeros((o, kh, kw, cin), dz.dtype)  # grouped weights as one dense kernel
-    for i in range(g):
-        full[i * og:(i + 1) * og, :, :, i * cg:(i + 1) * cg] = w[i * og:(i + 1) * og]
-    n, oh, ow, _ = dz.shape
-    dcols = (dz.reshape(-1, o) @ full.reshape(o, -1)).reshape(n, oh, ow, kh, kw, cin)
-    t, l, b, r = a["pads"]
-    sh, sw = a["strides"]
-    dh, dw = a["dilations"]
-    dx = np.zeros((n, in_shape[1] + t + b, in_shape[2] + l + r, cin), dz.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, :, :, i, j]
-    return dx[:, t:t + in_shape[1], l:l + in_shape[2], :]
-
-
 def _forward_backward(graph: Graph, nodes: list[Node], targets: dict[str, tuple[np.ndarray, np.ndarray]],
                       x: np.ndarray) -> tuple[float, np.ndarray]:
-    """BN-statistics loss of physical inputs x and its gradient."""
+    """BN-statistics loss of physical inputs x and its gradient (each operator's own float
+    forward and backward, ``Op.float_forward`` / ``Op.float_backward``)."""
+    from hilc.compiler.ops import OPS
+    from hilc.compiler.ops.base import float_activation, float_params
+
     env: dict[str, np.ndarray] = {graph.inputs[0]: x}
     pre: dict[str, np.ndarray] = {}
+    caches: dict[str, Any] = {}
+    masks: dict[str, np.ndarray | None] = {}
     for n in nodes:
-        xs = [env[i] for i in n.inputs]
-        if n.op == "conv2d":
-            z = _conv(xs[0], graph.param(n, "weight"), n, (len(x), *graph.tensors[n.outputs[0]].shape[1:]), 0.0,
-                      _FloatProduct()) + graph.param(n, "bias")
-        elif n.op == "dense":
-            z = xs[0] @ graph.param(n, "weight").T + graph.param(n, "bias")
-        elif n.op == "add":
-            s0, s1 = n.attrs.get("signs", [1, 1])
-            z = s0 * xs[0] + s1 * xs[1]
-        elif n.op == "reshape":
-            z = xs[0].reshape(len(x), *n.attrs["shape"][1:])
-        elif n.op == "transpose":
-            z = xs[0].transpose(n.attrs["perm"])
-        else:  # clamp
-            z = xs[0]
+        (z,), caches[n.name] = OPS[n.op].float_forward(n, graph, [env[i] for i in n.inputs], float_params(n, graph))
         pre[n.name] = z
-        lo, hi = n.attrs.get("act_lo"), n.attrs.get("act_hi")
-        env[n.outputs[0]] = np.clip(z, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+        env[n.outputs[0]], masks[n.name] = float_activation(n, z)
     loss = 0.0
     grads: dict[str, np.ndarray] = {}
     dpre: dict[str, np.ndarray] = {}
@@ -563,34 +533,17 @@ def _forward_backward(graph: Graph, nodes: list[Node], targets: dict[str, tuple[
         dz = w * (2 * (mu - mu_t) / m + 2 * (sd - sd_t) / sd * (zz - mu) / m)
         dpre[name] = dz.reshape(z.shape).astype(np.float32)
     for n in reversed(nodes):
-        y = env[n.outputs[0]]
         dy = grads.pop(n.outputs[0], None)
         dz = dpre.get(n.name)
         if dy is not None:
-            lo, hi = n.attrs.get("act_lo"), n.attrs.get("act_hi")
-            if lo is not None or hi is not None:
-                z = pre[n.name]
-                dy = dy * ((z > (-np.inf if lo is None else lo)) & (z < (np.inf if hi is None else hi)))
+            if masks[n.name] is not None:
+                dy = dy * masks[n.name]
             dz = dy if dz is None else dz + dy
         if dz is None:
             continue
-        xs = [env[i] for i in n.inputs]
-        if n.op == "conv2d":
-            dxs = [_conv_input_grad(n, graph.param(n, "weight"), dz, xs[0].shape)]
-        elif n.op == "dense":
-            dxs = [dz @ graph.param(n, "weight")]
-        elif n.op == "add":
-            s0, s1 = n.attrs.get("signs", [1, 1])
-            dxs = [s0 * dz, s1 * dz]
-        elif n.op == "reshape":
-            dxs = [dz.reshape(xs[0].shape)]
-        elif n.op == "transpose":
-            dxs = [dz.transpose(np.argsort(n.attrs["perm"]))]
-        else:
-            dxs = [dz]
+        dxs, _ = OPS[n.op].float_backward(n, caches.pop(n.name), [dz], param_grads=False)
         for i, d in zip(n.inputs, dxs, strict=True):
             grads[i] = d if i not in grads else grads[i] + d
-        del y
     return loss, grads.get(graph.inputs[0], np.zeros_like(x))
 
 

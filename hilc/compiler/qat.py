@@ -29,9 +29,10 @@ validation tiles. The result is written as ``ptq`` writes its own: float weights
 that sit exactly on their grid plus the grid (``attrs['w_scale']``), so ``quantize`` reproduces
 the trained integers; the arithmetic never changes.
 
-Each operator's backward is a few lines below (conv2d, dense, add, avgpool, reshape, transpose,
-clamp, and a softmax that ends the graph, whose input is the logits); a graph with another op is
-returned unchanged, with the reason in the report.
+Each operator's float forward and backward live in its module (``Op.float_forward``,
+``Op.float_backward``: conv2d, dense, add, avgpool, reshape, transpose, clamp), plus a softmax
+that ends the graph, whose input is the logits; a graph with an op that has no backward
+(``Op.differentiable``) is returned unchanged, with the reason in the report.
 """
 
 from __future__ import annotations
@@ -43,11 +44,9 @@ from typing import Any
 import numpy as np
 
 from hilc.compiler.ir import Graph, Node
-from hilc.compiler.ops.conv import windows
-from hilc.compiler.ptq import _conv_input_grad, _grid, _single_blas
-
-SUPPORTED = ("conv2d", "dense", "add", "avgpool", "reshape", "transpose", "clamp")
-LINEAR_OPS = ("conv2d", "dense")
+from hilc.compiler.ops import OPS
+from hilc.compiler.ops.base import float_activation
+from hilc.compiler.ptq import LINEAR_OPS, _grid, _pin, _single_blas
 
 
 @dataclass
@@ -68,10 +67,8 @@ def unsupported(graph: Graph) -> str | None:
     for i, n in enumerate(graph.nodes):
         if n.op == "softmax" and i == len(graph.nodes) - 1 and n.outputs[0] in graph.outputs:
             continue
-        if n.op not in SUPPORTED:
+        if not OPS[n.op].differentiable(n):
             return f"no backward for {n.op} ({n.name})"
-        if n.op == "avgpool" and list(n.attrs.get("extra", [0, 0])) != [0, 0]:
-            return f"no backward for ceil-mode avgpool ({n.name})"
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         return "fine-tuning needs one input and one output"
     return None
@@ -147,70 +144,7 @@ def _grid_of(t: str, grids: dict, p: Params) -> tuple[float, int, int, int]:
     return g if root is None else (float(p.act[root]), *g[1:])
 
 
-# --- forward and backward, op by op -----------------------------------------------------------
-
-def _conv_cols(node: Node, x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    a = node.attrs
-    v = windows(x, a["kernel"], a["strides"], a["dilations"], a["pads"], 0.0, out_hw)
-    return np.ascontiguousarray(v)  # [N, OH, OW, KH, KW, C]
-
-
-def _conv_fwd(node: Node, x: np.ndarray, w: np.ndarray, b: np.ndarray, out_hw) -> tuple[np.ndarray, Any]:
-    cols = _conv_cols(node, x, out_hw)
-    g = node.attrs["group"]
-    n, oh, ow = cols.shape[:3]
-    o, cg = w.shape[0], w.shape[3]
-    og = o // g
-    ys = []
-    for i in range(g):
-        c = cols[..., i * cg:(i + 1) * cg].reshape(n * oh * ow, -1)
-        ys.append(c @ w[i * og:(i + 1) * og].reshape(og, -1).T)
-    y = np.concatenate(ys, axis=1).reshape(n, oh, ow, o) + b
-    return y, cols
-
-
-def _conv_bwd(node: Node, cols: np.ndarray, x_shape, w: np.ndarray, dz: np.ndarray):
-    g = node.attrs["group"]
-    o, cg = w.shape[0], w.shape[3]
-    og = o // g
-    d2 = dz.reshape(-1, o)
-    dw = np.concatenate([(d2[:, i * og:(i + 1) * og].T @ cols[..., i * cg:(i + 1) * cg].reshape(len(d2), -1))
-                         .reshape(og, *w.shape[1:]) for i in range(g)])
-    return _conv_input_grad(node, w, dz, x_shape), dw, d2.sum(axis=0)
-
-
-def _pool_fwd(node: Node, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from hilc.compiler.ops.pool import _full_pads, _out_hw, count_map
-
-    a = node.attrs
-    oh, ow = _out_hw(a, x.shape[1], x.shape[2])
-    cnt = count_map(a, x.shape[1], x.shape[2]).astype(np.float32)[None, :, :, None]
-    s = windows(x, a["kernel"], a["strides"], [1, 1], _full_pads(a), 0.0, (oh, ow)).sum(axis=(3, 4))
-    return s / cnt, cnt
-
-
-def _pool_bwd(node: Node, cnt: np.ndarray, x_shape, dy: np.ndarray) -> np.ndarray:
-    from hilc.compiler.ops.pool import _full_pads
-
-    a = node.attrs
-    kh, kw = a["kernel"]
-    sh, sw = a["strides"]
-    t, left, bot, r = _full_pads(a)
-    n, oh, ow, c = dy.shape
-    d = dy / cnt
-    dx = np.zeros((n, x_shape[1] + t + bot, x_shape[2] + left + r, c), dy.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dx[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] += d
-    return dx[:, t:t + x_shape[1], left:left + x_shape[2], :]
-
-
-def _act_mask(node: Node, z: np.ndarray) -> np.ndarray | None:
-    lo, hi = node.attrs.get("act_lo"), node.attrs.get("act_hi")
-    if lo is None and hi is None:
-        return None
-    return (z > (-np.inf if lo is None else lo)) & (z < (np.inf if hi is None else hi))
-
+# --- forward and backward: each operator's own (``Op.float_forward`` / ``Op.float_backward``) ---
 
 def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_weights: bool = True,
             keep: bool = False) -> tuple[np.ndarray, list]:
@@ -227,10 +161,11 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
     for n in nodes:
         xs = [env[i] for i in n.inputs]
         rec: dict[str, Any] = {}
-        if n.op in LINEAR_OPS:
+        params: dict[str, np.ndarray] = {}
+        if n.name in p.w:  # a trained layer: its (fake-quantized) weight and bias
             w, wmask = (fake_weight(p.w[n.name], p.scale[n.name], p.qmax[n.name]) if quant_weights
                         else (p.w[n.name], None))
-            rec.update(w=w, wmask=wmask)
+            rec.update(wmask=wmask)
             if keep and quant_weights and n.name in p.learn_scale:
                 rec["wsg"] = fake_weight_scale_grad(p.w[n.name], p.scale[n.name], p.qmax[n.name])
             b = p.b[n.name]
@@ -238,28 +173,9 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
                 # the integer bias: on the accumulator's grid s_in * s_w (coarse with sub-byte widths)
                 s_acc = _grid_of(n.inputs[0], grids, p)[0] * p.scale[n.name].reshape(-1)
                 b = (np.rint(b / s_acc) * s_acc).astype(b.dtype)
-            if n.op == "conv2d":
-                oh, ow = graph.tensors[n.outputs[0]].shape[1:3]
-                z, rec["cols"] = _conv_fwd(n, xs[0], w, b, (oh, ow))
-            else:
-                z = xs[0] @ w.T + b
-        elif n.op == "add":
-            s0, s1 = n.attrs.get("signs", [1, 1])
-            z = s0 * xs[0] + s1 * xs[1]
-        elif n.op == "avgpool":
-            z, rec["cnt"] = _pool_fwd(n, xs[0])
-        elif n.op == "reshape":
-            z = xs[0].reshape(len(x), *n.attrs["shape"][1:])
-        elif n.op == "transpose":
-            z = xs[0].transpose(n.attrs["perm"])
-        else:  # clamp: its bounds are act_lo / act_hi
-            z = xs[0]
-        mask = _act_mask(n, z)
-        if mask is None:
-            y = z
-        else:
-            lo, hi = n.attrs.get("act_lo"), n.attrs.get("act_hi")
-            y = np.clip(z, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+            params = {"weight": w, "bias": b}
+        (z,), rec["cache"] = OPS[n.op].float_forward(n, graph, xs, params)
+        y, mask = float_activation(n, z)
         qmask = None
         out = n.outputs[0]
         if grids is not None and out in grids and out != logits:
@@ -269,7 +185,7 @@ def forward(graph: Graph, p: Params, x: np.ndarray, grids: dict | None, quant_we
             y, qmask = fake_act(y, grid)
         env[out] = y
         if keep:
-            rec.update(mask=mask, qmask=qmask, shapes=[v.shape for v in xs])
+            rec.update(mask=mask, qmask=qmask)
             tape.append(rec)
     if keep:
         return env[logits], [tape, in_mask, env]
@@ -297,30 +213,12 @@ def backward(graph: Graph, p: Params, state: list, dlogits: np.ndarray,
         for m in (rec["qmask"], rec["mask"]):
             if m is not None:
                 dy = dy * m
-        if n.op == "conv2d":
-            dx, dw, db = _conv_bwd(n, rec["cols"], rec["shapes"][0], rec["w"], dy)
-            out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, db)
-            dxs = [dx]
+        dxs, dp = OPS[n.op].float_backward(n, rec["cache"], [dy], param_grads=n.name in p.w)
+        if n.name in p.w:
+            dw = dp["weight"]
+            out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, dp["bias"])
             if "wsg" in rec:  # the layer's weight scale, per output channel
                 out["wscale:" + n.name] = ((dw * rec["wsg"]).reshape(len(dw), -1).sum(axis=1), None)
-        elif n.op == "dense":
-            xin = env[n.inputs[0]]
-            dw = dy.T @ xin
-            out[n.name] = (dw * rec["wmask"] if rec["wmask"] is not None else dw, dy.sum(axis=0))
-            dxs = [dy @ rec["w"]]
-            if "wsg" in rec:
-                out["wscale:" + n.name] = ((dw * rec["wsg"]).sum(axis=1), None)
-        elif n.op == "add":
-            s0, s1 = n.attrs.get("signs", [1, 1])
-            dxs = [s0 * dy, s1 * dy]
-        elif n.op == "avgpool":
-            dxs = [_pool_bwd(n, rec["cnt"], rec["shapes"][0], dy)]
-        elif n.op == "reshape":
-            dxs = [dy.reshape(rec["shapes"][0])]
-        elif n.op == "transpose":
-            dxs = [dy.transpose(np.argsort(n.attrs["perm"]))]
-        else:
-            dxs = [dy]
         for i, d in zip(n.inputs, dxs, strict=True):
             if i not in graph.inputs:
                 grads[i] = d if i not in grads else grads[i] + d
@@ -573,10 +471,7 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
             q = np.clip(np.rint(p.w[n.name] / s), -p.qmax[n.name], p.qmax[n.name])
             q0 = np.clip(np.rint(start.w[n.name] / start.scale[n.name]), -p.qmax[n.name], p.qmax[n.name])
             changed[n.name] = round(float((q != q0).mean()), 4)  # how much the integers moved
-            g.constants[n.params["weight"]] = (q * s).astype(np.float32)
-            g.constants[n.params["bias"]] = p.b[n.name].astype(np.float32)
-            n.attrs["w_scale"] = [float(v) for v in s.reshape(-1)]
-            n.attrs["w_scale_bits"] = n.attrs.get("weight_bits", 8)
+            _pin(g, n, q, s.reshape(-1), p.b[n.name])  # as ptq writes its own: weights on the grid, and the grid
     k = max(1, steps // 10)
     info.update(loss_first=round(float(np.mean(losses[:k])), 6), loss_last=round(float(np.mean(losses[-k:])), 6),
                 batch=batch, samples=len(x), weights_changed=changed, seconds=round(time.perf_counter() - t0, 3))

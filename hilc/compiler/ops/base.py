@@ -4,7 +4,9 @@ Each operator family lives in one module of this package and registers:
 
 * an ``Op`` subclass (under its IR name) holding everything about the operator: its shape
   rule, float kernel (for calibration and importer checks), quantization rule, integer
-  simulator kernel and cost (MACs), and its lowerings (``lower_c``, ``lower_tvm``, ``lower_hls``);
+  simulator kernel and cost (MACs), its lowerings (``lower_c``, ``lower_tvm``, ``lower_hls``)
+  and, where it is differentiable, a float forward/backward pair (``float_forward``,
+  ``float_backward``: fine-tuning in ``qat`` and data-free calibration in ``ptq`` run on them);
 * ONNX importer functions (under ONNX op types) that turn an ONNX node into IR nodes.
 
 Adding an operator means adding one module and its test, never a chain of ``if op == ...``.
@@ -13,7 +15,7 @@ Adding an operator means adding one module and its test, never a chain of ``if o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -66,6 +68,27 @@ class Op:
 
     def weight_count(self, node: Node, graph: Graph) -> int:
         return int(graph.param(node, "weight").size) if "weight" in node.params else 0
+
+    # --- differentiation (hilc.compiler.qat's fine-tuning, ptq's data-free calibration) ---------
+
+    def float_forward(self, node: Node, graph: Graph, xs: list[np.ndarray],
+                      params: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Any]:
+        """The float outputs *before* the fused activation (``float_activation`` applies it; the
+        caller keeps the pre-activation), computed in the inputs' dtype (float64 for gradient
+        checks), and what ``float_backward`` needs. ``params``: the node's parameters by name as
+        the caller wants them used (e.g. fake-quantized weights), ``float_params`` for the graph's."""
+        raise NotImplementedError(self.name)
+
+    def float_backward(self, node: Node, cache: Any, dys: list[np.ndarray],
+                       param_grads: bool = True) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Gradients of the inputs (one per input, in order) and, with ``param_grads``, of the
+        parameters by name, from the gradients ``dys`` of the pre-activation outputs."""
+        raise NotImplementedError(self.name)
+
+    def differentiable(self, node: Node) -> bool:
+        """Whether ``float_forward``/``float_backward`` cover this node (operators that define
+        a backward; a subclass narrows it for attributes its backward does not handle)."""
+        return type(self).float_backward is not Op.float_backward
 
     def lower_hls(self, node: Node, graph: Graph, ctx: HlsContext) -> dict:
         """The config of this node's HLS layer function (templates/layers.j2 of hilc/targets/hls);
@@ -142,6 +165,21 @@ def apply_float_activation(node: Node, y: np.ndarray) -> np.ndarray:
     if lo is not None or hi is not None:
         y = np.clip(y, -np.inf if lo is None else lo, np.inf if hi is None else hi)
     return y
+
+
+def float_params(node: Node, graph: Graph) -> dict[str, np.ndarray]:
+    """A node's parameters as ``float_forward`` takes them: the graph's constants."""
+    return {k: graph.param(node, k) for k in node.params}
+
+
+def float_activation(node: Node, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fused activation (``act_lo``/``act_hi``) of pre-activation ``z``, and where its
+    gradient passes (None: everywhere, no activation)."""
+    lo, hi = node.attrs.get("act_lo"), node.attrs.get("act_hi")
+    if lo is None and hi is None:
+        return z, None
+    mask = (z > (-np.inf if lo is None else lo)) & (z < (np.inf if hi is None else hi))
+    return np.clip(z, -np.inf if lo is None else lo, np.inf if hi is None else hi), mask
 
 
 def exact_dtype(bound: int) -> type:

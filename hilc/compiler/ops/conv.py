@@ -82,6 +82,29 @@ def _conv(x: np.ndarray, w: np.ndarray, node: Node, out_shape: tuple[int, ...], 
     return np.concatenate(out, axis=3)
 
 
+def conv_input_grad(node: Node, w: np.ndarray, dz: np.ndarray, in_shape: tuple[int, ...]) -> np.ndarray:
+    """The gradient of a conv's input from its pre-activation output's ``dz`` (NHWC): the
+    columns' gradient scattered back over the kernel taps."""
+    a = node.attrs
+    g = a["group"]
+    o, kh, kw, cg = w.shape
+    cin = in_shape[3]
+    og = o // g
+    full = np.zeros((o, kh, kw, cin), dz.dtype)  # grouped weights as one dense kernel
+    for i in range(g):
+        full[i * og:(i + 1) * og, :, :, i * cg:(i + 1) * cg] = w[i * og:(i + 1) * og]
+    n, oh, ow, _ = dz.shape
+    dcols = (dz.reshape(-1, o) @ full.reshape(o, -1)).reshape(n, oh, ow, kh, kw, cin)
+    t, l, b, r = a["pads"]
+    sh, sw = a["strides"]
+    dh, dw = a["dilations"]
+    dx = np.zeros((n, in_shape[1] + t + b, in_shape[2] + l + r, cin), dz.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dx[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :] += dcols[:, :, :, i, j]
+    return dx[:, t:t + in_shape[1], l:l + in_shape[2], :]
+
+
 class _FloatProduct:
     def __call__(self, a, b):
         return a.astype(np.float32, copy=False) @ b.astype(np.float32, copy=False)
@@ -119,6 +142,35 @@ class Conv2D(Op):
         y = _conv(xs[0].astype(np.float32), graph.param(node, "weight"), node, out_shape, 0.0, _FloatProduct())
         y = y + graph.param(node, "bias").astype(np.float32)
         return [apply_float_activation(node, y)]
+
+    def float_forward(self, node, graph, xs, params):
+        # im2col in the input's dtype, one product per group; the columns stay for the weight gradient
+        a = node.attrs
+        out_hw = graph.tensors[node.outputs[0]].shape[1:3]
+        w = params["weight"]
+        cols = np.ascontiguousarray(windows(xs[0], a["kernel"], a["strides"], a["dilations"], a["pads"], 0.0, out_hw))
+        g = a["group"]
+        n, oh, ow = cols.shape[:3]
+        o, cg = w.shape[0], w.shape[3]
+        og = o // g
+        ys = [cols[..., i * cg:(i + 1) * cg].reshape(n * oh * ow, -1) @ w[i * og:(i + 1) * og].reshape(og, -1).T
+              for i in range(g)]
+        y = np.concatenate(ys, axis=1).reshape(n, oh, ow, o) + params["bias"]
+        return [y], (cols, xs[0].shape, w)
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        cols, x_shape, w = cache
+        dz = dys[0]
+        dx = conv_input_grad(node, w, dz, x_shape)
+        if not param_grads:
+            return [dx], {}
+        g = node.attrs["group"]
+        o, cg = w.shape[0], w.shape[3]
+        og = o // g
+        d2 = dz.reshape(-1, o)
+        dw = np.concatenate([(d2[:, i * og:(i + 1) * og].T @ cols[..., i * cg:(i + 1) * cg].reshape(len(d2), -1))
+                             .reshape(og, *w.shape[1:]) for i in range(g)])
+        return [dx], {"weight": dw, "bias": d2.sum(axis=0)}
 
     def quantize(self, node, graph):
         quantize_linear_layer(node, graph)

@@ -26,6 +26,15 @@ class Dense(Op):
         y = xs[0].astype(np.float32) @ w.T + graph.param(node, "bias").astype(np.float32)
         return [apply_float_activation(node, y)]
 
+    def float_forward(self, node, graph, xs, params):
+        w = params["weight"]
+        return [xs[0] @ w.T + params["bias"]], (xs[0], w)
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        x, w = cache
+        dy = dys[0]
+        return [dy @ w], ({"weight": dy.T @ x, "bias": dy.sum(axis=0)} if param_grads else {})
+
     def quantize(self, node, graph):
         quantize_linear_layer(node, graph)
 

@@ -153,6 +153,17 @@ class Add(_Binary):
         s0, s1 = node.attrs.get("signs", [1, 1])
         return [apply_float_activation(node, s0 * a + s1 * b)]
 
+    def float_forward(self, node, graph, xs, params):
+        s0, s1 = node.attrs.get("signs", [1, 1])
+        return [s0 * xs[0] + s1 * xs[1]], None
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        s0, s1 = node.attrs.get("signs", [1, 1])
+        return [s0 * dys[0], s1 * dys[0]], {}
+
+    def differentiable(self, node):
+        return "const" not in node.params  # two activations; a constant operand has no backward here
+
     def quantize(self, node, graph):
         self._quantize_const(node, graph)
         qs = self._operand_quants(node, graph)
@@ -251,6 +262,12 @@ class Clamp(Op):
 
     def eval_float(self, node, graph, xs):
         return [apply_float_activation(node, xs[0].astype(np.float32))]
+
+    def float_forward(self, node, graph, xs, params):
+        return [xs[0]], None  # the bounds are the fused activation (act_lo / act_hi)
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        return [dys[0]], {}
 
     def quantize(self, node, graph):
         lo, hi = clamp_bounds(node, out_quant(graph, node))

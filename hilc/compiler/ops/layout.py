@@ -31,6 +31,12 @@ class Reshape(Op):
 
     eval_int = eval_float
 
+    def float_forward(self, node, graph, xs, params):
+        return [xs[0].reshape(xs[0].shape[0], *node.attrs["shape"][1:])], xs[0].shape
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        return [dys[0].reshape(cache)], {}
+
     def lower_tvm(self, node, graph, tb):
         x = tb.input(node)
         in_dims = [int(d) for d in graph.tensors[node.inputs[0]].shape[1:]]
@@ -71,6 +77,12 @@ class Transpose(Op):
         return [np.ascontiguousarray(xs[0].transpose(node.attrs["perm"]))]
 
     eval_int = eval_float
+
+    def float_forward(self, node, graph, xs, params):
+        return [xs[0].transpose(node.attrs["perm"])], None
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        return [dys[0].transpose(np.argsort(node.attrs["perm"]))], {}
 
     def lower_tvm(self, node, graph, tb):
         x = tb.input(node)

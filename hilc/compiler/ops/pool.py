@@ -153,6 +153,32 @@ class AvgPool(_Pool):
         cnt = count_map(a, x.shape[1], x.shape[2]).astype(np.float32)
         return [apply_float_activation(node, s / cnt[None, :, :, None])]
 
+    def float_forward(self, node, graph, xs, params):
+        a = node.attrs
+        x = xs[0]
+        oh, ow = _out_hw(a, x.shape[1], x.shape[2])
+        cnt = count_map(a, x.shape[1], x.shape[2]).astype(np.float32)[None, :, :, None]
+        s = windows(x, a["kernel"], a["strides"], [1, 1], _full_pads(a), 0.0, (oh, ow)).sum(axis=(3, 4))
+        return [s / cnt], (cnt, x.shape)
+
+    def float_backward(self, node, cache, dys, param_grads=True):
+        cnt, x_shape = cache
+        a = node.attrs
+        kh, kw = a["kernel"]
+        sh, sw = a["strides"]
+        t, left, bot, r = _full_pads(a)
+        dy = dys[0]
+        n, oh, ow, c = dy.shape
+        d = dy / cnt
+        dx = np.zeros((n, x_shape[1] + t + bot, x_shape[2] + left + r, c), dy.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                dx[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] += d
+        return [dx[:, t:t + x_shape[1], left:left + x_shape[2], :]], {}
+
+    def differentiable(self, node):
+        return list(node.attrs.get("extra", [0, 0])) == [0, 0]  # ceil mode: the backward has no extra rows
+
     def quantize(self, node, graph):
         qi, qo = in_quant(graph, node), out_quant(graph, node)
         _, h, w, _ = graph.tensors[node.inputs[0]].shape

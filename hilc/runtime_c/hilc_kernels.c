@@ -6,7 +6,9 @@
 
 /* Portable kernels (the Cortex-M3 path; the DSP kernels unpack whole weight words into SIMD
  * lanes): packed 4/2-bit weight rows and/or packed 4-bit activations are read element by element
- * through hilc_weight_at / hilc_act4_at; at width 8 these helpers are plain loads and stores. */
+ * through hilc_weight_at / hilc_act4_at; at width 8 these helpers are plain loads and stores.
+ * Generated code runs sub-byte layers through the faster column kernels below instead
+ * (hilc_conv2d_s8_col); these element-wise ones need no scratch and stay the reference. */
 static inline int32_t w_at(const int8_t *row, int32_t i, int32_t bits) {
     return hilc_packed(bits) ? hilc_weight_at(row, i, bits) : row[i];
 }
@@ -73,6 +75,113 @@ static HILC_ALWAYS_INLINE void dense_portable(const hilc_dense_params *p, const 
             int32_t acc = p->bias[o];
             for (int32_t i = 0; i < k; i++) acc += (x_at(in, r * k + i, ib) - p->zp_in) * w_at(row, i, wb);
             y_put(out, r * p->out_features + o, ob,
+                  hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi));
+        }
+    }
+}
+
+/* Portable sub-byte kernels with a column (the Cortex-M3 path when the model has sub-byte layers):
+ * per output pixel and group one int16 column of (x - zp) (0 in the padding; packed 4-bit inputs
+ * unpacked once here, not once per output channel), then per output channel a dot product that
+ * loads one word of weights and takes its lanes with constant-position signed bit-field extracts
+ * (one SBFX each on ARMv7-M): a multiply-accumulate costs a halfword load, an extract and an MLA,
+ * whatever the weight width. Same integers as conv2d_portable; `col` holds k int16. The generated
+ * code calls them (hilc_conv2d_sub) only for sub-byte layers, so int8-only builds do not link them. */
+static inline int32_t sbits(uint32_t u, int32_t lsb, int32_t width) {
+    return (int32_t)(u << (32 - lsb - width)) >> (32 - width);
+}
+
+/* acc + sum_i col[i] * w[i], w a row of int8 (BITS 8) or packed weights (BITS 4, 2: byte j of a
+ * word holds weights j, 4+j, 8+j, 12+j from its top bits down, hilc_arith.h). BITS a literal; the
+ * lanes are written out (gcc -O2 does not unroll the loop over them), so each lane's position is
+ * a constant and its term is LDRSH, SBFX (or ASR), MLA. */
+#define HILC_COL_LANE(BITS, s, j) acc += c[4 * (s) + (j)] * sbits(u, 8 * (j) + 8 - (BITS) * ((s) + 1), (BITS))
+#define HILC_COL_LANES4(BITS, s)                                                                         \
+    do {                                                                                                 \
+        HILC_COL_LANE(BITS, s, 0);                                                                       \
+        HILC_COL_LANE(BITS, s, 1);                                                                       \
+        HILC_COL_LANE(BITS, s, 2);                                                                       \
+        HILC_COL_LANE(BITS, s, 3);                                                                       \
+    } while (0)
+#define HILC_DEFINE_DOT_COL(BITS)                                                                      \
+    static int32_t dot_col_##BITS(const int16_t *col, const int8_t *row, int32_t k, int32_t acc) {     \
+        int32_t i = 0;                                                                                 \
+        for (; i + 32 / (BITS) <= k; i += 32 / (BITS)) {                                               \
+            const int16_t *c = col + i;                                                                \
+            uint32_t u;                                                                                \
+            memcpy(&u, row + (i >> ((BITS) == 8 ? 0 : (BITS) == 4 ? 1 : 2)), 4);                       \
+            HILC_COL_LANES4(BITS, 0);                                                                  \
+            if ((BITS) <= 4) HILC_COL_LANES4(BITS, 1);                                                 \
+            if ((BITS) == 2) {                                                                         \
+                HILC_COL_LANES4(BITS, 2);                                                              \
+                HILC_COL_LANES4(BITS, 3);                                                              \
+            }                                                                                          \
+        }                                                                                              \
+        for (; i < k; i++) acc += col[i] * ((BITS) == 8 ? row[i] : hilc_weight_at(row, i, BITS));     \
+        return acc;                                                                                    \
+    }
+
+HILC_DEFINE_DOT_COL(8)
+HILC_DEFINE_DOT_COL(4)
+HILC_DEFINE_DOT_COL(2)
+
+static inline int32_t dot_col(const int16_t *col, const int8_t *row, int32_t k, int32_t bits, int32_t acc) {
+    return bits == 4 ? dot_col_4(col, row, k, acc) : bits == 2 ? dot_col_2(col, row, k, acc) : dot_col_8(col, row, k, acc);
+}
+
+/* col[0..n) = x - zp for n activations from element xi of `in` (packed 4-bit when bits == 4). */
+static inline void col_fill(int16_t *col, const int8_t *in, int32_t xi, int32_t n, int32_t bits, int32_t zp) {
+    int32_t i = 0;
+    if (bits == 4) {
+        if (xi & 1) { col[0] = (int16_t)(hilc_act4_at(in, xi) - zp); i = 1; }
+        const uint8_t *xb = (const uint8_t *)in + ((xi + i) >> 1);
+        for (; i + 2 <= n; i += 2) { /* two channels per byte load */
+            const uint32_t b = *xb++;
+            col[i] = (int16_t)(((int32_t)(int8_t)(uint8_t)(b << 4) >> 4) - zp);
+            col[i + 1] = (int16_t)(((int32_t)(int8_t)(uint8_t)b >> 4) - zp);
+        }
+        if (i < n) col[i] = (int16_t)(hilc_act4_at(in, xi + i) - zp);
+    } else {
+        for (; i < n; i++) col[i] = (int16_t)(in[xi + i] - zp);
+    }
+}
+
+void hilc_conv2d_s8_col(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+    const int32_t cg = p->group_in, og = p->group_out, k = p->k_h * p->k_w * cg;
+    const int32_t wb = hilc_packed(p->weight_bits) ? p->weight_bits : 8;
+    const int32_t stride = wb != 8 ? p->weight_stride : k;
+    for (int32_t oy = 0; oy < p->out_h; oy++) {
+        for (int32_t ox = 0; ox < p->out_w; ox++) {
+            const int32_t o = (oy * p->out_w + ox) * p->out_c;
+            for (int32_t g = 0, oc = 0; g < p->groups; g++) {
+                int32_t pos = 0;
+                for (int32_t ky = 0; ky < p->k_h; ky++) {
+                    const int32_t iy = oy * p->stride_h - p->pad_t + ky * p->dil_h;
+                    for (int32_t kx = 0; kx < p->k_w; kx++, pos += cg) {
+                        const int32_t ix = ox * p->stride_w - p->pad_l + kx * p->dil_w;
+                        if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) /* padding is real 0 */
+                            for (int32_t ic = 0; ic < cg; ic++) col[pos + ic] = 0;
+                        else
+                            col_fill(col + pos, in, (iy * p->in_w + ix) * p->in_c + g * cg, cg, p->in_bits, p->zp_in);
+                    }
+                }
+                for (int32_t j = 0; j < og; j++, oc++) {
+                    const int32_t acc = dot_col(col, p->weight + oc * stride, k, wb, p->bias[oc]);
+                    y_put(out, o + oc, p->out_bits, hilc_requant(acc, p->mult[oc], p->shift[oc], p->zp_out, p->lo, p->hi));
+                }
+            }
+        }
+    }
+}
+
+void hilc_dense_s8_col(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
+    const int32_t k = p->in_features, wb = hilc_packed(p->weight_bits) ? p->weight_bits : 8;
+    const int32_t stride = wb != 8 ? p->weight_stride : k;
+    for (int32_t r = 0; r < p->rows; r++) {
+        col_fill(col, in, r * k, k, p->in_bits, p->zp_in);
+        for (int32_t o = 0; o < p->out_features; o++) {
+            const int32_t acc = dot_col(col, p->weight + o * stride, k, wb, p->bias[o]);
+            y_put(out, r * p->out_features + o, p->out_bits,
                   hilc_requant(acc, p->mult[o], p->shift[o], p->zp_out, p->lo, p->hi));
         }
     }

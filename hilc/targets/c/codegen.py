@@ -41,6 +41,7 @@ class CEmitter:
         self.decls: list[str] = []
         self.const_bytes = 0
         self.scratch_elems = 0  # int16 column buffer of the DSP kernels
+        self.subbyte = False  # some conv/dense has packed weights or 4-bit maps: portable kernels take the column
         self._names: set[str] = set()
 
     def need_scratch(self, int16_elems: int) -> None:
@@ -102,7 +103,16 @@ class CEmitter:
                 packed = arith.pack_weights(w, bits).view(np.int8)
                 cache[node.name] = {"weight": self.array(f"{node.name}_weight_{bits}bit", packed),
                                     "weight_bits": bits, "weight_stride": arith.packed_row_bytes(k, bits)}
-        return {**cache[node.name], **acts}
+        fields = {**cache[node.name], **acts}
+        self.subbyte = self.subbyte or self.is_subbyte(fields)
+        return fields
+
+    @staticmethod
+    def is_subbyte(fields: dict[str, Any]) -> bool:
+        """Whether a conv/dense with these ``weights`` fields has packed weights or 4-bit maps: it
+        then calls hilc_conv2d_sub / hilc_dense_sub (on portable builds the column kernels, so
+        int8-only firmware links none of them)."""
+        return fields["weight_bits"] in (4, 2) or fields["in_bits"] == 4 or fields["out_bits"] == 4
 
     def struct(self, ctype: str, name: str, fields: dict[str, Any]) -> str:
         """Declare a const parameter struct; returns ``&ident``."""
@@ -187,7 +197,7 @@ def generate_c(graph: Graph, model_name: str = "model") -> CModel:
         "input_size": tensor_bytes(graph, graph.inputs[0]), "output_size": tensor_bytes(graph, out),
         "output_expr": em.tensor(out), "arena_size": max(plan.arena_bytes, 4),
         "input_quant": graph.tensors[graph.inputs[0]].quant, "output_quant": graph.tensors[out].quant,
-        "scratch_elems": em.scratch_elems, "model_hash": graph.content_hash(),
+        "scratch_elems": em.scratch_elems, "scratch_portable": em.subbyte, "model_hash": graph.content_hash(),
     }
     files = {"model.c": env.get_template("model.c.j2").render(ctx),
              "model.h": env.get_template("model.h.j2").render(ctx)}

@@ -848,7 +848,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                     cluster: str | None = None, engine: str = "numpy",
                     finetune_steps: int | None = None,
                     finetune_samples: np.ndarray | None = None,
-                    rerank: int | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
+                    rerank: int | None = None,
+                    ptq_samples: np.ndarray | None = None) -> tuple[Graph, dict[str, Any], dict[str, str]]:
     """The calibrated float graph with bit-widths assigned (fixed ones, or the ILP's for
     ``precision='mixed'``), the report's ``mixed_precision`` section and files to write.
     ``engine`` ("numpy" or "tvm") runs the search's integer-model evaluations.
@@ -856,7 +857,10 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     None: its default step count, 0: off), when some width went below 8; ``finetune_samples``: its
     inputs (model layout; None: the calibration samples). ``rerank``: the K best ILP solutions are
     scored on the calibration data by the whole integer model and the best kept
-    (``hilc.compiler.rerank``; None: ``RERANK_K``, 1: the ILP's optimum as it is)."""
+    (``hilc.compiler.rerank``; None: ``RERANK_K``, 1: the ILP's optimum as it is).
+    ``ptq_samples``: extra unlabeled inputs (model layout) for the allocation's PTQ (AdaRound and
+    bias correction, ``ptq_lowered``), fitted on the calibration samples plus these (None: the
+    calibration samples alone); the sensitivities and the search still use the calibration samples."""
     rerank_k = RERANK_K if rerank is None else rerank
     if isinstance(rerank_k, bool) or not isinstance(rerank_k, int | np.integer) or rerank_k < 1:
         raise HilcError(f"--rerank K must be a whole number >= 1, got {rerank}")
@@ -909,7 +913,12 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                        "chosen": best, "candidates": rows,
                        "seconds": round(time.perf_counter() - t_rr, 3)}  # includes the chosen one's PTQ
     t_ptq = time.perf_counter()
-    if rerank_info is None:
+    if ptq_samples is not None:  # more inputs for AdaRound / bias correction (K x K statistics: cheap)
+        ptq_x = np.concatenate([np.asarray(samples, np.float32)[:sens["samples"]],
+                                np.asarray(ptq_samples, np.float32)])
+        g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
+        g = ptq_lowered(graph, g, ptq_x, len(ptq_x))
+    elif rerank_info is None:
         g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
         g = ptq_lowered(graph, g, samples, sens["samples"])
     else:  # scored after this very PTQ (same inputs, same AdaRound steps): not fitted twice
@@ -936,6 +945,8 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     if g.meta.get("ptq"):
         info["ptq"] = {"methods": g.meta["ptq"], "adaround_iterations": ADAROUND_ITERATIONS,
                        "seconds": round(ptq_seconds, 3)}
+        if ptq_samples is not None:
+            info["ptq"]["samples"] = sens["samples"] + len(ptq_samples)
     if ft_info is not None:  # quantization-aware fine-tuning: after the search, timed apart from it
         info["finetune"] = ft_info
     # measured effect: the same perturbation metric on the whole mixed graph

@@ -53,7 +53,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
                   fpga_error_ratio: float = 1.0, order: str = "memory",
                   patch_precision: str = "off", engine: str = "numpy",
                   finetune_steps: int | None = None,
-                  finetune_data: str | Path | np.ndarray | None = None, rerank: int | None = None) -> CompileResult:
+                  finetune_data: str | Path | np.ndarray | None = None, rerank: int | None = None,
+                  ptq_data: str | Path | np.ndarray | None = None) -> CompileResult:
     """Compile an ONNX file into an integer-only graph and its report (and C sources for target c;
     ``board`` implies target c for that board's CPU and checks its flash and SRAM; ``patch``
     is auto|off|SPLIT:N, scheduled against ``sram_bytes`` (default: the board's SRAM); with target
@@ -128,7 +129,13 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     ft_samples = None
     if finetune_data is not None:  # fine-tuning inputs apart from calibration (unlabeled; distillation)
         ft_samples = finetune_data if isinstance(finetune_data, np.ndarray) else calib_mod.load_samples(finetune_data)
+    ptq_samples = None
+    if ptq_data is not None:  # extra unlabeled inputs for the mixed allocation's PTQ (mixed.apply_precision)
+        ptq_samples = ptq_data if isinstance(ptq_data, np.ndarray) else calib_mod.load_samples(ptq_data)
     g = import_onnx(model)
+    if ptq_samples is not None:
+        ptq_samples = calib_mod.check_samples(g, np.asarray(ptq_samples),
+                                              "--ptq-data" if isinstance(ptq_data, np.ndarray) else str(ptq_data))
     if ft_samples is not None:
         ft_source = "--finetune-data" if isinstance(finetune_data, np.ndarray) else str(finetune_data)
         ft_samples = calib_mod.check_samples(g, np.asarray(ft_samples), ft_source)
@@ -191,7 +198,8 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         g, mixed_info, files = apply_precision(g, samples, precision, budgets, weight_bits, act_bits,
                                                sensitivity_cache, board, extended_bits, cluster=cluster,
                                                engine=engine, finetune_steps=finetune_steps,
-                                               finetune_samples=ft_samples, rerank=rerank)
+                                               finetune_samples=ft_samples, rerank=rerank,
+                                               ptq_samples=ptq_samples)
     q = quantize(g)
     if fpga_info is not None:
         q.meta["precision"] = "auto-fpga"

@@ -117,6 +117,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
         raise HilcError(f"--rerank K must be a whole number >= 1, got {args.rerank}")
     if args.finetune_data is not None and args.precision != "mixed":
         raise HilcError("--finetune-data feeds the mixed-precision fine-tuning: add --precision mixed")
+    if getattr(args, "ptq_data", None) is not None and args.precision != "mixed":
+        raise HilcError("--ptq-data feeds the PTQ of the mixed-precision allocation: add --precision mixed")
 
     # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
     sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
@@ -128,6 +130,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
     if args.finetune_data is not None:
         ft["finetune_data"] = args.finetune_data
+    if getattr(args, "ptq_data", None) is not None:
+        ft["ptq_data"] = args.ptq_data
     if args.widths == "extended":
         ft["extended_bits"] = True
     if args.rerank is not None:
@@ -568,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-data", metavar="FILE",
                    help="with --precision mixed: the fine-tuning inputs (unlabeled; .npy/.npz laid out as --calib), "
                         "e.g. many in-distribution crops; default: the calibration inputs")
+    c.add_argument("--ptq-data", metavar="FILE",
+                   help="with --precision mixed: extra unlabeled inputs (.npy/.npz laid out as --calib) for the "
+                        "allocation's AdaRound and bias correction, fitted on the calibration inputs plus these")
     c.add_argument("--patch-precision", default="off", choices=["off", "value"],
                    help="value: QuantMCU patch-branch precision; patches without input outliers run the patch stage "
                         "at lower activation widths (value-driven search; needs a patch schedule and --calib)")

@@ -4,6 +4,8 @@ array is a one-line error."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -38,3 +40,19 @@ def test_ptq_data_refits_the_same_allocation_deterministically(tmp_path):
     with pytest.raises(HilcError) as e:
         compile_model(tmp_path / "m.onnx", calib, ptq_data=extra[:, :2], **kw)
     assert "--ptq-data" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_ptq_data_needs_mixed_and_is_reported(tmp_path, capsys):
+    from hilc.cli import main
+
+    onnx.save(chain_model(), str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "calib.npy", rng.uniform(-2, 2, (32, 3, 7, 9)).astype(np.float32))
+    np.save(tmp_path / "extra.npy", rng.uniform(-2, 2, (40, 3, 7, 9)).astype(np.float32))
+    base = ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npy"), "-q",
+            "--ptq-data", str(tmp_path / "extra.npy")]
+    assert main(base + ["-o", str(tmp_path / "int8")]) == 2
+    assert "--ptq-data feeds the PTQ of the mixed-precision allocation" in capsys.readouterr().err
+    assert main(base + ["-o", str(tmp_path / "mx"), "--precision", "mixed", "--bitops-ratio", "2",
+                        "--finetune-steps", "0"]) == 0
+    assert json.loads((tmp_path / "mx" / "report.json").read_text())["mixed_precision"]["ptq"]["samples"] == 72

@@ -8,7 +8,7 @@ the compiler does; its PTQ (AdaRound + bias correction, ``mixed.ptq_lowered``) i
 of ``crops96[96:]`` (``qat_validation.grid_tiles``). PTQ has no seed (deterministic).
 
 Prints a table and writes benchmarks/results/ptq_data_validation.json. From the repository root:
-    python benchmarks/ptq_data_validation.py [--sets extended subbyte] [--finetune-steps 0]
+    python benchmarks/ptq_data_validation.py [--sets extended subbyte] [--finetune-steps 0|-1]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from hilc.sim.simulator import simulate  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sets", nargs="+", default=["extended"])
-    ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument("--finetune-steps", type=int, default=0, help="0: off (default); -1: the compiler's default")
     args = ap.parse_args()
     crops = np.load(DATA / "natural_crops.npz")
     c96 = crops["crops96"].astype(np.float32)
@@ -56,7 +56,8 @@ def main() -> None:
                 t = time.perf_counter()
                 r = compile_model(RESNET8, calib, precision="mixed", budgets=Budgets(bitops_ratio=2.0),
                                   sensitivity_cache=Path(d) / f"sens_{label}.json", extended_bits=label == "extended",
-                                  finetune_steps=args.finetune_steps, ptq_data=data)
+                                  finetune_steps=None if args.finetune_steps < 0 else args.finetune_steps,
+                                  ptq_data=data)
                 sec = time.perf_counter() - t
                 got = simulate(r.graph, tiles)
                 agree, kl = float((got.argmax(1) == top).mean()), _kl(ref, got)

@@ -28,14 +28,20 @@ def crops32() -> np.ndarray:
     return np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def digits() -> dict[str, np.ndarray]:
+def load_digits() -> dict[str, np.ndarray]:
+    """The digits set as NCHW float32 images and int64 labels, cut by the stored train/test split
+    (plain function: the benchmark scripts use it too)."""
     d = np.load(DATA / "digits.npz")
     split = np.load(DATA / "digits_split.npz")
     x = d["images"].astype(np.float32)[:, None, :, :]
     y = d["labels"].astype(np.int64)
     return {"x_train": x[split["train_idx"]], "y_train": y[split["train_idx"]],
             "x_test": x[split["test_idx"]], "y_test": y[split["test_idx"]]}
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict[str, np.ndarray]:
+    return load_digits()
 
 
 def ort_run(model: str | Path | onnx.ModelProto, x: np.ndarray, batched: bool = True,

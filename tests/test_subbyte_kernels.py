@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
-from conftest import calibrated, host_vs_sim
-from onnx import TensorProto, helper, numpy_helper
+from conftest import calibrated, float_onnx_model, host_vs_sim
+from onnx import helper, numpy_helper
 
 from hilc.compiler import mixed
 from hilc.compiler.pipeline import compile_model, write_artifacts
@@ -37,12 +37,7 @@ def odd_model() -> onnx.ModelProto:
     ]
     inits = [w("W1", (5, 3, 3, 3)), w("B1", (5,)), w("W2", (7, 5, 3, 3)), w("B2", (7,)), w("W3", (4, 63)),
              w("B3", (4,))]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
-    m = helper.make_model(helper.make_graph(nodes, "odd", [x], [y], initializer=inits),
-                          opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return float_onnx_model(nodes, inits, "odd", ["N", 3, 5, 5], ["N", 4])
 
 
 @pytest.mark.parametrize("bits", [(4, 2, 4), (2, 4, 8), (8, 8, 2)])

@@ -56,6 +56,13 @@ VARIANTS: dict[str, dict | None] = {
     "calib+tiles-600": {"data": "calib+tiles", "steps": 600},
     "tiles-600-wscale": {"data": "tiles", "steps": 600, "weight_scale_lr": 0.01},
     "tiles-600-wscale-lr-x4": {"data": "tiles", "steps": 600, "weight_scale_lr": 0.01, "lr": 0.02},
+    # losses on the decision (top-1) rather than the whole distribution (qat.output_loss)
+    "kl+margin": {"loss": "kl+margin"},
+    "hard": {"loss": "hard"},
+    "kl+hard": {"loss": "kl+hard"},
+    "kl+margin-features-0.3": {"loss": "kl+margin", "features": 0.3},
+    "margin": {"loss": "margin"},
+    "kl+margin-1.0": {"loss": "kl+margin", "margin_scale": 1.0},
 }
 
 

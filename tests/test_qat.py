@@ -14,6 +14,7 @@ from test_mixed import chain_model
 
 from hilc.compiler import mixed, qat
 from hilc.compiler.quantize import quantize
+from hilc.errors import HilcError
 from hilc.sim.simulator import to_physical
 
 
@@ -236,3 +237,48 @@ def test_learned_weight_scale_gradient_matches_finite_differences(chain):
             assert abs(gs[c] - (num - ste[c])) <= 1e-4 + 1e-3 * abs(num), (k, c, gs[c], num, ste[c])
     assert qat.fake_weight_scale_grad(np.array([0.26, -0.74, 1.3]), np.array(0.5), 1).tolist() == \
         pytest.approx([1 - 0.52, -1 + 1.48, 1.0])
+
+
+@pytest.mark.parametrize("loss", ["hard", "margin", "kl+margin", "kl+hard"])
+def test_decision_losses_match_finite_differences(loss):
+    """The top-1 losses (hard distillation, margin hinge, and their sums with KL) against
+    central differences of the logits, at every entry."""
+    rng = np.random.default_rng(3)
+    teacher = rng.standard_normal((6, 5)) * 2
+    student = teacher + rng.standard_normal((6, 5))  # some samples past their margin, some not
+    w = {"kl": 0.7, "margin": 1.3}
+    _, grad = qat.output_loss(student, teacher, loss, 2.0, 0.5, w)
+    eps = 1e-6
+    for i in np.ndindex(student.shape):
+        s = student.copy()
+        s[i] += eps
+        lp = qat.output_loss(s, teacher, loss, 2.0, 0.5, w)[0]
+        s[i] -= 2 * eps
+        lm = qat.output_loss(s, teacher, loss, 2.0, 0.5, w)[0]
+        num = (lp - lm) / (2 * eps)
+        assert abs(grad[i] - num) <= 1e-5 + 1e-4 * abs(num), (loss, i, grad[i], num)
+
+
+def test_margin_loss_known_answers():
+    teacher = np.array([[3.0, 1.0, 0.0], [0.0, 0.2, 0.1]])
+    # sample 0: target margin 0.5 * 2 = 1, student margin 2 - 1.5 = 0.5 -> hinge 0.5;
+    # sample 1: target 0.5 * 0.1 = 0.05, student beats its rival by 1 -> nothing
+    student = np.array([[2.0, 1.5, -1.0], [0.0, 1.0, 0.0]])
+    loss, grad = qat.margin_loss(student, teacher, 0.5)
+    assert loss == pytest.approx(0.25 / 2)
+    assert np.allclose(grad, [[-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    assert qat.hard_loss(np.zeros((1, 4)), np.eye(4)[2:3])[0] == pytest.approx(np.log(4))
+
+
+def test_finetune_with_a_decision_loss_is_deterministic_and_rejects_unknown_terms(chain):
+    g, calib, x = chain
+    low = mixed.ptq_lowered(g, _lowered(g), calib, iterations=50)
+    a, info = qat.finetune(g, low, x, steps=20, batch=16, augmentation=False, loss="kl+margin")
+    b, _ = qat.finetune(g, low, x, steps=20, batch=16, augmentation=False, loss="kl+margin")
+    assert info["loss"] == "kl+margin"
+    qa, qb = quantize(a), quantize(b)
+    for na, nb in zip(qa.nodes, qb.nodes, strict=True):
+        for p in na.params:
+            assert np.array_equal(qa.param(na, p), qb.param(nb, p)), (na.name, p)
+    with pytest.raises(HilcError, match="unknown fine-tuning loss term 'mse'"):
+        qat.finetune(g, low, x, steps=5, loss="kl+mse")

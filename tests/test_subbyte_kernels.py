@@ -57,7 +57,7 @@ def test_column_kernels_bit_exact_on_odd_shapes(bits, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="arm-none-eabi-gcc not installed")
-def test_cortex_m3_allocates_the_column_only_for_subbyte_layers(tmp_path):
+def test_cortex_m3_allocates_the_column_the_planner_counts(tmp_path):
     onnx.save(odd_model(), str(tmp_path / "m.onnx"))
     calib = np.random.default_rng(3).uniform(-2, 2, (32, 3, 5, 5)).astype(np.float32)
     space = mixed.analyse(calibrated(tmp_path / "m.onnx", calib))
@@ -72,6 +72,6 @@ def test_cortex_m3_allocates_the_column_only_for_subbyte_layers(tmp_path):
         assert r.report["scratch_bytes"] == 2 * 63
         assert r.report["peak_sram_bytes"] >= r.report["arena_bytes"] + r.report["scratch_bytes"]
         assert build.forbidden_symbols(elf) == []
-    # int8-only firmware links neither the column nor its kernels
-    assert not {"hilc_scratch", "hilc_conv2d_s8_col", "hilc_dense_s8_col"} & set(sizes["int8"])
-    assert sizes["sub"]["hilc_scratch"] == 2 * 63 and "hilc_conv2d_s8_col" in sizes["sub"]
+    # int8 conv/dense run the column kernels on the M3 too: every build really holds the counted column
+    for label in ("int8", "sub"):
+        assert sizes[label]["hilc_scratch"] == 2 * 63 and "hilc_conv2d_s8_col" in sizes[label]

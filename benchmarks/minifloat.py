@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from common import write_results  # noqa: E402
-from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
+from conftest import DATA, DIGITS_CNN, RESNET8, load_digits, ort_run  # noqa: E402
 
 from hilc.compiler import calibrate as calib_mod  # noqa: E402
 from hilc.compiler import minifloat as mf  # noqa: E402
@@ -164,11 +164,8 @@ def main() -> None:
     res["resnet8"] = run_model("resnet8", RESNET8, calib, held, ort_run(RESNET8, held).argmax(1))
     res["resnet8"]["metric"] = "top-1 agreement with float (384 held-out crops)"
 
-    d = np.load(DATA / "digits.npz")
-    split = np.load(DATA / "digits_split.npz")
-    x = d["images"].astype(np.float32)[:, None, :, :]
-    y = d["labels"].astype(np.int64)
-    xtr, xte, yte = x[split["train_idx"]], x[split["test_idx"]], y[split["test_idx"]]
+    dg = load_digits()
+    xtr, xte, yte = dg["x_train"], dg["x_test"], dg["y_test"]
     res["digits"] = run_model("digits", DIGITS_CNN, xtr[:256], xte, yte)
     res["digits"]["metric"] = f"accuracy ({len(xte)} test digits)"
     res["digits"]["float_accuracy"] = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())

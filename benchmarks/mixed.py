@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
+from conftest import DATA, DIGITS_CNN, RESNET8, load_digits, ort_run  # noqa: E402
 
 from hilc.compiler import calibrate, mixed, passes  # noqa: E402
 from hilc.compiler.costmodel import costs_dir, fit_cost_model, load_cost_model  # noqa: E402
@@ -260,11 +260,8 @@ def search_time(res: dict, rows: list, crops) -> None:
 
 def main() -> None:
     crops = np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
-    dg = np.load(DATA / "digits.npz")
-    split = np.load(DATA / "digits_split.npz")
-    x = dg["images"].astype(np.float32)[:, None]
-    labels = dg["labels"].astype(np.int64)
-    digits = (x[split["train_idx"]], x[split["test_idx"]], labels[split["test_idx"]])
+    dg = load_digits()
+    digits = (dg["x_train"], dg["x_test"], dg["y_test"])
     res: dict = {}
     rows: list[tuple[str, str, str]] = []
     out = ROOT / "benchmarks" / "results" / "mixed.json"

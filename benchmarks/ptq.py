@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import DATA, DIGITS_CNN, RESNET8, ort_run  # noqa: E402
+from conftest import DATA, DIGITS_CNN, RESNET8, load_digits, ort_run  # noqa: E402
 
 from hilc.compiler import ptq  # noqa: E402
 from hilc.compiler.pipeline import compile_model  # noqa: E402
@@ -72,11 +72,8 @@ def main() -> None:
     res["resnet8_w4_gap_closed"] = closed
     rows.append(("  share of the gap to int8 closed by all passes", f"{closed:.0%}", ">= 50%"))
 
-    d = np.load(DATA / "digits.npz")
-    split = np.load(DATA / "digits_split.npz")
-    x = d["images"].astype(np.float32)[:, None]
-    labels = d["labels"].astype(np.int64)
-    xtr, xte, yte = x[split["train_idx"]], x[split["test_idx"]], labels[split["test_idx"]]
+    digits = load_digits()
+    xtr, xte, yte = digits["x_train"], digits["x_test"], digits["y_test"]
     f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())
 
     def dg(calib_x, **kw) -> float:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from common import print_table, write_results  # noqa: E402
-from conftest import AD01, DATA, DIGITS_CNN, RESNET8, ort_quantize_qdq, ort_run  # noqa: E402
+from conftest import AD01, DATA, DIGITS_CNN, RESNET8, load_digits, ort_quantize_qdq, ort_run  # noqa: E402
 
 from hilc.compiler import arith  # noqa: E402
 from hilc.compiler.pipeline import compile_model  # noqa: E402
@@ -103,11 +103,8 @@ def main() -> None:
     rows.append(("resnet8 QDQ import: mean |diff| last tensor", f"{qdq_lsb:.3f} LSB", "<= 1 LSB"))
 
     # digits CNN accuracy
-    d = np.load(DATA / "digits.npz")
-    split = np.load(DATA / "digits_split.npz")
-    x = d["images"].astype(np.float32)[:, None]
-    labels = d["labels"].astype(np.int64)
-    xtr, xte, yte = x[split["train_idx"]], x[split["test_idx"]], labels[split["test_idx"]]
+    dg = load_digits()
+    xtr, xte, yte = dg["x_train"], dg["x_test"], dg["y_test"]
     f_acc = float((ort_run(DIGITS_CNN, xte).argmax(1) == yte).mean())
     i_acc = float((simulate(compile_model(DIGITS_CNN, xtr[:256]).graph, xte).argmax(1) == yte).mean())
     res.update(digits_float_accuracy=f_acc, digits_int8_accuracy=i_acc)

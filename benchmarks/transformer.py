@@ -26,7 +26,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from common import print_table, write_results  # noqa: E402
-from conftest import DATA, ort_run  # noqa: E402
+from conftest import DATA, load_digits, ort_run  # noqa: E402
 from opmodels import cases  # noqa: E402
 
 from hilc.compiler.arith import quantize_host  # noqa: E402
@@ -71,11 +71,8 @@ def main() -> None:
             rows.append((f"{label}: integer error vs float", f"{e['mean_lsb']:.3f} mean / {e['max_lsb']:.2f} max LSB",
                          f"ideal {e['ideal_mean_lsb']:.3f}; {100 * e['equal_to_rounded_float']:.1f}% = rounded float"))
 
-        data = np.load(DATA / "digits.npz")
-        split = np.load(DATA / "digits_split.npz")
-        x = data["images"].astype(np.float32)[:, None]
-        y = data["labels"].astype(np.int64)
-        x_train, x_test, y_test = x[split["train_idx"]], x[split["test_idx"]], y[split["test_idx"]]
+        data = load_digits()
+        x_train, x_test, y_test = data["x_train"], data["x_test"], data["y_test"]
         calib = x_train[:256]
         float_pred = ort_run(MODEL, x_test).argmax(1)
         r = compile_model(MODEL, calib)

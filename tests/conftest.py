@@ -28,14 +28,20 @@ def crops32() -> np.ndarray:
     return np.load(DATA / "natural_crops.npz")["crops32"].astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def digits() -> dict[str, np.ndarray]:
+def load_digits() -> dict[str, np.ndarray]:
+    """The digits set as NCHW float32 images and int64 labels, cut by the stored train/test split
+    (plain function: the benchmark scripts use it too)."""
     d = np.load(DATA / "digits.npz")
     split = np.load(DATA / "digits_split.npz")
     x = d["images"].astype(np.float32)[:, None, :, :]
     y = d["labels"].astype(np.int64)
     return {"x_train": x[split["train_idx"]], "y_train": y[split["train_idx"]],
             "x_test": x[split["test_idx"]], "y_test": y[split["test_idx"]]}
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict[str, np.ndarray]:
+    return load_digits()
 
 
 def ort_run(model: str | Path | onnx.ModelProto, x: np.ndarray, batched: bool = True,
@@ -172,3 +178,16 @@ def host_vs_sim(model, calib, x, out_dir, **kw):
     outs = [build.run_host(build.build_host(out_dir, sanitize=True, dsp=dsp), qx.reshape(len(x), -1), sim.shape[1])
             for dsp in (False, True)]
     return result, outs, sim
+
+
+def float_onnx_model(nodes: list, inits: list, name: str, x_shape: list, y_shape: list) -> onnx.ModelProto:
+    """A float32 model from NODES and INITS with input "x" and output "y" of the given shapes
+    ("N" for a free batch), opset 13, IR version 8: the small hand-built test models."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    m = helper.make_model(helper.make_graph(nodes, name, [x], [y], initializer=inits),
+                          opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m

@@ -122,10 +122,16 @@ def test_board_that_does_not_answer(tmp_path, digits):
 
 # --- QEMU boards -------------------------------------------------------------------------------
 
-def _compiled(tmp_path, model, calib, board):
+def _built(tmp_path, model, calib, board):
+    """The model compiled for BOARD and its artifacts written to TMP_PATH/BOARD: (folder, result)."""
     out = tmp_path / f"{board}"
-    write_artifacts(out, compile_model(model, calib, board=board))
-    return out
+    result = compile_model(model, calib, board=board)
+    write_artifacts(out, result)
+    return out, result
+
+
+def _compiled(tmp_path, model, calib, board):
+    return _built(tmp_path, model, calib, board)[0]
 
 
 @pytest.mark.slow
@@ -194,9 +200,7 @@ def test_fault_injection_never_yields_a_wrong_result(tmp_path, digits):
     from hilc.hil.runner import ensure_firmware
 
     board = load_board("qemu-mps2-an386")
-    result = compile_model(DIGITS_CNN, digits["x_train"][:64], board=board.name)
-    out = tmp_path / "o"
-    write_artifacts(out, result)
+    out, result = _built(tmp_path, DIGITS_CNN, digits["x_train"][:64], board.name)
     g = result.graph
     x = digits["x_test"][:24]
     q = g.tensors[g.inputs[0]].quant
@@ -225,9 +229,8 @@ def test_reset_command_reboots_the_board_and_it_answers_again(tmp_path, digits):
     from hilc.hil.runner import connect
 
     board = load_board("qemu-mps2-an386")
-    result = compile_model(DIGITS_CNN, digits["x_train"][:32], board=board.name)
-    write_artifacts(tmp_path / "o", result)
-    with connect(tmp_path / "o", board, result.graph) as link:
+    out, result = _built(tmp_path, DIGITS_CNN, digits["x_train"][:32], board.name)
+    with connect(out, board, result.graph) as link:
         link.write_input(bytes(range(64)))
         link.reset()
         info = link.info()  # the firmware booted again and answers
@@ -245,13 +248,12 @@ def test_hung_emulator_is_restarted_and_the_answer_still_exact(tmp_path, digits)
     from hilc.hil.runner import _run_one, connect
 
     board = load_board("qemu-mps2-an386")
-    result = compile_model(DIGITS_CNN, digits["x_train"][:32], board=board.name)
-    write_artifacts(tmp_path / "o", result)
+    out, result = _built(tmp_path, DIGITS_CNN, digits["x_train"][:32], board.name)
     g = result.graph
     q = g.tensors[g.inputs[0]].quant
     qx = quantize_host(to_physical(g, g.inputs[0], digits["x_test"][:1]), q.scale, q.zero_point)
     expected = run_int_batched(g, qx).reshape(-1)
-    with connect(tmp_path / "o", board, g, timeout=0.3) as link:
+    with connect(out, board, g, timeout=0.3) as link:
         os.kill(link.qemu.proc.pid, signal.SIGSTOP)  # the board hangs
         got = _run_one(link, qx.reshape(-1), expected.size)
     assert np.array_equal(got, expected)

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import RESNET8, calibrated, host_vs_sim
-from onnx import TensorProto, helper, numpy_helper
+from conftest import RESNET8, calibrated, float_onnx_model, host_vs_sim
+from onnx import helper, numpy_helper
 from opmodels import cases
 
 from hilc.cli import main
@@ -45,12 +45,7 @@ def chain_model() -> onnx.ModelProto:
     ]
     inits = [w("W1", (6, 3, 3, 3)), w("B1", (6,)), w("W2", (6, 1, 3, 3)), w("B2", (6,)), w("W3", (5, 6, 1, 1)),
              w("B3", (5,)), w("W4", (7, 5)), w("B4", (7,))]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 9])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])
-    m = helper.make_model(helper.make_graph(nodes, "chain", [x], [y], initializer=inits),
-                          opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return float_onnx_model(nodes, inits, "chain", ["N", 3, 7, 9], ["N", 7])
 
 
 
@@ -135,13 +130,19 @@ def test_bad_bit_widths_are_one_line_errors(tmp_path, crops32):
         compile_model(RESNET8, crops32[:8], budgets=Budgets(bitops_ratio=2.0))
 
 
-@pytest.fixture(scope="module")
-def chain_problem(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chain")
+def chain_sensitivity(d, cache=None) -> tuple:
+    """chain_model() saved in folder D, calibrated on 48 fixed random inputs, and its measured
+    sensitivity: (graph, inputs, sensitivity). Shared with test_mixed_rerank."""
     onnx.save(chain_model(), str(d / "m.onnx"))
     calib = np.random.default_rng(2).uniform(-2, 2, (48, 3, 7, 9)).astype(np.float32)
     g = calibrated(d / "m.onnx", calib)
-    sens = mixed.measure_sensitivity(g, calib, cache=d / "sens.json")
+    return g, calib, mixed.measure_sensitivity(g, calib, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def chain_problem(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chain")
+    g, calib, sens = chain_sensitivity(d, cache=d / "sens.json")
     return g, calib, sens, d
 
 

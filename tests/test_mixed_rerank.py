@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
-from conftest import calibrated
-from test_mixed import chain_model
+from test_mixed import chain_sensitivity
 
 from hilc.cli import main
 from hilc.compiler import mixed, rerank
@@ -21,10 +19,7 @@ from hilc.errors import HilcError
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     d = tmp_path_factory.mktemp("rerank")
-    onnx.save(chain_model(), str(d / "m.onnx"))
-    calib = np.random.default_rng(2).uniform(-2, 2, (48, 3, 7, 9)).astype(np.float32)
-    g = calibrated(d / "m.onnx", calib)
-    sens = mixed.measure_sensitivity(g, calib)
+    g, calib, sens = chain_sensitivity(d)
     return mixed.with_prepared(g, sens["prepared"]), calib, sens, d
 
 

@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
-from conftest import calibrated, host_vs_sim
-from onnx import TensorProto, helper, numpy_helper
+from conftest import calibrated, float_onnx_model, host_vs_sim
+from onnx import helper, numpy_helper
 
 from hilc.compiler import mixed
 from hilc.compiler.pipeline import compile_model, write_artifacts
@@ -37,12 +37,7 @@ def odd_model() -> onnx.ModelProto:
     ]
     inits = [w("W1", (5, 3, 3, 3)), w("B1", (5,)), w("W2", (7, 5, 3, 3)), w("B2", (7,)), w("W3", (4, 63)),
              w("B3", (4,))]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
-    m = helper.make_model(helper.make_graph(nodes, "odd", [x], [y], initializer=inits),
-                          opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return float_onnx_model(nodes, inits, "odd", ["N", 3, 5, 5], ["N", 4])
 
 
 @pytest.mark.parametrize("bits", [(4, 2, 4), (2, 4, 8), (8, 8, 2)])
@@ -62,7 +57,7 @@ def test_column_kernels_bit_exact_on_odd_shapes(bits, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="arm-none-eabi-gcc not installed")
-def test_cortex_m3_allocates_the_column_only_for_subbyte_layers(tmp_path):
+def test_cortex_m3_allocates_the_column_the_planner_counts(tmp_path):
     onnx.save(odd_model(), str(tmp_path / "m.onnx"))
     calib = np.random.default_rng(3).uniform(-2, 2, (32, 3, 5, 5)).astype(np.float32)
     space = mixed.analyse(calibrated(tmp_path / "m.onnx", calib))
@@ -77,6 +72,6 @@ def test_cortex_m3_allocates_the_column_only_for_subbyte_layers(tmp_path):
         assert r.report["scratch_bytes"] == 2 * 63
         assert r.report["peak_sram_bytes"] >= r.report["arena_bytes"] + r.report["scratch_bytes"]
         assert build.forbidden_symbols(elf) == []
-    # int8-only firmware links neither the column nor its kernels
-    assert not {"hilc_scratch", "hilc_conv2d_s8_col", "hilc_dense_s8_col"} & set(sizes["int8"])
-    assert sizes["sub"]["hilc_scratch"] == 2 * 63 and "hilc_conv2d_s8_col" in sizes["sub"]
+    # int8 conv/dense run the column kernels on the M3 too: every build really holds the counted column
+    for label in ("int8", "sub"):
+        assert sizes[label]["hilc_scratch"] == 2 * 63 and "hilc_conv2d_s8_col" in sizes[label]

@@ -200,20 +200,17 @@ def _match_layernorm(v: _View, sqrt: onnx.NodeProto):
     for t in (mean_t, sq.output[0], var.output[0], add.output[0]):
         if v.only_consumer(t) is None:
             return None
-    out, gamma, beta = div.output[0], None, None
+    out, affine = div.output[0], {}
     nxt = v.only_consumer(out)
-    if nxt is not None and nxt.op_type == "Mul":
+    for kind in ("Mul", "Add"):  # the optional gamma, then the optional beta
+        if nxt is None or nxt.op_type != kind:
+            continue
         c = [i for i in nxt.input if i != out]
         if len(c) == 1 and v.is_const(c[0]):
-            gamma, out = c[0], nxt.output[0]
+            affine[kind], out = c[0], nxt.output[0]
             members.append(nxt)
             nxt = v.only_consumer(out)
-    if nxt is not None and nxt.op_type == "Add":
-        c = [i for i in nxt.input if i != out]
-        if len(c) == 1 and v.is_const(c[0]):
-            beta, out = c[0], nxt.output[0]
-            members.append(nxt)
-    return x, out, members, eps[1], gamma, beta
+    return x, out, members, eps[1], affine.get("Mul"), affine.get("Add")
 
 
 def fuse(model: onnx.ModelProto) -> list[onnx.NodeProto]:

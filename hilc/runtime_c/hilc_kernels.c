@@ -85,8 +85,8 @@ static HILC_ALWAYS_INLINE void dense_portable(const hilc_dense_params *p, const 
  * unpacked once here, not once per output channel), then per output channel a dot product that
  * loads one word of weights and takes its lanes with constant-position signed bit-field extracts
  * (one SBFX each on ARMv7-M): a multiply-accumulate costs a halfword load, an extract and an MLA,
- * whatever the weight width. Same integers as conv2d_portable; `col` holds k int16. The generated
- * code calls them (hilc_conv2d_sub) only for sub-byte layers, so int8-only builds do not link them. */
+ * whatever the weight width. Same integers as conv2d_portable; `col` holds k int16. Portable
+ * builds run sub-byte layers (hilc_conv2d_sub) and int8 ones (hilc_conv2d) through them. */
 static inline int32_t sbits(uint32_t u, int32_t lsb, int32_t width) {
     return (int32_t)(u << (32 - lsb - width)) >> (32 - width);
 }
@@ -280,8 +280,14 @@ void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16
 #if HILC_DSP
     hilc_conv2d_s8_dsp(p, in, out, col);
 #else
-    (void)col;
-    hilc_conv2d_s8(p, in, out);
+    /* int8 layers take the column kernel too (one word load gives four weights, LDRSH + extract +
+     * MLA per MAC instead of the element loop's ~6 instructions) once the column is shared by at
+     * least two output channels; a depthwise layer (one channel per group) would fill a column
+     * for a single dot product, so it keeps the element loop, as does a caller without scratch. */
+    if (col && p->group_out >= 2)
+        hilc_conv2d_s8_col(p, in, out, col);
+    else
+        hilc_conv2d_s8(p, in, out);
 #endif
 }
 
@@ -289,8 +295,10 @@ void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16
 #if HILC_DSP
     hilc_dense_s8_dsp(p, in, out, col);
 #else
-    (void)col;
-    hilc_dense_s8(p, in, out);
+    if (col && p->out_features >= 2) /* as hilc_conv2d: the column kernel once it is shared */
+        hilc_dense_s8_col(p, in, out, col);
+    else
+        hilc_dense_s8(p, in, out);
 #endif
 }
 

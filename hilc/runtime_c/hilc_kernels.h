@@ -98,7 +98,8 @@ void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out);
 /* DSP variants: `col` is scratch for one int16 im2col column (k_h * k_w * group_in, or in_features). */
 void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
-/* The kernel the build selects (HILC_DSP); the portable ones ignore `col`. */
+/* The kernel the build selects (HILC_DSP); portable builds use the column kernels below when `col`
+ * is given and shared by two or more output channels, else the element-wise ones. */
 void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
 /* Portable kernels for layers with packed weights and/or 4-bit activations: per output pixel (dense:

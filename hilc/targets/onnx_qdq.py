@@ -20,6 +20,8 @@ ONNX's NCHW, and the graph's input and output keep the model's own layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -291,21 +293,41 @@ def _emit_table(b: _Builder, node: Node) -> None:
     b.node("Gather", [table, idx], b.tn(node.outputs[0]), name=f"{node.name}_{a['fn']}", axis=0)
 
 
-def _emit_softmax(b: _Builder, node: Node) -> None:
-    """hilc's integer softmax (hilc.compiler.ops.softmax) in int64 ONNX operators: exp table,
-    sum, Newton-Raphson reciprocal, rounding shift. Every value is non-negative, so integer Div
-    by a power of two is the floor shift, and every product stays below 2^62."""
-    from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
-
-    a, g, nm = node.attrs, b.g, node.name
-    axis = a["axis"]
-
+def _int64_emitters(b: _Builder, nm: str) -> tuple[Callable[..., str], Callable[..., str]]:
+    """(c, op) for emitting node NM's int64 arithmetic: c(value, tag) an int64 constant, op(kind,
+    inputs, tag, **attrs) a node; both named after the node and made unique."""
     def c(value, tag: str) -> str:
         return b.const(b.uid(f"{nm}.{tag}"), np.asarray(value, np.int64))
 
     def op(kind: str, ins: list[str], tag: str, **kw) -> str:
         return b.node(kind, ins, b.uid(f"{nm}_{tag}"), **kw)
 
+    return c, op
+
+
+def _nr_reciprocal(c: Callable[..., str], op: Callable[..., str], a: str, step_tag: str) -> str:
+    """hilc's Newton-Raphson reciprocal of a (seed NR_C1 - NR_C2 * a / 2^31, then NR_STEPS steps, as in
+    hilc.compiler.ops.softmax), shared by softmax and LayerNorm; ``step_tag`` names each step's term."""
+    from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
+
+    y = op("Sub", [c(NR_C1, "c1"), op("Div", [op("Mul", [c(NR_C2, "c2"), a], "c2a"), c(1 << 31, "2p31")], "y0s")],
+           "y0")
+    for k in range(NR_STEPS):
+        t = op("Div", [op("Mul", [a, y], f"ay{k}"), c(1 << 31, f"2p31_{k}")], f"{step_tag}{k}")
+        y = op("Div", [op("Mul", [y, op("Sub", [c(1 << 31, f"2p31b_{k}"), t], f"2t{k}")], f"yt{k}"),
+                       c(1 << 30, f"2p30_{k}")], f"y{k + 1}")
+    return y
+
+
+def _emit_softmax(b: _Builder, node: Node) -> None:
+    """hilc's integer softmax (hilc.compiler.ops.softmax) in int64 ONNX operators: exp table,
+    sum, Newton-Raphson reciprocal, rounding shift. Every value is non-negative, so integer Div
+    by a power of two is the floor shift, and every product stays below 2^62."""
+
+    a, g, nm = node.attrs, b.g, node.name
+    axis = a["axis"]
+
+    c, op = _int64_emitters(b, nm)
     pow2 = np.array([1 << k for k in range(63)], np.int64)
     x = _int64(b, node.inputs[0], nm)
     d = op("Sub", [op("ReduceMax", [x], "max", axes=[axis], keepdims=1), x], "d")
@@ -316,12 +338,7 @@ def _emit_softmax(b: _Builder, node: Node) -> None:
     n = op("ReduceSum", [op("Cast", [ge], "ge_i64", to=TensorProto.INT64), c([-1], "last2")], "n", keepdims=0)
     table = c(pow2, "pow2")
     a_ = op("Mul", [s, op("Gather", [table, op("Sub", [c(31, "31"), n], "31_n")], "p31n", axis=0)], "a")
-    y = op("Sub", [c(NR_C1, "c1"), op("Div", [op("Mul", [c(NR_C2, "c2"), a_], "c2a"), c(1 << 31, "2p31")], "y0s")],
-           "y0")
-    for k in range(NR_STEPS):
-        t = op("Div", [op("Mul", [a_, y], f"ay{k}"), c(1 << 31, f"2p31_{k}")], f"t{k}")
-        y = op("Div", [op("Mul", [y, op("Sub", [c(1 << 31, f"2p31b_{k}"), t], f"2t{k}")], f"yt{k}"),
-                       c(1 << 30, f"2p30_{k}")], f"y{k + 1}")
+    y = _nr_reciprocal(c, op, a_, "t")
     # q = rounding_shift(e * y * k, n + 30), ties to even
     p = op("Mul", [op("Mul", [e, y], "ey"), c(a["k"], "k")], "p")
     div = op("Gather", [table, op("Add", [n, c(30, "30")], "sh")], "2sh", axis=0)
@@ -440,17 +457,11 @@ def _emit_layernorm(b: _Builder, node: Node) -> None:
     centring, int64 variance, bit length, digit-by-digit square root, Newton-Raphson reciprocal and
     the two rounding shifts. Values that are divided are non-negative or rounded on their magnitude."""
     from hilc.compiler.ops.layernorm import Z_BITS
-    from hilc.compiler.ops.softmax import NR_C1, NR_C2, NR_STEPS
 
     a, g, nm = node.attrs, b.g, node.name
     n = g.tensors[node.inputs[0]].shape[-1]
 
-    def c(value, tag: str) -> str:
-        return b.const(b.uid(f"{nm}.{tag}"), np.asarray(value, np.int64))
-
-    def op(kind: str, ins: list[str], tag: str, **kw) -> str:
-        return b.node(kind, ins, b.uid(f"{nm}_{tag}"), **kw)
-
+    c, op = _int64_emitters(b, nm)
     pow2 = np.array([1 << k for k in range(63)], np.int64)
     last = c([-1], "last")
     d = op("Sub", [_int64(b, node.inputs[0], nm), c(a["zp_in"], "zp_in")], "d")
@@ -469,12 +480,7 @@ def _emit_layernorm(b: _Builder, node: Node) -> None:
         rem = op("Where", [ok, op("Sub", [rem, t], f"rt{i}"), rem], f"rem{i}")
         half = op("Div", [res, c(2, f"h{i}")], f"half{i}")
         res = op("Where", [ok, op("Add", [half, bit], f"hb{i}"), half], f"res{i}")
-    y = op("Sub", [c(NR_C1, "c1"), op("Div", [op("Mul", [c(NR_C2, "c2"), res], "c2a"), c(1 << 31, "2p31")], "y0s")],
-           "y0")
-    for i in range(NR_STEPS):
-        t = op("Div", [op("Mul", [res, y], f"ay{i}"), c(1 << 31, f"2p31_{i}")], f"nt{i}")
-        y = op("Div", [op("Mul", [y, op("Sub", [c(1 << 31, f"2p31b_{i}"), t], f"2t{i}")], f"yt{i}"),
-                       c(1 << 30, f"2p30_{i}")], f"y{i + 1}")
+    y = _nr_reciprocal(c, op, res, "nt")  # "t{i}" is taken by the square root above
     sh = op("Sub", [c(61 - Z_BITS, "sh0"), k], "sh")
     z = _round_shift_i64(b, op("Mul", [cc, y], "cy"), op("Gather", [table, sh], "2sh", axis=0),
                          op("Gather", [table, op("Sub", [sh, c(1, "1")], "sh1")], "2sh1", axis=0), f"{nm}_z")

@@ -137,6 +137,12 @@ def node_bitops(node: Node, graph: Graph, macs: int | None = None, in_bits: int 
     return bitops(macs, in_bits, node_weight_bits(node))
 
 
+def axis_split(shape: tuple[int, ...] | list[int], axis: int) -> tuple[int, int]:
+    """(outer, inner) element counts around ``axis`` of a batched NHWC-order shape (batch left out),
+    as the C and HLS kernels that walk one axis (softmax, mean, concat, gather) take them."""
+    return int(np.prod(shape[1:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
+
+
 def in_quant(graph: Graph, node: Node, i: int = 0) -> QParams:
     q = graph.tensors[node.inputs[i]].quant
     assert q is not None, f"{node.name}: input {node.inputs[i]} is not quantized"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from hilc.compiler import arith
-from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, register
+from hilc.compiler.ops.base import Op, axis_split, in_quant, onnx_importer, out_quant, register
 
 
 def _rows(ids: np.ndarray, vocab: int) -> np.ndarray:
@@ -114,7 +114,7 @@ class Gather(Op):
         shape = graph.tensors[node.inputs[0]].shape
         ax = node.attrs["axis"]
         idx = em.array(f"{node.name}_indices", np.asarray(node.attrs["indices"], np.int32))
-        outer, inner = int(np.prod(shape[1:ax], dtype=np.int64)), int(np.prod(shape[ax + 1:], dtype=np.int64))
+        outer, inner = axis_split(shape, ax)
         return (f"hilc_gather_s8({outer}, {shape[ax]}, {inner}, {len(node.attrs['indices'])}, {idx}, "
                 f"{em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});")
 
@@ -125,8 +125,8 @@ class Gather(Op):
         shape = hl.tensor_shape(graph, node.inputs[0])
         ax = a["axis"]
         idx = [int(i) % shape[ax] for i in a["indices"]]
-        return dict(kind="select", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
-                    inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), n_idx=len(idx),
+        outer, inner = axis_split(shape, ax)
+        return dict(kind="select", outer=outer, len=shape[ax], inner=inner, n_idx=len(idx),
                     indices=ctx.rom(f"{node.name}_indices", idx, "ap_uint<16>"),
                     n=hl.elems(hl.tensor_shape(graph, node.outputs[0])), act_bits=hl.tensor_bits(graph, node.inputs[0]),
                     doc=f"{node.name}: select {len(idx)} of {shape[ax]} along axis {ax}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from hilc.compiler import arith
-from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, register
+from hilc.compiler.ops.base import Op, axis_split, in_quant, onnx_importer, out_quant, register
 
 
 @register
@@ -179,7 +179,7 @@ class Concat(Op):
         entries = ", ".join(
             f"{{{graph.tensors[t].shape[ax]}, {zp}, {b}, {c}, {em.tensor(t)}}}"
             for t, zp, b, c in zip(node.inputs, a["zp_in"], a["mults"], a["shifts"], strict=True))
-        outer, inner = int(np.prod(shape[1:ax])), int(np.prod(shape[ax + 1:]))
+        outer, inner = axis_split(shape, ax)
         return (f"{{ const hilc_concat_input in[] = {{{entries}}}; const hilc_concat_params p = {{{outer}, {inner}, "
                 f"{len(node.inputs)}, {a['zp_out']}, {a['lo']}, {a['hi']}, in}}; "
                 f"hilc_concat_s8(&p, {em.tensor(node.outputs[0])}); }}")
@@ -190,8 +190,7 @@ class Concat(Op):
         a = node.attrs
         shape = hl.tensor_shape(graph, node.outputs[0])
         ax = a["axis"]
-        outer = int(np.prod(shape[1:ax], dtype=np.int64))
-        inner = int(np.prod(shape[ax + 1:], dtype=np.int64))
+        outer, inner = axis_split(shape, ax)
         parts = []
         for t, zp, b, c in zip(node.inputs, a["zp_in"], a["mults"], a["shifts"], strict=True):
             parts.append(dict(block=hl.tensor_shape(graph, t)[ax] * inner, zp=zp, mult=b, shift=c, t=ctx.act_t(t),

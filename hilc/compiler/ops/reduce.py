@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from hilc.compiler import arith
-from hilc.compiler.ops.base import Op, in_quant, onnx_importer, out_quant, register
+from hilc.compiler.ops.base import Op, axis_split, in_quant, onnx_importer, out_quant, register
 from hilc.errors import UnsupportedModelError
 
 
@@ -69,9 +69,9 @@ class ReduceMean(Op):
         a = node.attrs
         shape = graph.tensors[node.inputs[0]].shape
         ax = a["axis"]
+        outer, inner = axis_split(shape, ax)
         p = em.struct("hilc_reduce_params", node.name, dict(
-            outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
-            inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), zp_in=a["zp_in"], zp_out=a["zp_out"],
+            outer=outer, len=shape[ax], inner=inner, zp_in=a["zp_in"], zp_out=a["zp_out"],
             mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"]))
         return f"hilc_reduce_mean_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
@@ -81,8 +81,8 @@ class ReduceMean(Op):
         a = node.attrs
         shape = hl.tensor_shape(graph, node.inputs[0])
         ax = a["axis"]
-        return dict(kind="reduce_mean", outer=int(np.prod(shape[1:ax], dtype=np.int64)), len=shape[ax],
-                    inner=int(np.prod(shape[ax + 1:], dtype=np.int64)), zp_in=a["zp_in"], zp_out=a["zp_out"],
+        outer, inner = axis_split(shape, ax)
+        return dict(kind="reduce_mean", outer=outer, len=shape[ax], inner=inner, zp_in=a["zp_in"], zp_out=a["zp_out"],
                     mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"], n=hl.elems(shape),
                     act_bits=hl.tensor_bits(graph, node.inputs[0]),
                     doc=f"{node.name}: mean over {shape[ax]} elements (axis {ax})")

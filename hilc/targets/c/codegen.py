@@ -42,6 +42,7 @@ class CEmitter:
         self.const_bytes = 0
         self.scratch_elems = 0  # int16 column buffer of the DSP kernels
         self.subbyte = False  # some conv/dense has packed weights or 4-bit maps: portable kernels take the column
+        self.portable_col = False  # some conv/dense: the portable kernels take the column
         self._names: set[str] = set()
 
     def need_scratch(self, int16_elems: int) -> None:
@@ -105,6 +106,7 @@ class CEmitter:
                                     "weight_bits": bits, "weight_stride": arith.packed_row_bytes(k, bits)}
         fields = {**cache[node.name], **acts}
         self.subbyte = self.subbyte or self.is_subbyte(fields)
+        self.portable_col = True  # portable int8 conv/dense take the column too (hilc_conv2d)
         return fields
 
     @staticmethod
@@ -197,7 +199,7 @@ def generate_c(graph: Graph, model_name: str = "model") -> CModel:
         "input_size": tensor_bytes(graph, graph.inputs[0]), "output_size": tensor_bytes(graph, out),
         "output_expr": em.tensor(out), "arena_size": max(plan.arena_bytes, 4),
         "input_quant": graph.tensors[graph.inputs[0]].quant, "output_quant": graph.tensors[out].quant,
-        "scratch_elems": em.scratch_elems, "scratch_portable": em.subbyte, "model_hash": graph.content_hash(),
+        "scratch_elems": em.scratch_elems, "scratch_portable": em.portable_col, "model_hash": graph.content_hash(),
     }
     files = {"model.c": env.get_template("model.c.j2").render(ctx),
              "model.h": env.get_template("model.h.j2").render(ctx)}

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hilc.compiler.arith import qrange
 from hilc.errors import HilcError
 
 
@@ -103,7 +104,7 @@ def _check_tensor(name: str, t: dict, bad) -> None:
         raise bad(f"tensor '{name}': quant bits {bits!r} is not 1..32")
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
         raise bad(f"tensor '{name}': quant scale {scale!r} is not a positive number")
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo, hi = qrange(bits)
     if not isinstance(zp, int) or isinstance(zp, bool) or not lo <= zp <= hi:
         raise bad(f"tensor '{name}': quant zero_point {zp!r} is not an integer in [{lo}, {hi}]")
 
@@ -121,7 +122,7 @@ def _check_zero_points(n: dict, tensors: dict[str, dict], bad) -> None:
     if n["outputs"]:
         q = tensors[n["outputs"][0]]["quant"]
         bits = q.get("bits", 8)
-        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        lo, hi = qrange(bits)
         for key in ("lo", "hi"):
             if key in a and not (isinstance(a[key], int) and lo <= a[key] <= hi):
                 raise bad(f"node {n['name']}: clamp bound {key} {a[key]!r} is outside the output's {bits}-bit range "

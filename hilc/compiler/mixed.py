@@ -639,16 +639,14 @@ class _Problem:
 def allocate(space: Space, sens: dict[str, Any], budgets: Budgets, cost=None) -> Allocation:
     """Minimise the summed perturbation under the budgets (HAWQ-V3's ILP). Budgets no allocation
     meets raise a HilcError naming the best achievable figure."""
-    from hilc.compiler.costmodel import load_cost_model
+    return allocate_top(space, sens, budgets, 1, cost)[0]
 
-    t0 = time.perf_counter()
-    cost = cost or load_cost_model()
-    p = _Problem(space, sens, cost)
-    limits = p.limits(budgets)
-    x = p.solve(p.obj, limits)
-    if x is None:
-        raise HilcError(_infeasible_message(p, limits))
-    return p.allocation(x, time.perf_counter() - t0)
+
+def check_rerank(k: Any) -> int:
+    """``k`` if it is a whole number >= 1 (``--rerank K``), else a one-line error."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise HilcError(f"--rerank K must be a whole number >= 1, got {k}")
+    return k
 
 
 def allocate_top(space: Space, sens: dict[str, Any], budgets: Budgets, k: int, cost=None) -> list[Allocation]:
@@ -658,8 +656,7 @@ def allocate_top(space: Space, sens: dict[str, Any], budgets: Budgets, k: int, c
     near the optimum is where a whole-model measurement can disagree with it: ``rerank``)."""
     from hilc.compiler.costmodel import load_cost_model
 
-    if not isinstance(k, int | np.integer) or k < 1:
-        raise HilcError(f"--rerank K must be a whole number >= 1, got {k}")
+    check_rerank(k)
     t0 = time.perf_counter()
     p = _Problem(space, sens, cost or load_cost_model())
     limits = p.limits(budgets)
@@ -861,9 +858,7 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
     ``ptq_samples``: extra unlabeled inputs (model layout) for the allocation's PTQ (AdaRound and
     bias correction, ``ptq_lowered``), fitted on the calibration samples plus these (None: the
     calibration samples alone); the sensitivities and the search still use the calibration samples."""
-    rerank_k = RERANK_K if rerank is None else rerank
-    if isinstance(rerank_k, bool) or not isinstance(rerank_k, int | np.integer) or rerank_k < 1:
-        raise HilcError(f"--rerank K must be a whole number >= 1, got {rerank}")
+    rerank_k = check_rerank(RERANK_K if rerank is None else rerank)  # before the search's work
     budgets = budgets or Budgets()
     if precision not in ("int8", "mixed"):
         raise HilcError(f"unknown precision '{precision}' (choose int8 or mixed)")

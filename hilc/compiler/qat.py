@@ -295,20 +295,27 @@ def margin_loss(student: np.ndarray, teacher: np.ndarray, scale: float = 0.5) ->
 LOSSES = ("kl", "hard", "margin")
 
 
+def loss_terms(loss: str) -> list[str]:
+    """The terms of a loss spec ("kl", "kl+margin", ...), each checked against ``LOSSES``."""
+    terms = loss.split("+")
+    for term in terms:
+        if term not in LOSSES:
+            raise HilcError(f"unknown fine-tuning loss term {term!r} (one of {', '.join(LOSSES)})")
+    return terms
+
+
 def output_loss(student: np.ndarray, teacher: np.ndarray, loss: str = "kl", temperature: float = 1.0,
                 margin_scale: float = 0.5, weights: dict[str, float] | None = None) -> tuple[float, np.ndarray]:
     """The logits' loss ``finetune`` trains on: ``loss`` names one of ``LOSSES`` or a sum of them
     joined by ``+`` ("kl+margin"), each term scaled by ``weights`` (default 1)."""
     total, grad = 0.0, np.zeros(student.shape, np.float32)
-    for term in loss.split("+"):
+    for term in loss_terms(loss):
         if term == "kl":
             v, g = distill_loss(student, teacher, temperature)
         elif term == "hard":
             v, g = hard_loss(student, teacher)
-        elif term == "margin":
+        else:  # margin
             v, g = margin_loss(student, teacher, margin_scale)
-        else:
-            raise HilcError(f"unknown fine-tuning loss term {term!r} (one of {', '.join(LOSSES)})")
         w = (weights or {}).get(term, 1.0)
         total += w * v
         grad += (w * g).astype(np.float32)
@@ -438,6 +445,23 @@ def default_steps(n: int, batch: int = 32) -> int:
     return max(1, min(FINETUNE_MAX_STEPS, -(-FINETUNE_EPOCHS * n // batch)))
 
 
+ADAM_BETAS = (0.9, 0.999)
+
+
+def _adam_state(like: np.ndarray) -> list[np.ndarray]:
+    """Adam's first and second moments for a parameter shaped like ``like``."""
+    return [np.zeros_like(like), np.zeros_like(like)]
+
+
+def _adam_step(m: list[np.ndarray], g: np.ndarray, it: int) -> np.ndarray:
+    """Update the moments ``m`` (in place) with gradient ``g`` at step ``it``; the bias-corrected
+    step direction (weights, their scales and the activation scales all take it)."""
+    b1, b2 = ADAM_BETAS
+    m[0] = b1 * m[0] + (1 - b1) * g
+    m[1] = b2 * m[1] + (1 - b2) * g * g
+    return (m[0] / (1 - b1 ** (it + 1))) / (np.sqrt(m[1] / (1 - b2 ** (it + 1))) + 1e-12)
+
+
 @_single_blas
 def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, batch: int = 32,
              lr: float = 0.005, bias_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
@@ -456,9 +480,7 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
     "kl+margin", terms scaled by ``loss_weights``; ``margin_scale`` the margin's fraction of the
     teacher's). The defaults are what measured best on 32x32 tiles outside the held-out crops (README).
     ``steps=0`` or an unsupported op: the graph as it is."""
-    for term in loss.split("+"):
-        if term not in LOSSES:
-            raise HilcError(f"unknown fine-tuning loss term {term!r} (one of {', '.join(LOSSES)})")
+    loss_terms(loss)  # a bad name fails now, not after the setup
     why = unsupported(graph)
     info: dict[str, Any] = {"steps": int(steps)}
     if steps <= 0 or why:
@@ -474,14 +496,12 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
         _learnable_acts(graph, grids, p)
     if weight_scale_lr > 0:
         p.learn_scale = {k for k, q in p.qmax.items() if q < 127}
-    ws_m = {k: [np.zeros_like(p.scale[k].reshape(-1)), np.zeros_like(p.scale[k].reshape(-1))] for k in p.learn_scale}
+    ws_m = {k: _adam_state(p.scale[k].reshape(-1)) for k in p.learn_scale}
     ws_0 = {k: p.scale[k].copy() for k in p.learn_scale}
-    act_m = {r: [np.zeros(()), np.zeros(())] for r in p.act}
+    act_m = {r: _adam_state(np.zeros(())) for r in p.act}
     act_s0 = {r: float(v) for r, v in p.act.items()}
     unit = {k: p.scale[k] if step_unit == "grid" else np.float32(np.sqrt(np.mean(p.w[k] ** 2))) for k in p.w}
-    m1 = {k: [np.zeros_like(p.w[k]), np.zeros_like(p.b[k])] for k in p.w}
-    m2 = {k: [np.zeros_like(p.w[k]), np.zeros_like(p.b[k])] for k in p.w}
-    b1, b2 = 0.9, 0.999
+    wb_m = {k: (_adam_state(p.w[k]), _adam_state(p.b[k])) for k in p.w}
     body, logits = _body(graph)
     feats = [n.outputs[0] for n in body if n.op in ("conv2d", "add") and n.outputs[0] != logits]
     order = np.concatenate([rng.permutation(len(x)) for _ in range((steps * batch) // len(x) + 1)])
@@ -508,23 +528,17 @@ def finetune(reference: Graph, graph: Graph, x: np.ndarray, steps: int = 300, ba
         decay = 0.5 * (1 + np.cos(np.pi * it / steps))  # cosine schedule: the last steps settle
         for k, (ds, _) in [(k, v) for k, v in grads.items() if k.startswith("act:")]:
             r = k[4:]
-            act_m[r][0] = b1 * act_m[r][0] + (1 - b1) * ds
-            act_m[r][1] = b2 * act_m[r][1] + (1 - b2) * ds * ds
-            upd = (act_m[r][0] / (1 - b1 ** (it + 1))) / (np.sqrt(act_m[r][1] / (1 - b2 ** (it + 1))) + 1e-12)
+            upd = _adam_step(act_m[r], ds, it)
             p.act[r] = np.maximum(p.act[r] - decay * act_lr * act_s0[r] * upd, 0.05 * act_s0[r])
         for k, (ds, _) in [(k, v) for k, v in grads.items() if k.startswith("wscale:")]:
             k = k[7:]
-            ws_m[k][0] = b1 * ws_m[k][0] + (1 - b1) * ds
-            ws_m[k][1] = b2 * ws_m[k][1] + (1 - b2) * ds * ds
-            upd = (ws_m[k][0] / (1 - b1 ** (it + 1))) / (np.sqrt(ws_m[k][1] / (1 - b2 ** (it + 1))) + 1e-12)
+            upd = _adam_step(ws_m[k], ds, it)
             s0 = ws_0[k].reshape(-1)
             p.scale[k] = np.maximum(p.scale[k].reshape(-1) - decay * weight_scale_lr * s0 * upd,
                                     0.05 * s0).astype(np.float32).reshape(ws_0[k].shape)
         for k, (dw, db) in [(k, v) for k, v in grads.items() if not k.startswith(("act:", "wscale:"))]:
             for j, (g, par, step) in enumerate(((dw, p.w[k], lr * unit[k]), (db, p.b[k], bias_lr))):
-                m1[k][j] = b1 * m1[k][j] + (1 - b1) * g
-                m2[k][j] = b2 * m2[k][j] + (1 - b2) * g * g
-                upd = (m1[k][j] / (1 - b1 ** (it + 1))) / (np.sqrt(m2[k][j] / (1 - b2 ** (it + 1))) + 1e-12)
+                upd = _adam_step(wb_m[k][j], g, it)
                 par -= (decay * step * upd).astype(np.float32)
     g = graph.copy()
     _write_act_ranges(g, grids, p)

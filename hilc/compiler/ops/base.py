@@ -185,7 +185,7 @@ def float_activation(node: Node, z: np.ndarray) -> tuple[np.ndarray, np.ndarray 
     if lo is None and hi is None:
         return z, None
     mask = (z > (-np.inf if lo is None else lo)) & (z < (np.inf if hi is None else hi))
-    return np.clip(z, -np.inf if lo is None else lo, np.inf if hi is None else hi), mask
+    return apply_float_activation(node, z), mask
 
 
 def exact_dtype(bound: int) -> type:

@@ -146,12 +146,8 @@ class AvgPool(_Pool):
     name = "avgpool"
 
     def eval_float(self, node, graph, xs):
-        a = node.attrs
-        x = xs[0].astype(np.float32)
-        oh, ow = _out_hw(a, x.shape[1], x.shape[2])
-        s = windows(x, a["kernel"], a["strides"], [1, 1], _full_pads(a), 0.0, (oh, ow)).sum(axis=(3, 4))
-        cnt = count_map(a, x.shape[1], x.shape[2]).astype(np.float32)
-        return [apply_float_activation(node, s / cnt[None, :, :, None])]
+        (y,), _ = self.float_forward(node, graph, [xs[0].astype(np.float32)], {})
+        return [apply_float_activation(node, y)]
 
     def float_forward(self, node, graph, xs, params):
         a = node.attrs

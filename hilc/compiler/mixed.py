@@ -908,16 +908,14 @@ def apply_precision(graph: Graph, samples: np.ndarray | None, precision: str = "
                        "chosen": best, "candidates": rows,
                        "seconds": round(time.perf_counter() - t_rr, 3)}  # includes the chosen one's PTQ
     t_ptq = time.perf_counter()
-    if ptq_samples is not None:  # more inputs for AdaRound / bias correction (K x K statistics: cheap)
-        ptq_x = np.concatenate([np.asarray(samples, np.float32)[:sens["samples"]],
-                                np.asarray(ptq_samples, np.float32)])
-        g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
-        g = ptq_lowered(graph, g, ptq_x, len(ptq_x))
-    elif rerank_info is None:
-        g = assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits)
-        g = ptq_lowered(graph, g, samples, sens["samples"])
-    else:  # scored after this very PTQ (same inputs, same AdaRound steps): not fitted twice
-        g = chosen
+    if rerank_info is not None and ptq_samples is None:
+        g = chosen  # scored after this very PTQ (same inputs, same AdaRound steps): not fitted twice
+    else:
+        ptq_x, n_ptq = samples, sens["samples"]
+        if ptq_samples is not None:  # more inputs for AdaRound / bias correction (K x K statistics: cheap)
+            ptq_x = np.concatenate([np.asarray(samples, np.float32)[:n_ptq], np.asarray(ptq_samples, np.float32)])
+            n_ptq = len(ptq_x)
+        g = ptq_lowered(graph, assign_bitwidths(graph, alloc.weight_bits, alloc.act_bits), ptq_x, n_ptq)
     ptq_seconds = time.perf_counter() - t_ptq
     search_seconds = time.perf_counter() - t0
     ft_info = None

@@ -104,8 +104,7 @@ def act_grids(graph: Graph) -> dict[str, tuple[float, int, int, int]]:
     out = {}
     for name, t in q.tensors.items():
         if name in graph.tensors and t.quant is not None:
-            qmin, qmax = -(1 << (t.quant.bits - 1)), (1 << (t.quant.bits - 1)) - 1
-            out[name] = (float(t.quant.scale), int(t.quant.zero_point), qmin, qmax)
+            out[name] = (float(t.quant.scale), int(t.quant.zero_point), t.quant.qmin, t.quant.qmax)
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from hilc.compiler import ptq
 from hilc.compiler.ir import Graph
 from hilc.compiler.memory import align_up
 from hilc.compiler.ops import OPS
@@ -40,7 +41,7 @@ ACT_BITS = (8, 4)
 # count in BitOps only. Offered as an option (``analyse(..., extended=True)``), not by default.
 EXTENDED_WEIGHT_BITS = (8, 7, 6, 5, 4, 2)
 EXTENDED_ACT_BITS = (8, 7, 6, 5, 4)
-LINEAR_OPS = ("conv2d", "dense")
+LINEAR_OPS = ptq.LINEAR_OPS  # the layers with weights: one definition (hilc.compiler.ptq)
 # Ops that take a sub-byte activation like an int8 one (no table indexed by the code).
 SUBBYTE_SAFE_CONSUMERS = {"conv2d", "dense", "add", "maxpool", "avgpool", "reshape", "transpose", "clamp",
                           "requant", "concat", "pad"}

@@ -39,7 +39,8 @@ def test_ptq_data_refits_the_same_allocation_deterministically(tmp_path):
     assert not all(np.array_equal(x, y) for x, y in zip(ca, cbase, strict=True))  # the extra inputs were used
     with pytest.raises(HilcError) as e:
         compile_model(tmp_path / "m.onnx", calib, ptq_data=extra[:, :2], **kw)
-    assert "--ptq-data" in str(e.value) and "\n" not in str(e.value)
+    assert "--ptq-data" in str(e.value) and "must have shape ['N', 3, 7, 9]" in str(e.value), e.value
+    assert "\n" not in str(e.value)
 
 
 def test_cli_ptq_data_needs_mixed_and_is_reported(tmp_path, capsys):

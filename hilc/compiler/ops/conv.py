@@ -246,14 +246,13 @@ class Conv2D(Op):
             stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=a["dilations"][0], dil_w=a["dilations"][1],
             pad_t=a["pads"][0], pad_l=a["pads"][1], groups=a["group"], group_in=c // a["group"],
             group_out=oc // a["group"], zp_in=a["zp_in"], zp_out=a["zp_out"],
-            lo=a["lo"], hi=a["hi"], **(fields := em.weights(node)), bias=em.param(node, "bias"),
+            lo=a["lo"], hi=a["hi"], **em.weights(node), bias=em.param(node, "bias"),
             mult=em.param(node, "mult"), shift=em.param(node, "shift")))
         plane = f"{node.outputs[0]}@plane"
         if plane in em.plan.offsets and em.plan.inplace.get(node.outputs[0]) == node.inputs[0]:
             return f"hilc_dwconv_inplace_s8({p}, {em.tensor(node.outputs[0])}, (arena + {em.plan.offsets[plane]}));"
         em.need_scratch(a["kernel"][0] * a["kernel"][1] * (c // a["group"]))
-        fn = "hilc_conv2d_sub" if em.is_subbyte(fields) else "hilc_conv2d"
-        return f"{fn}({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
+        return f"hilc_conv2d({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
 
     def lower_hls(self, node, graph, ctx) -> dict:
         from hilc.targets.hls import lower as hl

@@ -66,7 +66,7 @@ def _snapshot(out):
     (["--flash", "100"], "--flash needs --target c"),  # target sim has no flash: was ignored
     (["--sram", "10"], "--sram needs --target c"),  # target sim alone: was ignored
     (["--input-range", "0,1"], "--input-range sets the synthesised inputs"),  # with --calib: was ignored
-    (["--engine", "tvm"], "--engine tvm runs the --precision mixed search"),  # was ignored
+    (["--engine", "tvm"], "--engine tvm needs --precision mixed"),  # was ignored
     (["--cpu", "cortex-m3", "--board", "qemu-mps2-an386"], "--cpu cortex-m3 contradicts --board"),  # built for M4
 ])
 def test_bad_or_ignored_compile_options(capsys, digits_out, tmp_path, args, fragment):

@@ -53,7 +53,7 @@ def test_cli_ptq_data_needs_mixed_and_is_reported(tmp_path, capsys):
     base = ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npy"), "-q",
             "--ptq-data", str(tmp_path / "extra.npy")]
     assert main(base + ["-o", str(tmp_path / "int8")]) == 2
-    assert "--ptq-data feeds the PTQ of the mixed-precision allocation" in capsys.readouterr().err
+    assert "--ptq-data needs --precision mixed" in capsys.readouterr().err
     assert main(base + ["-o", str(tmp_path / "mx"), "--precision", "mixed", "--bitops-ratio", "2",
                         "--finetune-steps", "0"]) == 0
     assert json.loads((tmp_path / "mx" / "report.json").read_text())["mixed_precision"]["ptq"]["samples"] == 72

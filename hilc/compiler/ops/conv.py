@@ -283,9 +283,7 @@ def _prepared(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     """
     key = f"{node.name}:linear"
     if key not in graph.cache:
-        w = graph.param(node, "weight")
-        wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
-        offset = graph.param(node, "bias").astype(np.int64) - node.attrs["zp_in"] * wsum
+        w, offset = graph.param(node, "weight"), linear_offset(node, graph)
         graph.cache[key] = (w, offset if not arith.FAST_EXACT_PATHS else offset.astype(np.float64))
     w, offset = graph.cache[key]
     if arith.FAST_EXACT_PATHS != (offset.dtype == np.float64):  # the mode changed since caching

@@ -97,10 +97,16 @@ def _check_option_pairs(args: argparse.Namespace) -> None:
         raise HilcError(f"--percentile {args.percentile:g} needs --calib-method percentile")
     if args.fpga_error_ratio is not None and args.precision != "auto-fpga":
         raise HilcError("--fpga-error-ratio needs --precision auto-fpga")
-    if args.finetune_steps is not None and args.precision != "mixed":
-        raise HilcError("--finetune-steps needs --precision mixed (int8 layers are not fine-tuned)")
-    if args.engine != "numpy" and args.precision != "mixed":
-        raise HilcError(f"--engine {args.engine} runs the --precision mixed search: add --precision mixed")
+    if args.precision != "mixed":  # options of the mixed-precision search and what follows it
+        for option, given, what in (
+                ("--finetune-steps", args.finetune_steps is not None, "int8 layers are not fine-tuned"),
+                (f"--engine {args.engine}", args.engine != "numpy", "it runs the search's integer models"),
+                (f"--widths {args.widths}", args.widths != "subbyte", "it sets the search's candidates"),
+                ("--rerank", args.rerank is not None, "it re-ranks the search's allocations"),
+                ("--finetune-data", args.finetune_data is not None, "it feeds the fine-tuning"),
+                ("--ptq-data", args.ptq_data is not None, "it feeds the PTQ of the allocation")):
+            if given:
+                raise HilcError(f"{option} needs --precision mixed ({what}): add --precision mixed")
     if _input_range(args.input_range) is not None and args.calib is not None:
         raise HilcError("--input-range sets the synthesised inputs of data-free calibration: drop it or --calib")
 
@@ -109,16 +115,8 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     """--precision and its budgets; the sensitivity cache is OUT/sensitivity.json."""
     from hilc.compiler.mixed import Budgets
 
-    if args.widths != "subbyte" and args.precision != "mixed":
-        raise HilcError(f"--widths {args.widths} chooses among mixed-precision candidates: add --precision mixed")
-    if args.rerank is not None and args.precision != "mixed":
-        raise HilcError("--rerank K re-ranks the mixed-precision search's allocations: add --precision mixed")
     if args.rerank is not None and args.rerank < 1:
         raise HilcError(f"--rerank K must be a whole number >= 1, got {args.rerank}")
-    if args.finetune_data is not None and args.precision != "mixed":
-        raise HilcError("--finetune-data feeds the mixed-precision fine-tuning: add --precision mixed")
-    if getattr(args, "ptq_data", None) is not None and args.precision != "mixed":
-        raise HilcError("--ptq-data feeds the PTQ of the mixed-precision allocation: add --precision mixed")
 
     # --sram is also the ILP's SRAM budget when the layers run one by one (patches plan their own)
     sram = args.sram if args.precision == "mixed" and args.patch == "off" else None
@@ -127,15 +125,10 @@ def _mixed_options(args: argparse.Namespace, out: Path) -> dict:
     pp = {"patch_precision": args.patch_precision} if args.patch_precision != "off" else {}
     if args.precision == "int8" and not budgets.any():
         return pp
-    ft = {"finetune_steps": args.finetune_steps} if args.finetune_steps is not None else {}
-    if args.finetune_data is not None:
-        ft["finetune_data"] = args.finetune_data
-    if getattr(args, "ptq_data", None) is not None:
-        ft["ptq_data"] = args.ptq_data
+    ft = {k: v for k, v in (("finetune_steps", args.finetune_steps), ("finetune_data", args.finetune_data),
+                            ("ptq_data", args.ptq_data), ("rerank", args.rerank)) if v is not None}
     if args.widths == "extended":
         ft["extended_bits"] = True
-    if args.rerank is not None:
-        ft["rerank"] = args.rerank
     return {"precision": args.precision, "budgets": budgets, "sensitivity_cache": out / "sensitivity.json", **pp, **ft}
 
 

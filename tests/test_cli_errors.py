@@ -47,20 +47,26 @@ def _snapshot(out):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--calib-method", "percentile", "--percentile", "200"], "--percentile"),  # was a numpy ValueError (exit 3)
-    (["--calib-method", "percentile", "--percentile", "10"], "--percentile"),  # an upside-down range
+    (["--calib-method", "percentile", "--percentile", "200"],
+     "--percentile: expected a number in (50, 100] (values between the (100-P)-th and P-th percentiles are kept), "
+     "got 200.0"),  # was a numpy ValueError (exit 3)
+    (["--calib-method", "percentile", "--percentile", "10"],
+     "--percentile: expected a number in (50, 100] (values between the (100-P)-th and P-th percentiles are kept), "
+     "got 10.0"),  # an upside-down range
     (["--percentile", "99.9"], "--percentile 99.9 needs --calib-method percentile"),  # silently minmax
-    (["--ptq", "adaround", "--ptq-budget", "nan"], "--ptq-budget"),
-    (["--ptq", "all", "--ptq-budget", "-5"], "--ptq-budget"),
-    (["--precision", "auto-fpga", "--fpga-error-ratio", "-1"], "--fpga-error-ratio"),
+    (["--ptq", "adaround", "--ptq-budget", "nan"], "--ptq-budget: expected a finite number of seconds >= 0, got nan"),
+    (["--ptq", "all", "--ptq-budget", "-5"], "--ptq-budget: expected a finite number of seconds >= 0, got -5.0"),
+    (["--precision", "auto-fpga", "--fpga-error-ratio", "-1"],
+     "--fpga-error-ratio: expected a finite number above 0, got -1.0"),
     (["--fpga-error-ratio", "2"], "--fpga-error-ratio needs --precision auto-fpga"),
     (["--finetune-steps", "10"], "--finetune-steps needs --precision mixed"),
-    (["--precision", "mixed", "--bitops-ratio", "2", "--finetune-steps", "-3"], "--finetune-steps"),
+    (["--precision", "mixed", "--bitops-ratio", "2", "--finetune-steps", "-3"],
+     "--finetune-steps: expected a number of steps >= 0, got -3"),
     (["--target", "c", "--flash", "-1"], "--flash: expected a positive number"),
     (["--flash", "100"], "--flash needs --target c"),  # target sim has no flash: was ignored
     (["--sram", "10"], "--sram needs --target c"),  # target sim alone: was ignored
     (["--input-range", "0,1"], "--input-range sets the synthesised inputs"),  # with --calib: was ignored
-    (["--engine", "tvm"], "--engine tvm runs the --precision mixed search"),  # was ignored
+    (["--engine", "tvm"], "--engine tvm needs --precision mixed"),  # was ignored
     (["--cpu", "cortex-m3", "--board", "qemu-mps2-an386"], "--cpu cortex-m3 contradicts --board"),  # built for M4
 ])
 def test_bad_or_ignored_compile_options(capsys, digits_out, tmp_path, args, fragment):
@@ -240,7 +246,7 @@ def test_board_commands_check_inputs_and_port_first(capsys, digits_out, tmp_path
     one_line_error(capsys, "profile", out, "--board", "qemu-mps2-an386", "--input", tmp_path / "flat.npy",
                    fragments=["flat.npy: ", "must have shape"])
     one_line_error(capsys, "run", out, digits_out / "x.npy", "--board", "qemu-mps2-an386", "-o", tmp_path,
-                   fragments=["is a directory"])  # was found only after the board had run every input
+                   fragments=[f"{tmp_path}: is a directory"])  # was found only after the board had run every input
     # --port was silently ignored on an emulated board
     for cmd in (["run", out, digits_out / "x.npy", "-o", tmp_path / "y.npy"], ["profile", out]):
         one_line_error(capsys, *cmd, "--board", "qemu-mps2-an386", "--port", "/dev/ttyUSB7",

@@ -333,7 +333,7 @@ def test_ptq_of_the_allocation_is_deterministic_and_reduces_the_error(chain_prob
     assert mixed.ptq_lowered(g, g, calib) is g
 
 
-def test_cli_widths_extended_offers_5_to_7_bits(tmp_path, digits):
+def test_cli_widths_extended_offers_5_to_7_bits(tmp_path, digits, capsys):
     from conftest import DIGITS_CNN
 
     np.save(tmp_path / "calib.npy", digits["x_train"][:32])
@@ -347,5 +347,8 @@ def test_cli_widths_extended_offers_5_to_7_bits(tmp_path, digits):
     rep = json.loads((tmp_path / "ext" / "report.json").read_text())
     assert rep["bitops_int8"] / rep["bitops"] >= 2.0
     # a width set without the mixed search is a usage error, not silently ignored
+    capsys.readouterr()
     assert main(["compile", str(DIGITS_CNN), "--calib", str(tmp_path / "calib.npy"), "-q", "-o",
                  str(tmp_path / "int8"), "--widths", "extended"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hilc: error: --widths extended needs --precision mixed") and "\n" not in err, err

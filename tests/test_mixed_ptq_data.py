@@ -39,7 +39,8 @@ def test_ptq_data_refits_the_same_allocation_deterministically(tmp_path):
     assert not all(np.array_equal(x, y) for x, y in zip(ca, cbase, strict=True))  # the extra inputs were used
     with pytest.raises(HilcError) as e:
         compile_model(tmp_path / "m.onnx", calib, ptq_data=extra[:, :2], **kw)
-    assert "--ptq-data" in str(e.value) and "\n" not in str(e.value)
+    assert "--ptq-data" in str(e.value) and "must have shape ['N', 3, 7, 9]" in str(e.value), e.value
+    assert "\n" not in str(e.value)
 
 
 def test_cli_ptq_data_needs_mixed_and_is_reported(tmp_path, capsys):
@@ -52,7 +53,7 @@ def test_cli_ptq_data_needs_mixed_and_is_reported(tmp_path, capsys):
     base = ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npy"), "-q",
             "--ptq-data", str(tmp_path / "extra.npy")]
     assert main(base + ["-o", str(tmp_path / "int8")]) == 2
-    assert "--ptq-data feeds the PTQ of the mixed-precision allocation" in capsys.readouterr().err
+    assert "--ptq-data needs --precision mixed" in capsys.readouterr().err
     assert main(base + ["-o", str(tmp_path / "mx"), "--precision", "mixed", "--bitops-ratio", "2",
                         "--finetune-steps", "0"]) == 0
     assert json.loads((tmp_path / "mx" / "report.json").read_text())["mixed_precision"]["ptq"]["samples"] == 72

@@ -196,7 +196,7 @@ def test_finetune_data_bad_file_or_shape_is_a_one_line_error(tmp_path, crops32, 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and name in err and re.search(why, err), err
     assert main(base[:7] + ["--finetune-data", str(tmp_path / "calib.npy")]) == 2  # without --precision mixed
-    assert "add --precision mixed" in capsys.readouterr().err
+    assert "hilc: error: --finetune-data needs --precision mixed" in capsys.readouterr().err
     with pytest.raises(HilcError, match=r"--finetune-data: input .* must have shape \['N', 3, 32, 32\]"):
         compile_model(RESNET8, crops32[:8], precision="mixed", budgets=Budgets(bitops_ratio=2.0),
                       finetune_data=crops32[:4, :, :16, :16])

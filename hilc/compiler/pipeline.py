@@ -123,21 +123,20 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
     t0 = time.perf_counter()
     dumps: dict[str, str] = {}
     # Read the calibration file first: a bad file should fail before any work.
-    samples = None
-    if calib is not None:
-        samples = calib if isinstance(calib, np.ndarray) else calib_mod.load_samples(calib)
-    ft_samples = None
-    if finetune_data is not None:  # fine-tuning inputs apart from calibration (unlabeled; distillation)
-        ft_samples = finetune_data if isinstance(finetune_data, np.ndarray) else calib_mod.load_samples(finetune_data)
-    ptq_samples = None
-    if ptq_data is not None:  # extra unlabeled inputs for the mixed allocation's PTQ (mixed.apply_precision)
-        ptq_samples = ptq_data if isinstance(ptq_data, np.ndarray) else calib_mod.load_samples(ptq_data)
+    def loaded(data, option: str) -> tuple[np.ndarray | None, str]:
+        if data is None or isinstance(data, np.ndarray):
+            return data, option
+        return calib_mod.load_samples(data), str(data)
+
+    samples, _ = loaded(calib, "--calib")
+    # unlabeled inputs apart from calibration: the fine-tuning's (distillation) and the extra ones
+    # of the mixed allocation's PTQ (mixed.apply_precision)
+    ft_samples, ft_source = loaded(finetune_data, "--finetune-data")
+    ptq_samples, ptq_source = loaded(ptq_data, "--ptq-data")
     g = import_onnx(model)
     if ptq_samples is not None:
-        ptq_samples = calib_mod.check_samples(g, np.asarray(ptq_samples),
-                                              "--ptq-data" if isinstance(ptq_data, np.ndarray) else str(ptq_data))
+        ptq_samples = calib_mod.check_samples(g, np.asarray(ptq_samples), ptq_source)
     if ft_samples is not None:
-        ft_source = "--finetune-data" if isinstance(finetune_data, np.ndarray) else str(finetune_data)
         ft_samples = calib_mod.check_samples(g, np.asarray(ft_samples), ft_source)
     if "import" in (dump_after or []):
         dumps["import"] = g.summary()

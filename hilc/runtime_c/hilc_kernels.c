@@ -86,7 +86,7 @@ static HILC_ALWAYS_INLINE void dense_portable(const hilc_dense_params *p, const 
  * loads one word of weights and takes its lanes with constant-position signed bit-field extracts
  * (one SBFX each on ARMv7-M): a multiply-accumulate costs a halfword load, an extract and an MLA,
  * whatever the weight width. Same integers as conv2d_portable; `col` holds k int16. Portable
- * builds run sub-byte layers (hilc_conv2d_sub) and int8 ones (hilc_conv2d) through them. */
+ * builds reach them through hilc_conv2d / hilc_dense. */
 static inline int32_t sbits(uint32_t u, int32_t lsb, int32_t width) {
     return (int32_t)(u << (32 - lsb - width)) >> (32 - width);
 }
@@ -276,15 +276,23 @@ void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out
     }
 }
 
+#if !HILC_DSP
+/* packed (4- or 2-bit) weights, or a 4-bit map in or out */
+static int subbyte(int32_t weight_bits, int32_t in_bits, int32_t out_bits) {
+    return weight_bits == 4 || weight_bits == 2 || in_bits == 4 || out_bits == 4;
+}
+#endif
+
 void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
 #if HILC_DSP
     hilc_conv2d_s8_dsp(p, in, out, col);
 #else
-    /* int8 layers take the column kernel too (one word load gives four weights, LDRSH + extract +
-     * MLA per MAC instead of the element loop's ~6 instructions) once the column is shared by at
-     * least two output channels; a depthwise layer (one channel per group) would fill a column
-     * for a single dot product, so it keeps the element loop, as does a caller without scratch. */
-    if (col && p->group_out >= 2)
+    /* The column kernel unpacks packed weights and 4-bit maps once per pixel instead of once per
+     * MAC, so sub-byte layers always take it; int8 layers too (one word load gives four weights,
+     * LDRSH + extract + MLA per MAC instead of the element loop's ~6 instructions) once the column
+     * is shared by at least two output channels: a depthwise layer (one channel per group) would
+     * fill a column for a single dot product. A caller without scratch keeps the element loop. */
+    if (col && (p->group_out >= 2 || subbyte(p->weight_bits, p->in_bits, p->out_bits)))
         hilc_conv2d_s8_col(p, in, out, col);
     else
         hilc_conv2d_s8(p, in, out);
@@ -295,7 +303,7 @@ void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16
 #if HILC_DSP
     hilc_dense_s8_dsp(p, in, out, col);
 #else
-    if (col && p->out_features >= 2) /* as hilc_conv2d: the column kernel once it is shared */
+    if (col && (p->out_features >= 2 || subbyte(p->weight_bits, p->in_bits, p->out_bits))) /* as hilc_conv2d */
         hilc_dense_s8_col(p, in, out, col);
     else
         hilc_dense_s8(p, in, out);

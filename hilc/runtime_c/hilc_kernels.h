@@ -99,7 +99,8 @@ void hilc_dense_s8(const hilc_dense_params *p, const int8_t *in, int8_t *out);
 void hilc_conv2d_s8_dsp(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense_s8_dsp(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
 /* The kernel the build selects (HILC_DSP); portable builds use the column kernels below when `col`
- * is given and shared by two or more output channels, else the element-wise ones. */
+ * is given and the layer is sub-byte or shares the column by two or more output channels, else
+ * the element-wise ones. */
 void hilc_conv2d(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
 /* Portable kernels for layers with packed weights and/or 4-bit activations: per output pixel (dense:
@@ -107,21 +108,6 @@ void hilc_dense(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16
  * word-wise dot products over the packed rows; same integers as hilc_conv2d_s8 / hilc_dense_s8. */
 void hilc_conv2d_s8_col(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col);
 void hilc_dense_s8_col(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col);
-/* What the generated code calls for a sub-byte layer: the DSP kernels, or the column ones. */
-static inline void hilc_conv2d_sub(const hilc_conv_params *p, const int8_t *in, int8_t *out, int16_t *col) {
-#if HILC_DSP
-    hilc_conv2d(p, in, out, col);
-#else
-    hilc_conv2d_s8_col(p, in, out, col);
-#endif
-}
-static inline void hilc_dense_sub(const hilc_dense_params *p, const int8_t *in, int8_t *out, int16_t *col) {
-#if HILC_DSP
-    hilc_dense(p, in, out, col);
-#else
-    hilc_dense_s8_col(p, in, out, col);
-#endif
-}
 /* In-place depthwise conv (out shape == in shape, groups == channels): channel by channel, the input
  * plane is saved to `plane` (in_h * in_w bytes) and the output channel written over it in `buf`. */
 void hilc_dwconv_inplace_s8(const hilc_conv_params *p, int8_t *buf, int8_t *plane);

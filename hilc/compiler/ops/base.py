@@ -143,6 +143,13 @@ def axis_split(shape: tuple[int, ...] | list[int], axis: int) -> tuple[int, int]
     return int(np.prod(shape[1:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
 
 
+def axis_walk(shape: tuple[int, ...] | list[int], axis: int) -> dict[str, int]:
+    """``axis_split`` plus the axis length: the outer/len/inner fields of the kernels that reduce
+    along one axis (softmax, mean, gather's select)."""
+    outer, inner = axis_split(shape, axis)
+    return {"outer": outer, "len": int(shape[axis]), "inner": inner}
+
+
 def in_quant(graph: Graph, node: Node, i: int = 0) -> QParams:
     q = graph.tensors[node.inputs[i]].quant
     assert q is not None, f"{node.name}: input {node.inputs[i]} is not quantized"

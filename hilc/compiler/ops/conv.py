@@ -246,38 +246,31 @@ class Conv2D(Op):
             stride_h=a["strides"][0], stride_w=a["strides"][1], dil_h=a["dilations"][0], dil_w=a["dilations"][1],
             pad_t=a["pads"][0], pad_l=a["pads"][1], groups=a["group"], group_in=c // a["group"],
             group_out=oc // a["group"], zp_in=a["zp_in"], zp_out=a["zp_out"],
-            lo=a["lo"], hi=a["hi"], **(fields := em.weights(node)), bias=em.param(node, "bias"),
+            lo=a["lo"], hi=a["hi"], **em.weights(node), bias=em.param(node, "bias"),
             mult=em.param(node, "mult"), shift=em.param(node, "shift")))
         plane = f"{node.outputs[0]}@plane"
         if plane in em.plan.offsets and em.plan.inplace.get(node.outputs[0]) == node.inputs[0]:
             return f"hilc_dwconv_inplace_s8({p}, {em.tensor(node.outputs[0])}, (arena + {em.plan.offsets[plane]}));"
         em.need_scratch(a["kernel"][0] * a["kernel"][1] * (c // a["group"]))
-        fn = "hilc_conv2d_sub" if em.is_subbyte(fields) else "hilc_conv2d"
-        return f"{fn}({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
+        return f"hilc_conv2d({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
 
     def lower_hls(self, node, graph, ctx) -> dict:
         from hilc.targets.hls import lower as hl
 
         a = node.attrs
-        _, h, w, c = hl.tensor_shape(graph, node.inputs[0])
-        _, oh, ow, oc = hl.tensor_shape(graph, node.outputs[0])
-        kh, kw = a["kernel"]
-        sh, sw = a["strides"]
-        dh, dw = a["dilations"]
+        win = hl.window_fields(ctx, graph, node, a["dilations"])
+        h, w, c, oh, ow, kh, kw = (win[k] for k in ("h", "w", "c", "oh", "ow", "kh", "kw"))
+        oc = hl.tensor_shape(graph, node.outputs[0])[3]
         groups = a["group"]
         cg, og = c // groups, oc // groups
-        span, slots, emit = hl.window_schedule(h, oh, kh, sh, dh, a["pads"][0])
         wb = int(a.get("weight_bits", 8))
         ab = hl.tensor_bits(graph, node.inputs[0])
         wq = graph.param(node, "weight").reshape(oc, kh * kw * cg)
         return hl.minifloat_layer(ctx, node, dict(
-            kind="conv2d", h=h, w=w, c=c, oh=oh, ow=ow, oc=oc, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
-            pt=a["pads"][0], pl=a["pads"][1], groups=groups, cg=cg, og=og, span=span,
-            row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
-            emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit),
+            kind="conv2d", **win, oc=oc, groups=groups, cg=cg, og=og,
             **hl.linear_fields(ctx, node, wq, wb, ab),
             pe_options=hl.divisors(og), simd_options=hl.divisors(cg), macs=oh * ow * oc * kh * kw * cg,
-            doc=f"{node.name}: conv {kh}x{kw}/{sh}x{sw}, {c}->{oc} channels, {groups} group(s), "
+            doc=f"{node.name}: conv {kh}x{kw}/{win['sh']}x{win['sw']}, {c}->{oc} channels, {groups} group(s), "
                 f"{h}x{w} -> {oh}x{ow}, weights {wb}-bit, activations {ab}-bit",
         ), wq)
 
@@ -290,9 +283,7 @@ def _prepared(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     """
     key = f"{node.name}:linear"
     if key not in graph.cache:
-        w = graph.param(node, "weight")
-        wsum = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
-        offset = graph.param(node, "bias").astype(np.int64) - node.attrs["zp_in"] * wsum
+        w, offset = graph.param(node, "weight"), linear_offset(node, graph)
         graph.cache[key] = (w, offset if not arith.FAST_EXACT_PATHS else offset.astype(np.float64))
     w, offset = graph.cache[key]
     if arith.FAST_EXACT_PATHS != (offset.dtype == np.float64):  # the mode changed since caching

@@ -82,11 +82,10 @@ class Dense(Op):
         w = graph.param(node, "weight")
         p = em.struct("hilc_dense_params", node.name, dict(
             rows=int(np.prod(shape[1:-1], dtype=np.int64)), in_features=w.shape[1], out_features=w.shape[0],
-            zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], **(fields := em.weights(node)),
+            zp_in=a["zp_in"], zp_out=a["zp_out"], lo=a["lo"], hi=a["hi"], **em.weights(node),
             bias=em.param(node, "bias"), mult=em.param(node, "mult"), shift=em.param(node, "shift")))
         em.need_scratch(w.shape[1])
-        fn = "hilc_dense_sub" if em.is_subbyte(fields) else "hilc_dense"
-        return f"{fn}({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
+        return f"hilc_dense({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])}, HILC_SCRATCH);"
 
     def lower_hls(self, node, graph, ctx) -> dict:
         from hilc.targets.hls import lower as hl

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from hilc.compiler import arith
-from hilc.compiler.ops.base import Op, axis_split, in_quant, onnx_importer, out_quant, register
+from hilc.compiler.ops.base import Op, axis_split, axis_walk, in_quant, onnx_importer, out_quant, register
 
 
 def _rows(ids: np.ndarray, vocab: int) -> np.ndarray:
@@ -125,8 +125,7 @@ class Gather(Op):
         shape = hl.tensor_shape(graph, node.inputs[0])
         ax = a["axis"]
         idx = [int(i) % shape[ax] for i in a["indices"]]
-        outer, inner = axis_split(shape, ax)
-        return dict(kind="select", outer=outer, len=shape[ax], inner=inner, n_idx=len(idx),
+        return dict(kind="select", **axis_walk(shape, ax), n_idx=len(idx),
                     indices=ctx.rom(f"{node.name}_indices", idx, "ap_uint<16>"),
                     n=hl.elems(hl.tensor_shape(graph, node.outputs[0])), act_bits=hl.tensor_bits(graph, node.inputs[0]),
                     doc=f"{node.name}: select {len(idx)} of {shape[ax]} along axis {ax}")

@@ -76,19 +76,11 @@ class _Pool(Op):
         from hilc.targets.hls import lower as hl
 
         a = node.attrs
-        _, h, w, c = hl.tensor_shape(graph, node.inputs[0])
-        _, oh, ow, _ = hl.tensor_shape(graph, node.outputs[0])
-        kh, kw = a["kernel"]
-        sh, sw = a["strides"]
-        dh, dw = a.get("dilations", [1, 1]) if node.op == "maxpool" else (1, 1)
-        span, slots, emit = hl.window_schedule(h, oh, kh, sh, dh, a["pads"][0])
-        cfg = dict(
-            kind=node.op, h=h, w=w, c=c, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
-            pt=a["pads"][0], pl=a["pads"][1], span=span, act_bits=hl.tensor_bits(graph, node.inputs[0]),
-            row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
-            emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit),
-            doc=f"{node.name}: {node.op} {kh}x{kw}/{sh}x{sw} over {c} channels, {h}x{w} -> {oh}x{ow}",
-        )
+        win = hl.window_fields(ctx, graph, node, a.get("dilations", [1, 1]) if node.op == "maxpool" else (1, 1))
+        h, w = win["h"], win["w"]
+        cfg = dict(kind=node.op, **win, act_bits=hl.tensor_bits(graph, node.inputs[0]),
+                   doc=f"{node.name}: {node.op} {win['kh']}x{win['kw']}/{win['sh']}x{win['sw']} over {win['c']} "
+                       f"channels, {h}x{w} -> {win['oh']}x{win['ow']}")
         if node.op == "avgpool":
             idx = np.searchsorted(a["counts"], count_map(a, h, w))
             cfg.update(count_idx=ctx.rom(f"{node.name}_count_idx", idx, "ap_uint<8>"),

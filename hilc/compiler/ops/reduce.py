@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from hilc.compiler import arith
-from hilc.compiler.ops.base import Op, axis_split, in_quant, onnx_importer, out_quant, register
+from hilc.compiler.ops.base import Op, axis_walk, in_quant, onnx_importer, out_quant, register
 from hilc.errors import UnsupportedModelError
 
 
@@ -67,11 +67,8 @@ class ReduceMean(Op):
 
     def lower_c(self, node, graph, em) -> str:
         a = node.attrs
-        shape = graph.tensors[node.inputs[0]].shape
-        ax = a["axis"]
-        outer, inner = axis_split(shape, ax)
         p = em.struct("hilc_reduce_params", node.name, dict(
-            outer=outer, len=shape[ax], inner=inner, zp_in=a["zp_in"], zp_out=a["zp_out"],
+            **axis_walk(graph.tensors[node.inputs[0]].shape, a["axis"]), zp_in=a["zp_in"], zp_out=a["zp_out"],
             mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"]))
         return f"hilc_reduce_mean_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
@@ -81,8 +78,7 @@ class ReduceMean(Op):
         a = node.attrs
         shape = hl.tensor_shape(graph, node.inputs[0])
         ax = a["axis"]
-        outer, inner = axis_split(shape, ax)
-        return dict(kind="reduce_mean", outer=outer, len=shape[ax], inner=inner, zp_in=a["zp_in"], zp_out=a["zp_out"],
+        return dict(kind="reduce_mean", **axis_walk(shape, ax), zp_in=a["zp_in"], zp_out=a["zp_out"],
                     mult=a["mult"], shift=a["shift"], lo=a["lo"], hi=a["hi"], n=hl.elems(shape),
                     act_bits=hl.tensor_bits(graph, node.inputs[0]),
                     doc=f"{node.name}: mean over {shape[ax]} elements (axis {ax})")

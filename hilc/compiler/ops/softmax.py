@@ -18,7 +18,7 @@ import numpy as np
 
 from hilc.compiler.arith import rounding_shift
 from hilc.compiler.ir import QParams
-from hilc.compiler.ops.base import Op, axis_split, in_quant, onnx_importer, register
+from hilc.compiler.ops.base import Op, axis_walk, in_quant, onnx_importer, register
 from hilc.errors import UnsupportedModelError
 
 EXP_BITS = 16
@@ -140,12 +140,9 @@ class Softmax(Op):
         return [te.compute(shape, out, name=tb.name(node))]
 
     def lower_c(self, node, graph, em) -> str:
-        shape = graph.tensors[node.inputs[0]].shape
-        axis = node.attrs["axis"]
-        outer, inner = axis_split(shape, axis)
         p = em.struct("hilc_softmax_params", node.name, dict(
-            outer=outer, len=shape[axis], inner=inner,
-            k=node.attrs["k"], zp_out=node.attrs["zp_out"], exp_table=em.param(node, "exp_table")))
+            **axis_walk(graph.tensors[node.inputs[0]].shape, node.attrs["axis"]), k=node.attrs["k"],
+            zp_out=node.attrs["zp_out"], exp_table=em.param(node, "exp_table")))
         return f"hilc_softmax_s8({p}, {em.tensor(node.inputs[0])}, {em.tensor(node.outputs[0])});"
 
     def lower_hls(self, node, graph, ctx) -> dict:
@@ -154,8 +151,7 @@ class Softmax(Op):
         a = node.attrs
         shape = hl.tensor_shape(graph, node.inputs[0])
         ax = a["axis"]
-        outer, inner = axis_split(shape, ax)
-        return dict(kind="softmax", outer=outer, len=shape[ax], inner=inner, k=a["k"], zp_out=a["zp_out"],
+        return dict(kind="softmax", **axis_walk(shape, ax), k=a["k"], zp_out=a["zp_out"],
                     exp_table=ctx.rom(f"{node.name}_exp", graph.param(node, "exp_table"), f"ap_uint<{EXP_BITS + 1}>"),
                     c1=NR_C1, c2=NR_C2, steps=NR_STEPS, n=hl.elems(shape),
                     act_bits=hl.tensor_bits(graph, node.inputs[0]),

@@ -41,7 +41,6 @@ class CEmitter:
         self.decls: list[str] = []
         self.const_bytes = 0
         self.scratch_elems = 0  # int16 column buffer of the DSP kernels
-        self.subbyte = False  # some conv/dense has packed weights or 4-bit maps: portable kernels take the column
         self.portable_col = False  # some conv/dense: the portable kernels take the column
         self._names: set[str] = set()
 
@@ -105,16 +104,8 @@ class CEmitter:
                 cache[node.name] = {"weight": self.array(f"{node.name}_weight_{bits}bit", packed),
                                     "weight_bits": bits, "weight_stride": arith.packed_row_bytes(k, bits)}
         fields = {**cache[node.name], **acts}
-        self.subbyte = self.subbyte or self.is_subbyte(fields)
         self.portable_col = True  # portable int8 conv/dense take the column too (hilc_conv2d)
         return fields
-
-    @staticmethod
-    def is_subbyte(fields: dict[str, Any]) -> bool:
-        """Whether a conv/dense with these ``weights`` fields has packed weights or 4-bit maps: it
-        then calls hilc_conv2d_sub / hilc_dense_sub (on portable builds the column kernels, so
-        int8-only firmware links none of them)."""
-        return fields["weight_bits"] in (4, 2) or fields["in_bits"] == 4 or fields["out_bits"] == 4
 
     def struct(self, ctype: str, name: str, fields: dict[str, Any]) -> str:
         """Declare a const parameter struct; returns ``&ident``."""

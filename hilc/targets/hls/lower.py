@@ -56,6 +56,22 @@ def dims4(node: Node, shape: tuple[int, ...]) -> list[int]:
     return [1] * (4 - len(d)) + d
 
 
+def window_fields(ctx, graph, node, dilations) -> dict:
+    """The sliding-window geometry a conv or pool design takes: shapes, kernel, strides, dilations,
+    top/left padding and the line-buffer schedule (its ROMs declared in ``ctx``)."""
+    a = node.attrs
+    _, h, w, c = tensor_shape(graph, node.inputs[0])
+    _, oh, ow, _ = tensor_shape(graph, node.outputs[0])
+    kh, kw = a["kernel"]
+    sh, sw = a["strides"]
+    dh, dw = dilations
+    span, slots, emit = window_schedule(h, oh, kh, sh, dh, a["pads"][0])
+    return dict(h=h, w=w, c=c, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
+                pt=a["pads"][0], pl=a["pads"][1], span=span,
+                row_slot=ctx.rom(f"{node.name}_row_slot", slots, "ap_uint<16>"),
+                emit=ctx.rom(f"{node.name}_emit", emit, "ap_uint<16>"), max_emit=max(emit))
+
+
 def window_schedule(h: int, oh: int, k: int, s: int, d: int, p0: int) -> tuple[int, list[int], list[int]]:
     """Line-buffer rows kept, the ring slot of every input row, and how many output rows can be
     emitted once input row r has arrived (the last row its window needs, clipped to the input)."""

@@ -272,8 +272,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except HilcError as e:
         raise HilcError(f"{args.input}: {e}") from None
     out = Path(args.output)
-    if out.is_dir():
-        raise HilcError(f"{out}: is a directory, expected an .npy file path")
     _save_npy(out, y)
     if not args.quiet:
         print(f"wrote {out}: {y.dtype} {list(y.shape)}")
@@ -297,10 +295,10 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hilc.fileio import check_output_path
     from hilc.hil.runner import run_command
 
-    if Path(args.output).is_dir():  # before the board run, not after it
-        raise HilcError(f"{args.output}: is a directory, expected an .npy file path")
+    check_output_path(args.output, "an .npy file")  # before the board run, not after it
     farm_only = [f"--{k}" for k in ("kind", "cluster") if getattr(args, k, None) is not None]
     if getattr(args, "farm", None) and (args.board or args.port):  # the farm's inventory names the boards
         raise HilcError(f"--farm and {'--board' if args.board else '--port'}: the inventory lists the boards and "

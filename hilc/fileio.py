@@ -16,12 +16,18 @@ from typing import Any
 from hilc.errors import HilcError
 
 
-def atomic_write(out: str | Path, write: Callable[[Path], None], kind: str = "file") -> Path:
-    """``write(tmp)`` then rename ``tmp`` over ``out``; the parent folder is created if missing.
-    ``kind`` names what was expected in the error for a directory in the way (e.g. "an .npy file")."""
+def check_output_path(out: str | Path, kind: str = "file") -> Path:
+    """``out`` must not be a directory: checked before the work whose result goes there."""
     out = Path(out)
     if out.is_dir():
         raise HilcError(f"{out}: is a directory, expected {kind} path")
+    return out
+
+
+def atomic_write(out: str | Path, write: Callable[[Path], None], kind: str = "file") -> Path:
+    """``write(tmp)`` then rename ``tmp`` over ``out``; the parent folder is created if missing.
+    ``kind`` names what was expected in the error for a directory in the way (e.g. "an .npy file")."""
+    out = check_output_path(out, kind)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -28,6 +28,8 @@ def check_compile_options(*, percentile: float, ptq_budget: float | None, fpga_e
             raise HilcError(f"--flash: expected a positive number of bytes, got {flash_bytes}")
         if target != "c":  # only the C target's constants are counted
             raise HilcError(f"--flash needs --target c or an MCU --board (target {target} has no flash)")
+    if sram_bytes is not None and sram_bytes <= 0:
+        raise HilcError(f"--sram: expected a positive number of bytes, got {sram_bytes}")
     if finetune_steps is not None and finetune_steps < 0:
         raise HilcError(f"--finetune-steps: expected a number of steps >= 0, got {finetune_steps}")
     # --sram budgets the C build's memory, the patch schedule or the mixed-precision search: elsewhere

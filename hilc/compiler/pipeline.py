@@ -110,8 +110,6 @@ def compile_model(model: str | Path, calib: str | Path | np.ndarray | None = Non
         from hilc.compiler.patch_precision import check_options
 
         check_options(patch_precision, patch)
-    if sram_bytes is not None and sram_bytes <= 0:
-        raise HilcError(f"--sram: expected a positive number of bytes, got {sram_bytes}")
     from hilc.compiler.options import check_compile_options
 
     check_compile_options(percentile=percentile, ptq_budget=ptq_budget, fpga_error_ratio=fpga_error_ratio,

@@ -135,9 +135,13 @@ class Graph:
     @staticmethod
     def load(out_dir: Path) -> Graph:
         out_dir = Path(out_dir)
-        data = json.loads((out_dir / "graph.json").read_text())
         with np.load(out_dir / "constants.npz", allow_pickle=False) as npz:
             constants = {k: npz[k] for k in npz.files}
+        return Graph.from_json(json.loads((out_dir / "graph.json").read_text()), constants)
+
+    @staticmethod
+    def from_json(data: dict[str, Any], constants: dict[str, np.ndarray]) -> Graph:
+        """The graph ``to_json`` wrote, with its constants."""
         tensors = {}
         for t in data["tensors"]:
             q = t.get("quant")

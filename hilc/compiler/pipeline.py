@@ -404,9 +404,9 @@ def load_artifacts(out_dir: str | Path) -> Graph:
     from hilc.fileio import read_json
 
     # checked before use: a damaged or hand-edited model is one line naming what is wrong
-    check_graph(read_json(out / "graph.json", "compiled graph"), read_constants(out / "constants.npz"),
-                out / "graph.json")
+    data, constants = read_json(out / "graph.json", "compiled graph"), read_constants(out / "constants.npz")
+    check_graph(data, constants, out / "graph.json")
     try:
-        return check_shapes(Graph.load(out), out / "graph.json")
+        return check_shapes(Graph.from_json(data, constants), out / "graph.json")
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise HilcError(f"{out}: compiled model is unreadable ({e})") from None

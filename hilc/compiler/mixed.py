@@ -357,10 +357,11 @@ def _outputs(graph: Graph, qx_float: np.ndarray, engine: str = "numpy") -> np.nd
     ends in a softmax, its logits (probabilities saturate and hide the perturbation). ``engine``
     "tvm": the same integers from one TVM module per graph structure (hilc.targets.tvm)."""
     from hilc.compiler.arith import dequantize_host, quantize_host
+    from hilc.compiler.ops.softmax import final_softmax
     from hilc.sim.simulator import run_int_batched
 
-    last = graph.producer(graph.outputs[0])
-    if last is not None and last.op == "softmax":
+    last = final_softmax(graph)
+    if last is not None:
         graph = Graph(graph.name, graph.nodes[:graph.nodes.index(last)], graph.tensors, graph.constants,
                       graph.inputs, [last.inputs[0]], graph.meta, graph.cache)
     q = graph.tensors[graph.inputs[0]].quant

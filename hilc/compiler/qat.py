@@ -46,6 +46,7 @@ import numpy as np
 from hilc.compiler.ir import Graph, Node
 from hilc.compiler.ops import OPS
 from hilc.compiler.ops.base import float_activation
+from hilc.compiler.ops.softmax import final_softmax
 from hilc.compiler.ptq import LINEAR_OPS, _grid, _pin, _single_blas
 from hilc.errors import HilcError
 
@@ -77,10 +78,10 @@ def unsupported(graph: Graph) -> str | None:
 
 def _body(graph: Graph) -> tuple[list[Node], str]:
     """The nodes to run and the logits tensor (a final softmax's input)."""
-    nodes = list(graph.nodes)
-    if nodes and nodes[-1].op == "softmax":
-        return nodes[:-1], nodes[-1].inputs[0]
-    return nodes, graph.outputs[0]
+    sm = final_softmax(graph)
+    if sm is not None:
+        return [n for n in graph.nodes if n is not sm], sm.inputs[0]
+    return list(graph.nodes), graph.outputs[0]
 
 
 def init_params(graph: Graph) -> Params:

@@ -47,10 +47,11 @@ def _kl(ref: np.ndarray, z: np.ndarray) -> float:
 
 def float_logits(graph: Graph, x: np.ndarray) -> np.ndarray:
     """The float model's output on physical inputs ``x``; before a final softmax, its input."""
+    from hilc.compiler.ops.softmax import final_softmax
     from hilc.sim.simulator import run_float
 
-    last = graph.producer(graph.outputs[0])
-    want = last.inputs[0] if last is not None and last.op == "softmax" else graph.outputs[0]
+    sm = final_softmax(graph)
+    want = sm.inputs[0] if sm is not None else graph.outputs[0]
     got: dict[str, np.ndarray] = {}
 
     def observe(name: str, v: np.ndarray) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from hilc.compiler.arith import rounding_shift
-from hilc.compiler.ir import QParams
+from hilc.compiler.ir import Graph, Node, QParams
 from hilc.compiler.ops.base import Op, axis_walk, in_quant, onnx_importer, register
 from hilc.errors import UnsupportedModelError
 
@@ -48,6 +48,14 @@ def reciprocal_q30(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         y = (y * ((np.int64(1) << 31) - t)) >> 30
     return y, n
 
+
+
+def final_softmax(graph: Graph) -> Node | None:
+    """The softmax that produces the graph's first output, if any: its input is the model's logits,
+    which the mixed-precision search, its re-ranking and the fine-tuning compare (probabilities
+    saturate and hide a perturbation)."""
+    last = graph.producer(graph.outputs[0])
+    return last if last is not None and last.op == "softmax" else None
 
 @register
 class Softmax(Op):
